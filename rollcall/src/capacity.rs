@@ -1,0 +1,372 @@
+//! The capacity question of PROTOCOL.md §2: parsing `GET /v1/agents`
+//! parameters, the one definition of which agents match, their order, and the
+//! tamper-checked pagination cursor.
+//!
+//! Stores may narrow candidates with their own indexes, but the final word on
+//! a match is always [`CapacityQuery::matches`].
+
+use std::cmp::Ordering;
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::heartbeat::Vendor;
+use crate::record::StoredAgent;
+use crate::signing::{MAX_AGENT_ID_LEN, is_valid_id};
+
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 1000;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StatusFilter {
+    #[default]
+    Online,
+    Offline,
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapacityQuery {
+    pub min_gpu_vram_gb: Option<f64>,
+    pub min_gpus: Option<u32>,
+    pub min_cpu_cores: Option<f64>,
+    pub min_memory_gb: Option<f64>,
+    pub gpu_vendor: Option<Vendor>,
+    pub pool: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub status: StatusFilter,
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+impl Default for CapacityQuery {
+    fn default() -> Self {
+        Self {
+            min_gpu_vram_gb: None,
+            min_gpus: None,
+            min_cpu_cores: None,
+            min_memory_gb: None,
+            gpu_vendor: None,
+            pool: None,
+            labels: Vec::new(),
+            status: StatusFilter::Online,
+            limit: DEFAULT_LIMIT,
+            cursor: None,
+        }
+    }
+}
+
+/// A refused parameter: which one and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{param}: {message}")]
+pub struct ParamError {
+    pub param: String,
+    pub message: String,
+}
+
+fn param_error(param: &str, message: impl Into<String>) -> ParamError {
+    ParamError { param: param.to_owned(), message: message.into() }
+}
+
+impl CapacityQuery {
+    /// Parses a raw query string. Unknown parameters and repeats of anything
+    /// but `label` are refused rather than ignored: a typo such as
+    /// `min_gpu_vram=40` must not silently answer every machine.
+    pub fn from_query_string(query: &str) -> Result<Self, ParamError> {
+        let mut parsed = CapacityQuery::default();
+        let mut seen: Vec<String> = Vec::new();
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            if name != "label" {
+                if seen.iter().any(|s| *s == name) {
+                    return Err(param_error(&name, "given more than once"));
+                }
+                seen.push(name.to_string());
+            }
+            match name.as_ref() {
+                "min_gpu_vram_gb" => parsed.min_gpu_vram_gb = Some(non_negative(&name, &value)?),
+                "min_gpus" => {
+                    let count: u32 = value.parse().map_err(|_| param_error(&name, format!("must be a whole number >= 0, got {value:?}")))?;
+                    parsed.min_gpus = Some(count);
+                }
+                "min_cpu_cores" => parsed.min_cpu_cores = Some(non_negative(&name, &value)?),
+                "min_memory_gb" => parsed.min_memory_gb = Some(non_negative(&name, &value)?),
+                "gpu_vendor" => {
+                    parsed.gpu_vendor = Some(Vendor::parse(&value).ok_or_else(|| {
+                        param_error(&name, format!("must be one of nvidia, amd, intel, other; got {value:?}"))
+                    })?)
+                }
+                "pool" => {
+                    if !is_valid_id(&value, MAX_AGENT_ID_LEN) {
+                        return Err(param_error(&name, "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+                    }
+                    parsed.pool = Some(value.into_owned());
+                }
+                "label" => {
+                    let (key, label_value) =
+                        value.split_once('=').ok_or_else(|| param_error(&name, format!("must be key=value, got {value:?}")))?;
+                    if key.is_empty() {
+                        return Err(param_error(&name, format!("must be key=value with a non-empty key, got {value:?}")));
+                    }
+                    parsed.labels.push((key.to_owned(), label_value.to_owned()));
+                }
+                "status" => {
+                    parsed.status = match value.as_ref() {
+                        "online" => StatusFilter::Online,
+                        "offline" => StatusFilter::Offline,
+                        "all" => StatusFilter::All,
+                        other => return Err(param_error(&name, format!("must be online, offline or all; got {other:?}"))),
+                    }
+                }
+                "limit" => {
+                    parsed.limit = value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|limit| (1..=MAX_LIMIT).contains(limit))
+                        .ok_or_else(|| param_error(&name, format!("must be a whole number from 1 to {MAX_LIMIT}, got {value:?}")))?;
+                }
+                "cursor" => parsed.cursor = Some(value.into_owned()),
+                _ => return Err(param_error(&name, "unknown parameter")),
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// How many qualifying GPUs an agent needs.
+    pub fn required_gpus(&self) -> u32 {
+        self.min_gpus.unwrap_or(if self.min_gpu_vram_gb.is_some() || self.gpu_vendor.is_some() { 1 } else { 0 })
+    }
+
+    /// Free VRAM a qualifying GPU needs, in MiB (0 without a VRAM filter).
+    pub fn min_gpu_free_mb(&self) -> f64 {
+        self.min_gpu_vram_gb.map_or(0.0, |gb| gb * 1024.0)
+    }
+
+    /// The one definition of a match.
+    pub fn matches(&self, agent: &StoredAgent, now_ms: i64) -> bool {
+        if agent.is_expired(now_ms) {
+            return false;
+        }
+        let online = agent.is_online(now_ms);
+        let status_ok = match self.status {
+            StatusFilter::Online => online,
+            StatusFilter::Offline => !online,
+            StatusFilter::All => true,
+        };
+        let heartbeat = &agent.heartbeat;
+        if !status_ok
+            || self.pool.as_ref().is_some_and(|pool| *pool != heartbeat.pool)
+            || self.min_cpu_cores.is_some_and(|cores| f64::from(heartbeat.cpu.cores_available) < cores)
+            || self.min_memory_gb.is_some_and(|gb| (heartbeat.memory.available_mb as f64) < gb * 1024.0)
+            || !self.labels.iter().all(|(key, value)| heartbeat.labels.get(key) == Some(value))
+        {
+            return false;
+        }
+        let min_free_mb = self.min_gpu_free_mb();
+        let qualifying = heartbeat
+            .gpus
+            .iter()
+            .filter(|gpu| self.gpu_vendor.is_none_or(|vendor| gpu.vendor == vendor))
+            .filter(|gpu| gpu.memory_free_mb as f64 >= min_free_mb)
+            .count();
+        qualifying >= self.required_gpus() as usize
+    }
+}
+
+fn non_negative(name: &str, value: &str) -> Result<f64, ParamError> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|number| number.is_finite() && *number >= 0.0)
+        .ok_or_else(|| param_error(name, format!("must be a finite number >= 0, got {value:?}")))
+}
+
+/// Where a page ends, in answer order: most free single-GPU VRAM first, then
+/// agent id, so that ties still page stably.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub gpu_free_max_mb: u64,
+    pub agent_id: String,
+}
+
+impl Position {
+    pub fn of(agent: &StoredAgent) -> Self {
+        Self { gpu_free_max_mb: agent.heartbeat.gpu_free_max_mb(), agent_id: agent.agent_id().to_owned() }
+    }
+
+    /// True if `agent` comes after this position in answer order.
+    pub fn is_before(&self, agent: &StoredAgent) -> bool {
+        answer_order(&Position::of(agent), self) == Ordering::Greater
+    }
+}
+
+/// Answer order over positions.
+pub fn answer_order(a: &Position, b: &Position) -> Ordering {
+    b.gpu_free_max_mb.cmp(&a.gpu_free_max_mb).then_with(|| a.agent_id.cmp(&b.agent_id))
+}
+
+/// Seals positions into opaque cursors and opens them again, refusing any
+/// cursor this deployment did not issue.
+#[derive(Clone)]
+pub struct CursorSealer {
+    key: Vec<u8>,
+}
+
+const CURSOR_TAG_LEN: usize = 16;
+
+impl CursorSealer {
+    pub fn new(key: &[u8]) -> Self {
+        Self { key: key.to_vec() }
+    }
+
+    pub fn seal(&self, position: &Position) -> String {
+        let payload = format!("{}:{}", position.gpu_free_max_mb, position.agent_id);
+        let tag = self.tag(payload.as_bytes());
+        format!("{}{}", hex::encode(&tag[..CURSOR_TAG_LEN]), hex::encode(payload))
+    }
+
+    pub fn open(&self, cursor: &str) -> Result<Position, ParamError> {
+        let invalid = || param_error("cursor", "not a cursor issued by this API (copy next_cursor from the previous page unchanged)");
+        if cursor.len() < CURSOR_TAG_LEN * 2 || !cursor.is_ascii() {
+            return Err(invalid());
+        }
+        let (tag_hex, payload_hex) = cursor.split_at(CURSOR_TAG_LEN * 2);
+        let tag = hex::decode(tag_hex).map_err(|_| invalid())?;
+        let payload = hex::decode(payload_hex).map_err(|_| invalid())?;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).map_err(|_| invalid())?;
+        mac.update(&payload);
+        mac.verify_truncated_left(&tag).map_err(|_| invalid())?;
+        let text = String::from_utf8(payload).map_err(|_| invalid())?;
+        let (free, agent_id) = text.split_once(':').ok_or_else(invalid)?;
+        Ok(Position { gpu_free_max_mb: free.parse().map_err(|_| invalid())?, agent_id: agent_id.to_owned() })
+    }
+
+    fn tag(&self, payload: &[u8]) -> Vec<u8> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC accepts keys of any length");
+        mac.update(payload);
+        mac.finalize().into_bytes().to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::Heartbeat;
+    use crate::heartbeat::tests::example;
+    use crate::record::Deadlines;
+    use serde_json::json;
+
+    fn agent(gpus: serde_json::Value, cores_available: u32) -> StoredAgent {
+        let mut body = example();
+        body["gpus"] = gpus;
+        body["cpu"]["cores_available"] = json!(cores_available);
+        let heartbeat: Heartbeat = serde_json::from_value(body).unwrap();
+        StoredAgent::accept(heartbeat, 1_000, Deadlines::default())
+    }
+
+    fn gpu(index: u32, vendor: &str, free_mb: u64) -> serde_json::Value {
+        json!({"index": index, "vendor": vendor, "memory_total_mb": 81920, "memory_free_mb": free_mb})
+    }
+
+    fn query(text: &str) -> CapacityQuery {
+        CapacityQuery::from_query_string(text).unwrap()
+    }
+
+    #[test]
+    fn two_small_gpus_are_not_one_big_one() {
+        let two_twelves = agent(json!([gpu(0, "nvidia", 12 * 1024), gpu(1, "nvidia", 12 * 1024)]), 4);
+        assert!(!query("min_gpu_vram_gb=24").matches(&two_twelves, 2_000));
+        assert!(query("min_gpu_vram_gb=12").matches(&two_twelves, 2_000));
+        assert!(query("min_gpu_vram_gb=12&min_gpus=2").matches(&two_twelves, 2_000));
+        assert!(!query("min_gpu_vram_gb=12&min_gpus=3").matches(&two_twelves, 2_000));
+    }
+
+    #[test]
+    fn vendor_counts_only_its_own_gpus() {
+        let mixed = agent(json!([gpu(0, "amd", 40 * 1024), gpu(1, "nvidia", 8 * 1024)]), 4);
+        assert!(query("gpu_vendor=nvidia").matches(&mixed, 2_000));
+        assert!(!query("gpu_vendor=intel").matches(&mixed, 2_000));
+        assert!(!query("gpu_vendor=nvidia&min_gpu_vram_gb=16").matches(&mixed, 2_000));
+        assert!(query("gpu_vendor=amd&min_gpu_vram_gb=16").matches(&mixed, 2_000));
+        assert!(!query("min_gpus=1").matches(&agent(json!([]), 4), 2_000));
+    }
+
+    #[test]
+    fn cores_memory_labels_pool_and_status() {
+        let a = agent(json!([gpu(0, "nvidia", 1024)]), 6);
+        assert!(query("min_cpu_cores=6").matches(&a, 2_000));
+        assert!(!query("min_cpu_cores=6.5").matches(&a, 2_000));
+        assert!(query("min_memory_gb=40").matches(&a, 2_000));
+        assert!(!query("min_memory_gb=40.1").matches(&a, 2_000));
+        assert!(query("label=site%3Db2&pool=default").matches(&a, 2_000));
+        assert!(!query("label=site=b2&label=rack=1").matches(&a, 2_000));
+        assert!(!query("pool=render").matches(&a, 2_000));
+        assert!(!query("").matches(&a, 91_000));
+        assert!(query("status=offline").matches(&a, 91_000));
+        assert!(query("status=all").matches(&a, 91_000));
+        assert!(!query("status=all").matches(&a, a.expires_at_s * 1000));
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        for (text, param) in [
+            ("min_gpu_vram_gb=-1", "min_gpu_vram_gb"),
+            ("min_gpu_vram_gb=abc", "min_gpu_vram_gb"),
+            ("min_gpu_vram_gb=inf", "min_gpu_vram_gb"),
+            ("min_gpu_vram_gb=NaN", "min_gpu_vram_gb"),
+            ("min_gpus=1.5", "min_gpus"),
+            ("min_gpus=-1", "min_gpus"),
+            ("min_cpu_cores=1e309", "min_cpu_cores"),
+            ("min_memory_gb=", "min_memory_gb"),
+            ("gpu_vendor=NVIDIA", "gpu_vendor"),
+            ("status=dead", "status"),
+            ("limit=0", "limit"),
+            ("limit=1001", "limit"),
+            ("label=nokey", "label"),
+            ("pool=a/b", "pool"),
+            ("min_cpu_cores=1&min_cpu_cores=2", "min_cpu_cores"),
+            ("colour=red", "colour"),
+        ] {
+            let error = CapacityQuery::from_query_string(text).expect_err(text);
+            assert_eq!(error.param, param, "{text}");
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let q = query("");
+        assert_eq!(q.status, StatusFilter::Online);
+        assert_eq!(q.limit, 100);
+        assert_eq!(q.required_gpus(), 0);
+        assert_eq!(query("min_gpu_vram_gb=1").required_gpus(), 1);
+        assert_eq!(query("min_gpus=0&min_gpu_vram_gb=1").required_gpus(), 0);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_tampering() {
+        let sealer = CursorSealer::new(b"k");
+        let position = Position { gpu_free_max_mb: 20110, agent_id: "lab:07".into() };
+        let cursor = sealer.seal(&position);
+        assert_eq!(sealer.open(&cursor).unwrap(), position);
+        let mut forged = cursor.clone().into_bytes();
+        let last = forged.len() - 1;
+        forged[last] = if forged[last] == b'0' { b'1' } else { b'0' };
+        assert!(sealer.open(std::str::from_utf8(&forged).unwrap()).is_err());
+        assert!(CursorSealer::new(b"other").open(&cursor).is_err());
+        for junk in ["", "zz", "é", &"0".repeat(40)] {
+            assert_eq!(sealer.open(junk).unwrap_err().param, "cursor");
+        }
+    }
+
+    #[test]
+    fn answer_order_is_most_free_first_then_id() {
+        let mut positions = vec![
+            Position { gpu_free_max_mb: 1, agent_id: "b".into() },
+            Position { gpu_free_max_mb: 9, agent_id: "z".into() },
+            Position { gpu_free_max_mb: 1, agent_id: "a".into() },
+        ];
+        positions.sort_by(answer_order);
+        let ids: Vec<_> = positions.iter().map(|p| p.agent_id.as_str()).collect();
+        assert_eq!(ids, ["z", "a", "b"]);
+    }
+}

@@ -1,0 +1,419 @@
+//! The v1 heartbeat body (PROTOCOL.md §1, "Body") and its range checks.
+//!
+//! The collector serialises these types and ingest parses them, so both ends
+//! agree on every field name and unit by construction.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::signing::{MAX_AGENT_ID_LEN, is_valid_id};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const MAX_GPUS: usize = 16;
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_KEY_LEN: usize = 64;
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
+pub const MAX_POOL_LEN: usize = 64;
+pub const DEFAULT_POOL: &str = "default";
+/// 2^53: the largest integer every JSON reader holds exactly.
+pub const MAX_SAFE_INTEGER: u64 = 1 << 53;
+/// Bodies above this are refused before they are parsed.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub v: u32,
+    pub agent_id: String,
+    pub sent_at_ms: u64,
+    pub interval_s: u32,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub state: AgentState,
+    #[serde(default = "default_pool", deserialize_with = "null_as_default_pool")]
+    pub pool: String,
+    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<Host>,
+    pub cpu: Cpu,
+    pub memory: Memory,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Disk>,
+    pub gpus: Vec<Gpu>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    #[default]
+    Up,
+    /// The last heartbeat of a collector that is shutting down.
+    Leaving,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cpu {
+    pub cores_physical: u32,
+    pub cores_logical: u32,
+    pub cores_available: u32,
+    pub load_1m: f64,
+    pub load_5m: f64,
+    pub load_15m: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_percent: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    pub total_mb: u64,
+    pub available_mb: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_total_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_used_mb: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Disk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_gb: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_gb: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Vendor {
+    Nvidia,
+    Amd,
+    Intel,
+    Other,
+}
+
+impl Vendor {
+    pub const ALL: [Vendor; 4] = [Vendor::Nvidia, Vendor::Amd, Vendor::Intel, Vendor::Other];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Vendor::Nvidia => "nvidia",
+            Vendor::Amd => "amd",
+            Vendor::Intel => "intel",
+            Vendor::Other => "other",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Vendor> {
+        Vendor::ALL.into_iter().find(|v| v.as_str() == text)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gpu {
+    pub index: u32,
+    pub vendor: Vendor,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    pub memory_total_mb: u64,
+    pub memory_free_mb: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_w: Option<f64>,
+}
+
+/// Why a body was refused: the offending field's path and what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct BodyError {
+    pub field: String,
+    pub message: String,
+}
+
+impl BodyError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+impl Heartbeat {
+    /// Parses and range-checks a body (PROTOCOL.md §1, check 3, except the
+    /// header comparison, which needs the request).
+    pub fn parse(body: &[u8]) -> Result<Heartbeat, BodyError> {
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let heartbeat: Heartbeat = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+            let path = error.path().to_string();
+            let field = if path == "." { "body".to_owned() } else { path };
+            BodyError::new(field, strip_position(&error.into_inner().to_string()))
+        })?;
+        deserializer.end().map_err(|e| BodyError::new("body", strip_position(&e.to_string())))?;
+        heartbeat.validate()?;
+        Ok(heartbeat)
+    }
+
+    pub fn validate(&self) -> Result<(), BodyError> {
+        if self.v != PROTOCOL_VERSION {
+            return Err(BodyError::new("v", format!("unsupported protocol version {}, expected {PROTOCOL_VERSION}", self.v)));
+        }
+        if !is_valid_id(&self.agent_id, MAX_AGENT_ID_LEN) {
+            return Err(BodyError::new("agent_id", "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+        }
+        if self.sent_at_ms == 0 {
+            return Err(BodyError::new("sent_at_ms", "must be a positive Unix time in milliseconds"));
+        }
+        for (field, value) in self.integer_figures() {
+            if value > MAX_SAFE_INTEGER {
+                return Err(BodyError::new(field, format!("{value} is out of range (at most 2^53)")));
+            }
+        }
+        if self.interval_s == 0 {
+            return Err(BodyError::new("interval_s", "must be at least 1"));
+        }
+        if !is_valid_id(&self.pool, MAX_POOL_LEN) {
+            return Err(BodyError::new("pool", "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(BodyError::new("labels", format!("at most {MAX_LABELS} labels, got {}", self.labels.len())));
+        }
+        for (key, value) in &self.labels {
+            if !is_valid_id(key, MAX_LABEL_KEY_LEN) {
+                return Err(BodyError::new(format!("labels.{key}"), "label keys must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+            }
+            if value.chars().count() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {
+                return Err(BodyError::new(format!("labels.{key}"), "label values must be at most 256 characters, none of them control characters"));
+            }
+        }
+
+        let cpu = &self.cpu;
+        for (name, value) in [("cpu.load_1m", cpu.load_1m), ("cpu.load_5m", cpu.load_5m), ("cpu.load_15m", cpu.load_15m)] {
+            non_negative(name, value)?;
+        }
+        if let Some(usage) = cpu.usage_percent {
+            percent("cpu.usage_percent", usage)?;
+        }
+        if cpu.cores_logical == 0 {
+            return Err(BodyError::new("cpu.cores_logical", "must be at least 1"));
+        }
+        if cpu.cores_physical > cpu.cores_logical {
+            return Err(BodyError::new("cpu.cores_physical", "must not exceed cpu.cores_logical"));
+        }
+        if cpu.cores_available > cpu.cores_logical {
+            return Err(BodyError::new("cpu.cores_available", "must not exceed cpu.cores_logical"));
+        }
+
+        let memory = &self.memory;
+        at_most("memory.available_mb", memory.available_mb, "memory.total_mb", memory.total_mb)?;
+        if let (Some(used), Some(total)) = (memory.swap_used_mb, memory.swap_total_mb) {
+            at_most("memory.swap_used_mb", used, "memory.swap_total_mb", total)?;
+        }
+
+        if let Some(disk) = &self.disk {
+            if let Some(total) = disk.total_gb {
+                non_negative("disk.total_gb", total)?;
+            }
+            if let Some(free) = disk.free_gb {
+                non_negative("disk.free_gb", free)?;
+                if disk.total_gb.is_some_and(|total| free > total) {
+                    return Err(BodyError::new("disk.free_gb", "must not exceed disk.total_gb"));
+                }
+            }
+        }
+
+        if self.gpus.len() > MAX_GPUS {
+            return Err(BodyError::new("gpus", format!("at most {MAX_GPUS} GPUs, got {}", self.gpus.len())));
+        }
+        for (position, gpu) in self.gpus.iter().enumerate() {
+            let field = |name: &str| format!("gpus[{position}].{name}");
+            if gpu.memory_free_mb > gpu.memory_total_mb {
+                return Err(BodyError::new(field("memory_free_mb"), "must not exceed memory_total_mb"));
+            }
+            if let Some(utilization) = gpu.utilization_percent {
+                percent(&field("utilization_percent"), utilization)?;
+            }
+            if let Some(temperature) = gpu.temperature_c {
+                non_negative(&field("temperature_c"), temperature)?;
+            }
+            if let Some(power) = gpu.power_w {
+                non_negative(&field("power_w"), power)?;
+            }
+            if self.gpus[..position].iter().any(|other| other.index == gpu.index) {
+                return Err(BodyError::new(field("index"), format!("duplicate GPU index {}", gpu.index)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Integer figures a store must hold exactly; JSON's safe range bounds them.
+    fn integer_figures(&self) -> impl Iterator<Item = (String, u64)> + '_ {
+        let fixed = [
+            ("sent_at_ms", self.sent_at_ms),
+            ("memory.total_mb", self.memory.total_mb),
+            ("memory.available_mb", self.memory.available_mb),
+            ("memory.swap_total_mb", self.memory.swap_total_mb.unwrap_or(0)),
+            ("memory.swap_used_mb", self.memory.swap_used_mb.unwrap_or(0)),
+            ("host.uptime_s", self.host.as_ref().and_then(|host| host.uptime_s).unwrap_or(0)),
+        ];
+        fixed.into_iter().map(|(field, value)| (field.to_owned(), value)).chain(self.gpus.iter().enumerate().flat_map(
+            |(position, gpu)| {
+                [
+                    (format!("gpus[{position}].memory_total_mb"), gpu.memory_total_mb),
+                    (format!("gpus[{position}].memory_free_mb"), gpu.memory_free_mb),
+                ]
+            },
+        ))
+    }
+
+    /// The most free VRAM on any one GPU, in MiB: the order of capacity answers.
+    pub fn gpu_free_max_mb(&self) -> u64 {
+        self.gpus.iter().map(|gpu| gpu.memory_free_mb).max().unwrap_or(0)
+    }
+}
+
+fn non_negative(field: &str, value: f64) -> Result<(), BodyError> {
+    if !value.is_finite() || value < 0.0 {
+        return Err(BodyError::new(field, format!("must be a finite number >= 0, got {value}")));
+    }
+    Ok(())
+}
+
+fn percent(field: &str, value: f64) -> Result<(), BodyError> {
+    non_negative(field, value)?;
+    if value > 100.0 {
+        return Err(BodyError::new(field, format!("must be at most 100, got {value}")));
+    }
+    Ok(())
+}
+
+fn at_most(field: &str, value: u64, limit_field: &str, limit: u64) -> Result<(), BodyError> {
+    if value > limit {
+        return Err(BodyError::new(field, format!("{value} exceeds {limit_field} ({limit})")));
+    }
+    Ok(())
+}
+
+/// serde_json appends " at line 1 column 57"; the field path already says where.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+fn default_pool() -> String {
+    DEFAULT_POOL.to_owned()
+}
+
+fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(deserializer: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+fn null_as_default_pool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(deserializer)?.unwrap_or_else(default_pool))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    /// The example body of PROTOCOL.md §1.
+    pub fn example() -> Value {
+        json!({
+          "v": 1, "agent_id": "lab-07", "sent_at_ms": 1764132000123u64, "interval_s": 30,
+          "state": "up", "pool": "default", "labels": {"site": "b2"},
+          "host": {"hostname": "lab-07", "os": "Debian GNU/Linux 12", "uptime_s": 86400},
+          "cpu": {"cores_physical": 8, "cores_logical": 16, "cores_available": 6,
+                  "load_1m": 1.9, "load_5m": 1.2, "load_15m": 0.8, "usage_percent": 23.5},
+          "memory": {"total_mb": 64000, "available_mb": 41000, "swap_total_mb": 2048, "swap_used_mb": 0},
+          "disk": {"path": "/", "total_gb": 931.5, "free_gb": 402.2},
+          "gpus": [{"index": 0, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
+                    "uuid": "GPU-5f1c", "memory_total_mb": 24564, "memory_free_mb": 20110,
+                    "utilization_percent": 7, "temperature_c": 41, "power_w": 31.5}]
+        })
+    }
+
+    fn parse(value: &Value) -> Result<Heartbeat, BodyError> {
+        Heartbeat::parse(value.to_string().as_bytes())
+    }
+
+    fn field_of(mut value: Value, edit: impl FnOnce(&mut Value)) -> String {
+        edit(&mut value);
+        parse(&value).expect_err("should be refused").field
+    }
+
+    #[test]
+    fn protocol_example_parses() {
+        let heartbeat = parse(&example()).unwrap();
+        assert_eq!(heartbeat.agent_id, "lab-07");
+        assert_eq!(heartbeat.gpus[0].vendor, Vendor::Nvidia);
+        assert_eq!(heartbeat.gpu_free_max_mb(), 20110);
+    }
+
+    #[test]
+    fn optional_fields_default_when_omitted_or_null() {
+        let mut body = example();
+        let object = body.as_object_mut().unwrap();
+        for key in ["host", "disk", "labels"] {
+            object.remove(key);
+        }
+        object.insert("state".into(), Value::Null);
+        object.insert("pool".into(), Value::Null);
+        object.insert("unknown_future_field".into(), json!({"x": 1}));
+        let heartbeat = parse(&body).unwrap();
+        assert_eq!(heartbeat.state, AgentState::Up);
+        assert_eq!(heartbeat.pool, "default");
+        assert!(heartbeat.labels.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(field_of(example(), |b| { b["cpu"].as_object_mut().unwrap().remove("load_1m"); }), "cpu");
+        assert_eq!(field_of(example(), |b| b["cpu"]["load_1m"] = json!(-1.0)), "cpu.load_1m");
+        assert_eq!(field_of(example(), |b| b["cpu"]["cores_physical"] = json!(-1)), "cpu.cores_physical");
+        assert_eq!(field_of(example(), |b| b["memory"]["available_mb"] = json!(64001)), "memory.available_mb");
+        assert_eq!(field_of(example(), |b| b["gpus"][0]["memory_free_mb"] = json!(30000)), "gpus[0].memory_free_mb");
+        assert_eq!(field_of(example(), |b| b["gpus"][0]["vendor"] = json!("3dfx")), "gpus[0].vendor");
+        assert_eq!(field_of(example(), |b| b["state"] = json!("gone")), "state");
+        assert_eq!(field_of(example(), |b| b["v"] = json!(2)), "v");
+        assert_eq!(field_of(example(), |b| b["agent_id"] = json!("a/b")), "agent_id");
+        assert_eq!(field_of(example(), |b| b["gpus"] = json!(vec![b["gpus"][0].clone(); 17])), "gpus");
+    }
+
+    #[test]
+    fn missing_field_message_names_it() {
+        let mut body = example();
+        body["cpu"].as_object_mut().unwrap().remove("load_1m");
+        let error = parse(&body).unwrap_err();
+        assert!(error.message.contains("load_1m"), "{error}");
+    }
+
+    #[test]
+    fn too_many_labels_and_bad_label_keys_are_refused() {
+        let labels: serde_json::Map<String, Value> = (0..33).map(|i| (format!("k{i}"), json!("v"))).collect();
+        assert_eq!(field_of(example(), |b| b["labels"] = Value::Object(labels)), "labels");
+        assert_eq!(field_of(example(), |b| b["labels"] = json!({"a b": "x"})), "labels.a b");
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_refused() {
+        let body = example().to_string().replace("\"load_5m\":1.2", "\"load_5m\":1e309");
+        assert_eq!(Heartbeat::parse(body.as_bytes()).unwrap_err().field, "cpu.load_5m");
+        assert!(Heartbeat::parse(b"{} trailing").is_err());
+        assert!(Heartbeat::parse(b"[]").is_err());
+    }
+}

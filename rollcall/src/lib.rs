@@ -1,0 +1,27 @@
+//! rollcall: the wire protocol, signing, capacity filter and agent store
+//! shared by the collector and the two functions.
+//!
+//! The contract these modules implement is `docs/PROTOCOL.md`.
+//!
+//! - [`signing`]: fleet secrets, agent-key derivation, the v1 signature.
+//! - [`heartbeat`]: the v1 heartbeat body and its range checks.
+//! - [`verify`]: ingest's request checks, in the protocol's order.
+//! - [`record`]: what is stored per agent, its deadlines, and the API's agent record.
+//! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
+//! - [`store`] (feature `server`): the store trait and the embedded SQLite store.
+//! - [`api`] (feature `server`): JSON errors, `/healthz`, and serving one router
+//!   through Lambda or plain HTTP.
+//!
+//! The collector builds with `default-features = false`, which leaves out the
+//! store and HTTP server so that it stays small.
+
+pub mod capacity;
+pub mod heartbeat;
+pub mod record;
+pub mod signing;
+pub mod verify;
+
+#[cfg(feature = "server")]
+pub mod api;
+#[cfg(feature = "server")]
+pub mod store;

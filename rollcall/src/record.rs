@@ -1,0 +1,262 @@
+//! What the store keeps for an agent, and the record the capacity API shows
+//! (PROTOCOL.md §1 "Online and offline", §2 "An agent record").
+
+use serde::{Deserialize, Serialize};
+
+use crate::heartbeat::{AgentState, Heartbeat};
+
+/// Bounds on the interval used for the deadline, so that a collector cannot
+/// stay online for days with one heartbeat or flap with sub-second intervals.
+pub const MIN_DEADLINE_INTERVAL_S: u32 = 5;
+pub const MAX_DEADLINE_INTERVAL_S: u32 = 3600;
+pub const DEFAULT_GRACE_MULTIPLIER: u32 = 3;
+pub const DEFAULT_RETENTION_S: i64 = 7 * 24 * 3600;
+
+/// How long an accepted heartbeat keeps its agent online and on record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    pub grace_multiplier: u32,
+    pub retention_s: i64,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self { grace_multiplier: DEFAULT_GRACE_MULTIPLIER, retention_s: DEFAULT_RETENTION_S }
+    }
+}
+
+/// One agent's latest accepted heartbeat and the times ingest derived from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredAgent {
+    pub heartbeat: Heartbeat,
+    pub received_at_ms: i64,
+    /// Online exactly while `now < online_until_ms`.
+    pub online_until_ms: i64,
+    /// DynamoDB-style TTL, epoch seconds: past this the record is gone.
+    pub expires_at_s: i64,
+}
+
+impl StoredAgent {
+    pub fn accept(heartbeat: Heartbeat, received_at_ms: i64, deadlines: Deadlines) -> Self {
+        let online_until_ms = match heartbeat.state {
+            AgentState::Leaving => received_at_ms,
+            AgentState::Up => {
+                let interval = heartbeat.interval_s.clamp(MIN_DEADLINE_INTERVAL_S, MAX_DEADLINE_INTERVAL_S);
+                received_at_ms + i64::from(deadlines.grace_multiplier) * i64::from(interval) * 1000
+            }
+        };
+        // Rounded up so that the record never expires before it goes offline.
+        let expires_at_s = online_until_ms.div_euclid(1000) + 1 + deadlines.retention_s;
+        Self { heartbeat, received_at_ms, online_until_ms, expires_at_s }
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.heartbeat.agent_id
+    }
+
+    pub fn is_online(&self, now_ms: i64) -> bool {
+        now_ms < self.online_until_ms
+    }
+
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        now_ms >= self.expires_at_s * 1000
+    }
+
+    pub fn status(&self, now_ms: i64) -> Status {
+        if self.is_online(now_ms) { Status::Online } else { Status::Offline }
+    }
+
+    pub fn view(&self, now_ms: i64) -> AgentView {
+        let heartbeat = &self.heartbeat;
+        let memory = &heartbeat.memory;
+        let memory_percent = if memory.total_mb == 0 {
+            0.0
+        } else {
+            (memory.total_mb - memory.available_mb) as f64 / memory.total_mb as f64 * 100.0
+        };
+        AgentView {
+            agent_id: heartbeat.agent_id.clone(),
+            status: self.status(now_ms),
+            state: heartbeat.state,
+            pool: heartbeat.pool.clone(),
+            labels: heartbeat.labels.clone(),
+            hostname: heartbeat.host.as_ref().and_then(|host| host.hostname.clone()),
+            last_heartbeat_at: rfc3339(self.received_at_ms),
+            online_until: rfc3339(self.online_until_ms),
+            sent_at_ms: heartbeat.sent_at_ms,
+            interval_s: heartbeat.interval_s,
+            cpu_cores_physical: heartbeat.cpu.cores_physical,
+            cpu_cores_logical: heartbeat.cpu.cores_logical,
+            cpu_cores_available: heartbeat.cpu.cores_available,
+            cpu_load_1min: heartbeat.cpu.load_1m,
+            cpu_load_5min: heartbeat.cpu.load_5m,
+            cpu_load_15min: heartbeat.cpu.load_15m,
+            cpu_usage_percent: heartbeat.cpu.usage_percent,
+            memory_total_gb: mb_to_gb(memory.total_mb),
+            memory_available_gb: mb_to_gb(memory.available_mb),
+            memory_percent: round2(memory_percent),
+            gpu_type: heartbeat.gpus.first().map_or("none", |gpu| gpu.vendor.as_str()).to_owned(),
+            gpu_count: heartbeat.gpus.len(),
+            gpu_vram_total_gb: mb_to_gb(heartbeat.gpus.iter().map(|gpu| gpu.memory_total_mb).sum()),
+            gpu_vram_available_gb: mb_to_gb(heartbeat.gpus.iter().map(|gpu| gpu.memory_free_mb).sum()),
+            gpu_vram_available_max_gb: mb_to_gb(heartbeat.gpu_free_max_mb()),
+            gpus: heartbeat
+                .gpus
+                .iter()
+                .map(|gpu| GpuView {
+                    index: gpu.index,
+                    vendor: gpu.vendor,
+                    name: gpu.name.clone(),
+                    uuid: gpu.uuid.clone(),
+                    memory_total_gb: mb_to_gb(gpu.memory_total_mb),
+                    memory_free_gb: mb_to_gb(gpu.memory_free_mb),
+                    utilization_percent: gpu.utilization_percent,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Online,
+    Offline,
+}
+
+/// The agent record of PROTOCOL.md §2.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub agent_id: String,
+    pub status: Status,
+    pub state: AgentState,
+    pub pool: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub hostname: Option<String>,
+    pub last_heartbeat_at: String,
+    pub online_until: String,
+    pub sent_at_ms: u64,
+    pub interval_s: u32,
+    pub cpu_cores_physical: u32,
+    pub cpu_cores_logical: u32,
+    pub cpu_cores_available: u32,
+    pub cpu_load_1min: f64,
+    pub cpu_load_5min: f64,
+    pub cpu_load_15min: f64,
+    pub cpu_usage_percent: Option<f64>,
+    pub memory_total_gb: f64,
+    pub memory_available_gb: f64,
+    pub memory_percent: f64,
+    pub gpu_type: String,
+    pub gpu_count: usize,
+    pub gpu_vram_total_gb: f64,
+    pub gpu_vram_available_gb: f64,
+    pub gpu_vram_available_max_gb: f64,
+    pub gpus: Vec<GpuView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuView {
+    pub index: u32,
+    pub vendor: crate::heartbeat::Vendor,
+    pub name: Option<String>,
+    pub uuid: Option<String>,
+    pub memory_total_gb: f64,
+    pub memory_free_gb: f64,
+    pub utilization_percent: Option<f64>,
+}
+
+/// GiB with three decimals: MiB precision, without float noise in answers.
+pub fn mb_to_gb(mb: u64) -> f64 {
+    (mb as f64 / 1024.0 * 1000.0).round() / 1000.0
+}
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+/// RFC 3339 in UTC with millisecond precision.
+pub fn rfc3339(epoch_ms: i64) -> String {
+    let days = epoch_ms.div_euclid(86_400_000);
+    let ms_of_day = epoch_ms.rem_euclid(86_400_000);
+    let (year, month, day) = civil_from_days(days);
+    let (hour, minute, second, millis) =
+        (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60, ms_of_day / 1000 % 60, ms_of_day % 1000);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
+}
+
+/// Howard Hinnant's days-to-civil algorithm: exact for the proleptic Gregorian calendar.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Milliseconds since the Unix epoch by the system clock.
+pub fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::tests::example;
+
+    fn heartbeat(interval_s: u32, state: AgentState) -> Heartbeat {
+        let mut heartbeat: Heartbeat = serde_json::from_value(example()).unwrap();
+        heartbeat.interval_s = interval_s;
+        heartbeat.state = state;
+        heartbeat
+    }
+
+    #[test]
+    fn deadline_is_grace_times_clamped_interval() {
+        let d = Deadlines::default();
+        assert_eq!(StoredAgent::accept(heartbeat(30, AgentState::Up), 1_000, d).online_until_ms, 91_000);
+        assert_eq!(StoredAgent::accept(heartbeat(1, AgentState::Up), 1_000, d).online_until_ms, 16_000);
+        assert_eq!(StoredAgent::accept(heartbeat(100_000, AgentState::Up), 0, d).online_until_ms, 10_800_000);
+    }
+
+    #[test]
+    fn online_exactly_before_the_deadline_and_leaving_is_offline_at_once() {
+        let agent = StoredAgent::accept(heartbeat(30, AgentState::Up), 1_000, Deadlines::default());
+        assert!(agent.is_online(90_999));
+        assert!(!agent.is_online(91_000));
+        let leaving = StoredAgent::accept(heartbeat(30, AgentState::Leaving), 1_000, Deadlines::default());
+        assert_eq!(leaving.status(1_000), Status::Offline);
+    }
+
+    #[test]
+    fn expiry_is_retention_after_the_deadline() {
+        let agent = StoredAgent::accept(heartbeat(30, AgentState::Up), 1_000, Deadlines { grace_multiplier: 3, retention_s: 60 });
+        assert_eq!(agent.expires_at_s, 92 + 60);
+        assert!(!agent.is_expired(151_999));
+        assert!(agent.is_expired(152_000));
+    }
+
+    #[test]
+    fn view_derives_the_protocol_figures() {
+        let agent = StoredAgent::accept(heartbeat(30, AgentState::Up), 1_764_132_000_123, Deadlines::default());
+        let view = agent.view(1_764_132_000_200);
+        assert_eq!(view.status, Status::Online);
+        assert_eq!(view.gpu_type, "nvidia");
+        assert_eq!(view.gpu_vram_available_max_gb, 19.639);
+        assert_eq!(view.memory_percent, 35.94);
+        assert_eq!(view.last_heartbeat_at, "2025-11-26T04:40:00.123Z");
+    }
+
+    #[test]
+    fn rfc3339_handles_epoch_and_leap_days() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+    }
+}

@@ -1,0 +1,340 @@
+//! The embedded store: SQLite in WAL mode.
+//!
+//! Writes go through one writer thread that commits whatever arrived while the
+//! previous commit was syncing as one transaction (group commit), so the cost
+//! of a durable fsync is shared by every heartbeat waiting on it. Reads use a
+//! small pool of their own connections, which WAL lets run beside the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{Page, Store, StoreError, Upsert};
+use crate::capacity::{CapacityQuery, Position, StatusFilter};
+use crate::record::StoredAgent;
+
+/// Most heartbeats committed in one transaction.
+const MAX_BATCH: usize = 512;
+/// How often the writer deletes expired records when otherwise idle.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Candidates read per round while filling a page.
+const READ_BATCH: usize = 256;
+
+/// How hard a commit holds on to the disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync on every commit: an acknowledged heartbeat survives power loss.
+    #[default]
+    Full,
+    /// fsync at WAL checkpoints only: survives a process crash, not power loss.
+    Normal,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY NOT NULL,
+    sent_at_ms INTEGER NOT NULL,
+    online_until_ms INTEGER NOT NULL,
+    expires_at_s INTEGER NOT NULL,
+    pool TEXT NOT NULL,
+    cores_available INTEGER NOT NULL,
+    memory_available_mb INTEGER NOT NULL,
+    gpu_free_max_mb INTEGER NOT NULL,
+    record TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS agents_by_gpu_free ON agents (gpu_free_max_mb DESC, agent_id);
+CREATE INDEX IF NOT EXISTS agents_by_expiry ON agents (expires_at_s);
+";
+
+const UPSERT: &str = "
+INSERT INTO agents (agent_id, sent_at_ms, online_until_ms, expires_at_s, pool, cores_available,
+                    memory_available_mb, gpu_free_max_mb, record)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+ON CONFLICT (agent_id) DO UPDATE SET
+    sent_at_ms = excluded.sent_at_ms, online_until_ms = excluded.online_until_ms,
+    expires_at_s = excluded.expires_at_s, pool = excluded.pool,
+    cores_available = excluded.cores_available, memory_available_mb = excluded.memory_available_mb,
+    gpu_free_max_mb = excluded.gpu_free_max_mb, record = excluded.record
+WHERE excluded.sent_at_ms > agents.sent_at_ms
+";
+
+// Narrows candidates with indexed columns; CapacityQuery::matches decides.
+const CANDIDATES: &str = "
+SELECT record FROM agents
+WHERE expires_at_s > ?1
+  AND (?2 = 0 OR (?2 = 1 AND online_until_ms > ?3) OR (?2 = 2 AND online_until_ms <= ?3))
+  AND (?4 IS NULL OR pool = ?4)
+  AND cores_available >= ?5
+  AND memory_available_mb >= ?6
+  AND gpu_free_max_mb >= ?7
+  AND (gpu_free_max_mb < ?8 OR (gpu_free_max_mb = ?8 AND agent_id > ?9))
+ORDER BY gpu_free_max_mb DESC, agent_id ASC
+LIMIT ?10
+";
+
+enum Command {
+    Upsert(Box<StoredAgent>, oneshot::Sender<Result<Upsert, StoreError>>),
+    Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: mpsc::Sender<Command>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        let connection = open_connection(path, durability)?;
+        connection.execute_batch(SCHEMA).map_err(unavailable)?;
+        let (writer, commands) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("rollcall-sqlite-writer".into())
+            .spawn(move || run_writer(connection, commands))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
+        Ok(Self { path: path.to_owned(), writer, readers: Arc::new(Mutex::new(Vec::new())) })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = Arc::clone(&self.readers);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().map_err(|_| StoreError::Unavailable("reader pool poisoned".into()))?.pop();
+            let connection = match pooled {
+                Some(connection) => connection,
+                None => open_connection(&path, Durability::Full)?,
+            };
+            let result = work(&connection);
+            if let Ok(mut pool) = readers.lock() {
+                pool.push(connection);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+
+    async fn send<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(make(reply)).map_err(|_| StoreError::Unavailable("writer thread has stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("writer thread dropped the request".into()))?
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn upsert(&self, agent: StoredAgent) -> Result<Upsert, StoreError> {
+        self.send(|reply| Command::Upsert(Box::new(agent), reply)).await
+    }
+
+    async fn get(&self, agent_id: &str, now_ms: i64) -> Result<Option<StoredAgent>, StoreError> {
+        let agent_id = agent_id.to_owned();
+        self.read(move |connection| {
+            let record: Option<String> = connection
+                .prepare_cached("SELECT record FROM agents WHERE agent_id = ?1 AND expires_at_s > ?2")
+                .and_then(|mut statement| {
+                    statement.query_row(params![agent_id, now_ms.div_euclid(1000)], |row| row.get(0)).optional()
+                })
+                .map_err(unavailable)?;
+            record.map(|text| decode(&text)).transpose()
+        })
+        .await
+    }
+
+    async fn query(&self, query: &CapacityQuery, after: Option<&Position>, now_ms: i64) -> Result<Page, StoreError> {
+        let query = query.clone();
+        let mut cursor = after.cloned();
+        self.read(move |connection| {
+            let mut statement = connection.prepare_cached(CANDIDATES).map_err(unavailable)?;
+            let status = match query.status {
+                StatusFilter::All => 0,
+                StatusFilter::Online => 1,
+                StatusFilter::Offline => 2,
+            };
+            let min_free_mb = if query.required_gpus() > 0 { query.min_gpu_free_mb() } else { 0.0 };
+            let mut agents = Vec::new();
+            loop {
+                let (after_free, after_id) = match &cursor {
+                    Some(position) => (i64::try_from(position.gpu_free_max_mb).unwrap_or(i64::MAX), position.agent_id.clone()),
+                    // Above any real figure, so the first row qualifies.
+                    None => (i64::MAX, String::new()),
+                };
+                let rows: Vec<String> = statement
+                    .query_map(
+                        params![
+                            now_ms.div_euclid(1000),
+                            status,
+                            now_ms,
+                            query.pool,
+                            query.min_cpu_cores.unwrap_or(0.0),
+                            query.min_memory_gb.unwrap_or(0.0) * 1024.0,
+                            min_free_mb,
+                            after_free,
+                            after_id,
+                            READ_BATCH as i64,
+                        ],
+                        |row| row.get(0),
+                    )
+                    .and_then(Iterator::collect)
+                    .map_err(unavailable)?;
+                let exhausted = rows.len() < READ_BATCH;
+                for text in rows {
+                    let agent = decode(&text)?;
+                    cursor = Some(Position::of(&agent));
+                    if query.matches(&agent, now_ms) {
+                        if agents.len() == query.limit {
+                            // One more match exists: the page is full and has a successor.
+                            let next = agents.last().map(Position::of);
+                            return Ok(Page { agents, next });
+                        }
+                        agents.push(agent);
+                    }
+                }
+                if exhausted {
+                    return Ok(Page { agents, next: None });
+                }
+            }
+        })
+        .await
+    }
+
+    async fn prune(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.send(|reply| Command::Prune(now_ms, reply)).await
+    }
+}
+
+fn open_connection(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let connection = Connection::open_with_flags(path, flags)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let synchronous = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    connection
+        .execute_batch(&format!("PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; PRAGMA busy_timeout = 5000;"))
+        .map_err(|e| StoreError::Unavailable(format!("cannot configure {}: {e}", path.display())))?;
+    Ok(connection)
+}
+
+fn run_writer(mut connection: Connection, commands: mpsc::Receiver<Command>) {
+    let mut last_prune = Instant::now();
+    loop {
+        let first = match commands.recv_timeout(PRUNE_EVERY) {
+            Ok(command) => command,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                prune_expired(&connection);
+                last_prune = Instant::now();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match commands.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut connection, batch);
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            prune_expired(&connection);
+            last_prune = Instant::now();
+        }
+    }
+}
+
+/// Runs a batch in one transaction and answers every caller only after the
+/// commit: nothing is acknowledged that is not on disk.
+fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
+    let mut outcomes: Vec<Result<u64, String>> = Vec::with_capacity(batch.len());
+    let committed = (|| -> rusqlite::Result<()> {
+        let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut upsert = transaction.prepare_cached(UPSERT)?;
+            for command in &batch {
+                outcomes.push(match command {
+                    Command::Upsert(agent, _) => match encode(agent) {
+                        Ok(columns) => Ok(upsert.execute(params![
+                                agent.agent_id(),
+                                columns.sent_at_ms,
+                                agent.online_until_ms,
+                                agent.expires_at_s,
+                                agent.heartbeat.pool,
+                                agent.heartbeat.cpu.cores_available,
+                                columns.memory_available_mb,
+                                columns.gpu_free_max_mb,
+                                columns.record,
+                            ])? as u64),
+                        Err(message) => Err(message),
+                    },
+                    Command::Prune(now_ms, _) => Ok(transaction
+                        .execute("DELETE FROM agents WHERE expires_at_s <= ?1", params![now_ms.div_euclid(1000)])?
+                        as u64),
+                });
+            }
+        }
+        transaction.commit()
+    })();
+    for (position, command) in batch.into_iter().enumerate() {
+        let outcome = match &committed {
+            Ok(()) => outcomes.get(position).cloned().unwrap_or_else(|| Err("not run".into())),
+            Err(error) => Err(error.to_string()),
+        };
+        match command {
+            Command::Upsert(_, reply) => {
+                let _ = reply.send(
+                    outcome
+                        .map(|changed| if changed == 0 { Upsert::Stale } else { Upsert::Written })
+                        .map_err(StoreError::Unavailable),
+                );
+            }
+            Command::Prune(_, reply) => {
+                let _ = reply.send(outcome.map_err(StoreError::Unavailable));
+            }
+        }
+    }
+}
+
+fn prune_expired(connection: &Connection) {
+    let now_s = crate::record::now_ms().div_euclid(1000);
+    match connection.execute("DELETE FROM agents WHERE expires_at_s <= ?1", params![now_s]) {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(count, "pruned agents past their retention"),
+        Err(error) => tracing::warn!(%error, "could not prune expired agents"),
+    }
+}
+
+struct Columns {
+    sent_at_ms: i64,
+    memory_available_mb: i64,
+    gpu_free_max_mb: i64,
+    record: String,
+}
+
+fn encode(agent: &StoredAgent) -> Result<Columns, String> {
+    // SQLite integers are signed 64-bit; validation keeps real figures far below.
+    let signed = |value: u64, what: &str| i64::try_from(value).map_err(|_| format!("{what} {value} is out of range"));
+    Ok(Columns {
+        sent_at_ms: signed(agent.heartbeat.sent_at_ms, "sent_at_ms")?,
+        memory_available_mb: signed(agent.heartbeat.memory.available_mb, "memory.available_mb")?,
+        gpu_free_max_mb: signed(agent.heartbeat.gpu_free_max_mb(), "gpu free VRAM")?,
+        record: serde_json::to_string(agent).map_err(|e| e.to_string())?,
+    })
+}
+
+fn decode(text: &str) -> Result<StoredAgent, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("unreadable agent record: {e}")))
+}
+
+fn unavailable(error: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}

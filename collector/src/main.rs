@@ -1,1 +1,238 @@
-fn main(){}
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use rollcall::heartbeat::AgentState;
+use rollcall::signing::{FleetSecret, MAX_AGENT_ID_LEN, is_valid_id};
+use rollcall_collector::config::{self, Overrides, Settings};
+use rollcall_collector::sample::{GpuReaders, Identity, Sampler};
+use rollcall_collector::send::Sender;
+use rollcall_collector::{agent_id, service};
+
+/// rollcall collector: reports this machine's free CPU, memory, disk and GPU
+/// VRAM to rollcall ingest as signed heartbeats.
+///
+/// Settings come from defaults < a TOML file (--config, else
+/// /etc/rollcall/collector.toml, else ~/.config/rollcall/collector.toml) <
+/// ROLLCALL_* environment variables < flags. The agent key is secret and is
+/// read from ROLLCALL_AGENT_KEY or agent_key_file, never from a flag.
+#[derive(Parser, Debug)]
+#[command(name = "rollcall-collector", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run as a service: a heartbeat every interval until SIGTERM/SIGINT,
+    /// then a final "leaving" heartbeat that marks this agent offline at once.
+    Run(Common),
+    /// Send one heartbeat (for cron). Exits 0 when ingest accepts it,
+    /// non-zero with a one-line reason otherwise.
+    Once {
+        #[command(flatten)]
+        common: Common,
+        /// Do not measure CPU usage (saves its 200 ms sampling window).
+        #[arg(long)]
+        skip_cpu_usage: bool,
+    },
+    /// Print the heartbeat body this machine would send, and send nothing.
+    Print {
+        #[command(flatten)]
+        common: Common,
+        /// Do not measure CPU usage (saves its 200 ms sampling window).
+        #[arg(long)]
+        skip_cpu_usage: bool,
+    },
+    /// Derive an agent's key from a fleet secret (for operators). The secret is
+    /// read from ROLLCALL_FLEET_SECRET, else from the first line of stdin.
+    Keygen {
+        /// The agent id the key is for.
+        #[arg(long)]
+        agent_id: String,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Config file (TOML).
+    #[arg(long, env = "ROLLCALL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Ingest's base URL, e.g. https://abc.lambda-url.eu-west-1.on.aws
+    #[arg(long, env = "ROLLCALL_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Id of the fleet secret this agent's key was derived from.
+    #[arg(long, env = "ROLLCALL_KEY_ID")]
+    key_id: Option<String>,
+    /// File holding the agent key (hex); the key itself is only ever read from ROLLCALL_AGENT_KEY.
+    #[arg(long, env = "ROLLCALL_AGENT_KEY_FILE")]
+    agent_key_file: Option<PathBuf>,
+    /// Agent id [default: <hostname>-<8 hex>, generated once and kept in the state folder]
+    #[arg(long, env = "ROLLCALL_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Pool this machine belongs to [default: default]
+    #[arg(long, env = "ROLLCALL_POOL")]
+    pool: Option<String>,
+    /// A label key=value; repeat for more (ROLLCALL_LABELS takes a comma-separated list).
+    #[arg(long = "label", env = "ROLLCALL_LABELS", value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// Seconds between heartbeats [default: 30]
+    #[arg(long = "interval", env = "ROLLCALL_INTERVAL_S")]
+    interval_s: Option<u32>,
+    /// Seconds one GPU read may take before it is abandoned [default: 5]
+    #[arg(long = "gpu-timeout", env = "ROLLCALL_GPU_TIMEOUT_S")]
+    gpu_timeout_s: Option<f64>,
+    /// Path whose file system is reported as the disk [default: /]
+    #[arg(long, env = "ROLLCALL_DISK_PATH")]
+    disk_path: Option<PathBuf>,
+    /// Where the generated agent id is kept [default: /var/lib/rollcall as root, else ~/.local/state/rollcall]
+    #[arg(long, env = "ROLLCALL_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl Common {
+    fn settings(&self) -> anyhow::Result<Settings> {
+        let file = match config::locate(self.config.as_deref()) {
+            Some(path) => {
+                tracing::debug!(path = %path.display(), "reading config file");
+                config::read_file(&path)?
+            }
+            None => config::FileConfig::default(),
+        };
+        let overrides = Overrides {
+            endpoint: self.endpoint.clone(),
+            key_id: self.key_id.clone(),
+            agent_key: std::env::var("ROLLCALL_AGENT_KEY").ok().filter(|key| !key.is_empty()),
+            agent_key_file: self.agent_key_file.clone(),
+            agent_id: self.agent_id.clone(),
+            pool: self.pool.clone(),
+            labels: self.labels.clone(),
+            interval_s: self.interval_s,
+            gpu_timeout_s: self.gpu_timeout_s,
+            disk_path: self.disk_path.clone(),
+            state_dir: self.state_dir.clone(),
+        };
+        Ok(Settings::resolve(file, overrides)?)
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("rollcall-collector: cannot start: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, for cron mail and service logs alike.
+            eprintln!("rollcall-collector: {}", format!("{error:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Keygen { agent_id } => keygen(&agent_id),
+        Command::Print { common, skip_cpu_usage } => {
+            let settings = common.settings()?;
+            let identity = identity(&settings, false)?;
+            let mut sampler = Sampler::new(settings.disk_path.clone(), GpuReaders::detect(), settings.gpu_timeout);
+            let heartbeat = sampler.sample(&identity, AgentState::Up, !skip_cpu_usage).await;
+            println!("{}", serde_json::to_string_pretty(&heartbeat)?);
+            Ok(())
+        }
+        Command::Once { common, skip_cpu_usage } => {
+            let settings = common.settings()?;
+            let identity = identity(&settings, true)?;
+            let sender = sender(&settings)?;
+            let mut sampler = Sampler::new(settings.disk_path.clone(), GpuReaders::detect(), settings.gpu_timeout);
+            let heartbeat = sampler.sample(&identity, AgentState::Up, !skip_cpu_usage).await;
+            let accepted = sender.send(&heartbeat).await?;
+            println!("heartbeat accepted: agent {} online until {}", accepted.agent_id, accepted.online_until);
+            Ok(())
+        }
+        Command::Run(common) => {
+            let settings = common.settings()?;
+            let identity = identity(&settings, true)?;
+            let sender = sender(&settings)?;
+            let shutdown = service::shutdown_on_signals().context("cannot listen for signals")?;
+            tracing::info!(
+                agent_id = %identity.agent_id,
+                endpoint = %sender.url(),
+                interval_s = identity.interval_s,
+                pool = %identity.pool,
+                "collector starting"
+            );
+            let sampler = Sampler::new(settings.disk_path.clone(), GpuReaders::detect(), settings.gpu_timeout);
+            service::run(sampler, identity, sender, shutdown).await;
+            Ok(())
+        }
+    }
+}
+
+/// The configured agent id, else the kept one. `print` does not insist on
+/// keeping a generated id, since it sends nothing.
+fn identity(settings: &Settings, must_keep_id: bool) -> anyhow::Result<Identity> {
+    let hostname = sysinfo::System::host_name().unwrap_or_default();
+    let agent_id = match &settings.agent_id {
+        Some(id) => id.clone(),
+        None => match agent_id::load_or_create(&settings.state_dir, &hostname) {
+            Ok(id) => id,
+            Err(error) if !must_keep_id => {
+                tracing::warn!(%error, "using a temporary agent id");
+                agent_id::generate(&hostname)
+            }
+            Err(error) => return Err(error.into()),
+        },
+    };
+    Ok(Identity { agent_id, pool: settings.pool.clone(), labels: settings.labels.clone(), interval_s: settings.interval_s })
+}
+
+fn sender(settings: &Settings) -> anyhow::Result<Sender> {
+    let endpoint = settings.endpoint.as_deref().context("no ingest endpoint: set --endpoint, ROLLCALL_ENDPOINT or endpoint in the config file")?;
+    let key_id = settings.key_id.clone().context("no key id: set --key-id, ROLLCALL_KEY_ID or key_id in the config file")?;
+    let agent_key = settings.agent_key.clone().context(
+        "no agent key: set ROLLCALL_AGENT_KEY or agent_key_file (derive one with `rollcall-collector keygen --agent-id ID`)",
+    )?;
+    Ok(Sender::new(endpoint, key_id, agent_key)?)
+}
+
+fn keygen(agent_id: &str) -> anyhow::Result<()> {
+    if !is_valid_id(agent_id, MAX_AGENT_ID_LEN) {
+        bail!("agent id {agent_id:?} must be 1-64 characters of A-Z a-z 0-9 . _ -");
+    }
+    let secret_text = match std::env::var("ROLLCALL_FLEET_SECRET") {
+        Ok(text) if !text.is_empty() => text,
+        _ => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                eprintln!("fleet secret (hex), then Enter:");
+            }
+            let mut line = String::new();
+            stdin.lock().read_line(&mut line).context("reading the fleet secret from stdin")?;
+            line
+        }
+    };
+    let secret = FleetSecret::from_hex(secret_text.trim()).context("fleet secret")?;
+    println!("{}", secret.derive_agent_key(agent_id).to_hex());
+    Ok(())
+}
+
+fn init_logging() {
+    let level = std::env::var("RUST_LOG").ok().and_then(|text| text.parse().ok()).unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}

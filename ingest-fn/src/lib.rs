@@ -1,1 +1,90 @@
+//! The ingest function: `POST /v1/heartbeats` (PROTOCOL.md §1) and `/healthz`.
+//!
+//! The handler is thin: it runs the protocol's checks (in `rollcall::verify`),
+//! asks the store for the newer-only write, and shapes the answer.
 
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rollcall::api::{self, ApiError};
+use rollcall::heartbeat::MAX_BODY_BYTES;
+use rollcall::record::{Deadlines, StoredAgent, now_ms, rfc3339};
+use rollcall::store::{Store, Upsert};
+use rollcall::verify::{Keyring, Rejection, is_json_content_type};
+use serde_json::json;
+
+pub struct Ingest {
+    pub keyring: Keyring,
+    pub deadlines: Deadlines,
+    pub store: Arc<dyn Store>,
+}
+
+pub fn router(ingest: Arc<Ingest>) -> Router {
+    Router::new()
+        .route("/v1/heartbeats", post(heartbeat))
+        .route("/healthz", get(api::healthz))
+        .method_not_allowed_fallback(|| async { api::method_not_allowed("POST for /v1/heartbeats, GET for /healthz") })
+        .fallback(api::not_found)
+        .with_state(ingest)
+}
+
+async fn heartbeat(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).map(|value| value.as_bytes());
+    if !is_json_content_type(content_type) {
+        let shown = content_type.map_or("nothing".into(), |value| format!("{:?}", String::from_utf8_lossy(value)));
+        return Err(reject(Rejection::UnsupportedMediaType(shown)));
+    }
+    let declared_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(reject(Rejection::PayloadTooLarge));
+    }
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|error| {
+        if is_length_limit(&error) {
+            reject(Rejection::PayloadTooLarge)
+        } else {
+            ApiError::bad_request(format!("could not read the request body: {error}"))
+        }
+    })?;
+
+    let received_at_ms = now_ms();
+    let heartbeat = ingest
+        .keyring
+        .verify(|name| headers.get(name).map(|value| value.as_bytes()), &body, received_at_ms.div_euclid(1000))
+        .map_err(reject)?;
+    let sent_at_ms = heartbeat.sent_at_ms;
+    let agent = StoredAgent::accept(heartbeat, received_at_ms, ingest.deadlines);
+    let online_until_ms = agent.online_until_ms;
+    let agent_id = agent.agent_id().to_owned();
+    match ingest.store.upsert(agent).await? {
+        Upsert::Written => {
+            tracing::debug!(agent_id, sent_at_ms, "heartbeat accepted");
+            Ok((StatusCode::ACCEPTED, axum::Json(json!({ "agent_id": agent_id, "online_until": rfc3339(online_until_ms) }))).into_response())
+        }
+        Upsert::Stale => Err(reject(Rejection::Stale { sent_at_ms })),
+    }
+}
+
+fn reject(rejection: Rejection) -> ApiError {
+    let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    tracing::info!(status = status.as_u16(), reason = %rejection, "heartbeat refused");
+    ApiError::new(status, rejection.to_string())
+}
+
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if current.to_string().contains("length limit exceeded") {
+            return true;
+        }
+        source = current.source();
+    }
+    false
+}

@@ -1,1 +1,69 @@
-fn main(){}
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use rollcall::record::{DEFAULT_GRACE_MULTIPLIER, DEFAULT_RETENTION_S, Deadlines};
+use rollcall::store::{Durability, SqliteStore};
+use rollcall::verify::Keyring;
+use rollcall_ingest::{Ingest, router};
+
+/// rollcall ingest: accepts signed heartbeats and records each agent's deadline.
+///
+/// Fleet secrets are read from the environment only (never from flags, which
+/// `ps` shows): ROLLCALL_FLEET_SECRETS="kid=hex[,kid2=hex]". Two key ids at
+/// once let a fleet rotate secrets without downtime.
+///
+/// Inside AWS Lambda (AWS_LAMBDA_RUNTIME_API set) it serves the Runtime API
+/// and ignores --listen.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Address to serve plain HTTP on.
+    #[arg(long, env = "ROLLCALL_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// SQLite database file of the embedded store (created if missing).
+    #[arg(long, env = "ROLLCALL_DB", default_value = "rollcall.db")]
+    db: PathBuf,
+    /// `full` fsyncs every commit (survives power loss); `normal` survives process crashes only.
+    #[arg(long, env = "ROLLCALL_DURABILITY", default_value = "full", value_parser = ["full", "normal"])]
+    durability: String,
+    /// An agent stays online for this many intervals after a heartbeat.
+    #[arg(long, env = "ROLLCALL_GRACE_MULTIPLIER", default_value_t = DEFAULT_GRACE_MULTIPLIER, value_parser = clap::value_parser!(u32).range(1..=100))]
+    grace_multiplier: u32,
+    /// Seconds an offline agent stays on record before it is removed.
+    #[arg(long, env = "ROLLCALL_RETENTION_S", default_value_t = DEFAULT_RETENTION_S, value_parser = clap::value_parser!(i64).range(0..=31_536_000))]
+    retention_s: i64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let args = Args::parse();
+    let secrets = std::env::var("ROLLCALL_FLEET_SECRETS")
+        .context("ROLLCALL_FLEET_SECRETS is not set (expected kid=hex[,kid2=hex]; generate one with `openssl rand -hex 32`)")?;
+    let keyring = Keyring::parse(&secrets).context("ROLLCALL_FLEET_SECRETS")?;
+    let durability = if args.durability == "normal" { Durability::Normal } else { Durability::Full };
+    let store = SqliteStore::open(&args.db, durability).with_context(|| format!("opening {}", args.db.display()))?;
+    let mut key_ids: Vec<&str> = keyring.key_ids().collect();
+    key_ids.sort_unstable();
+    tracing::info!(db = %args.db.display(), key_ids = ?key_ids, grace_multiplier = args.grace_multiplier, retention_s = args.retention_s, "ingest starting");
+    let ingest = Ingest {
+        keyring,
+        deadlines: Deadlines { grace_multiplier: args.grace_multiplier, retention_s: args.retention_s },
+        store: Arc::new(store),
+    };
+    rollcall::api::serve(router(Arc::new(ingest)), args.listen, "ingest").await?;
+    Ok(())
+}
+
+fn init_logging() {
+    let level = std::env::var("RUST_LOG").ok().and_then(|text| text.parse().ok()).unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,1 +1,130 @@
+//! The query function: the capacity API of PROTOCOL.md §2.
+//!
+//! `GET /v1/agents` and `GET /v1/agents/{agent_id}` behind bearer tokens, and
+//! `/healthz` without. The handlers parse, ask the store, and shape the answer;
+//! the match rule and answer order live in `rollcall::capacity`.
 
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use rollcall::api::{self, ApiError};
+use rollcall::capacity::{CapacityQuery, CursorSealer};
+use rollcall::record::{AgentView, now_ms, rfc3339};
+use rollcall::signing::{MAX_AGENT_ID_LEN, is_valid_id};
+use rollcall::store::Store;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Query tokens shorter than this are refused at start-up.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+pub struct QueryApi {
+    token_digests: Vec<[u8; 32]>,
+    cursors: CursorSealer,
+    store: Arc<dyn Store>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("no query tokens given (expected token[,token2])")]
+    Empty,
+    #[error("query tokens must be at least {MIN_TOKEN_LEN} characters of visible ASCII")]
+    Weak,
+}
+
+impl QueryApi {
+    /// `tokens` is `token[,token2]`: two at once while rotating. Cursors are
+    /// sealed with `cursor_key`, or with a key derived from the tokens.
+    pub fn new(tokens: &str, cursor_key: Option<&[u8]>, store: Arc<dyn Store>) -> Result<Self, TokenError> {
+        let mut tokens: Vec<&str> = tokens.split(',').map(str::trim).filter(|t| !t.is_empty()).collect();
+        if tokens.is_empty() {
+            return Err(TokenError::Empty);
+        }
+        if tokens.iter().any(|t| t.len() < MIN_TOKEN_LEN || !t.bytes().all(|b| b.is_ascii_graphic())) {
+            return Err(TokenError::Weak);
+        }
+        tokens.sort_unstable();
+        let derived = Sha256::new().chain_update("rollcall-cursor\n").chain_update(tokens.join("\n")).finalize();
+        Ok(Self {
+            token_digests: tokens.iter().map(|token| Sha256::digest(token.as_bytes()).into()).collect(),
+            cursors: CursorSealer::new(cursor_key.unwrap_or(&derived)),
+            store,
+        })
+    }
+
+    /// Compares digests so that neither a token's content nor its length
+    /// leaks through timing, and checks every token without stopping early.
+    fn authorised(&self, presented: &[u8]) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        self.token_digests.iter().fold(subtle::Choice::from(0), |any, known| any | known.ct_eq(&digest)).into()
+    }
+}
+
+pub fn router(api: Arc<QueryApi>) -> Router {
+    let protected = Router::new()
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/agents/{agent_id}", get(get_agent))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&api), require_token));
+    Router::new()
+        .merge(protected)
+        .route("/healthz", get(api::healthz))
+        .method_not_allowed_fallback(|| async { api::method_not_allowed("GET") })
+        .fallback(api::not_found)
+        .with_state(api)
+}
+
+async fn require_token(State(api): State<Arc<QueryApi>>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let Some(value) = request.headers().get(header::AUTHORIZATION) else {
+        return Err(ApiError::unauthorized("missing Authorization: Bearer <token>"));
+    };
+    let token = value
+        .as_bytes()
+        .strip_prefix(b"Bearer ")
+        .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <token>"))?;
+    if !api.authorised(token) {
+        return Err(ApiError::unauthorized("unknown bearer token"));
+    }
+    Ok(next.run(request).await)
+}
+
+#[derive(Serialize)]
+struct AgentList {
+    agents: Vec<AgentView>,
+    next_cursor: Option<String>,
+    as_of: String,
+}
+
+async fn list_agents(State(api): State<Arc<QueryApi>>, RawQuery(query): RawQuery) -> Result<Json<AgentList>, ApiError> {
+    let query = CapacityQuery::from_query_string(query.as_deref().unwrap_or(""))
+        .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
+    let after = query
+        .cursor
+        .as_deref()
+        .map(|cursor| api.cursors.open(cursor))
+        .transpose()
+        .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
+    let now = now_ms();
+    let page = api.store.query(&query, after.as_ref(), now).await?;
+    Ok(Json(AgentList {
+        agents: page.agents.iter().map(|agent| agent.view(now)).collect(),
+        next_cursor: page.next.as_ref().map(|position| api.cursors.seal(position)),
+        as_of: rfc3339(now),
+    }))
+}
+
+async fn get_agent(State(api): State<Arc<QueryApi>>, Path(agent_id): Path<String>) -> Result<Json<AgentView>, ApiError> {
+    if !is_valid_id(&agent_id, MAX_AGENT_ID_LEN) {
+        return Err(ApiError::bad_request("agent id must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+    }
+    let now = now_ms();
+    match api.store.get(&agent_id, now).await? {
+        Some(agent) => Ok(Json(agent.view(now))),
+        None => Err(ApiError::not_found(format!("unknown agent {agent_id:?}"))),
+    }
+}

@@ -1,1 +1,51 @@
-fn main(){}
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use rollcall::store::{Durability, SqliteStore};
+use rollcall_query::{QueryApi, router};
+
+/// rollcall query: the capacity API a scheduler calls to pick a machine.
+///
+/// Bearer tokens are read from the environment only (never from flags, which
+/// `ps` shows): ROLLCALL_QUERY_TOKENS="token[,token2]". Pagination cursors are
+/// sealed with ROLLCALL_CURSOR_KEY if set, else with a key derived from the tokens.
+///
+/// Inside AWS Lambda (AWS_LAMBDA_RUNTIME_API set) it serves the Runtime API
+/// and ignores --listen.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Address to serve plain HTTP on.
+    #[arg(long, env = "ROLLCALL_QUERY_LISTEN", default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// SQLite database file of the embedded store, shared with ingest.
+    #[arg(long, env = "ROLLCALL_DB", default_value = "rollcall.db")]
+    db: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let args = Args::parse();
+    let tokens = std::env::var("ROLLCALL_QUERY_TOKENS")
+        .context("ROLLCALL_QUERY_TOKENS is not set (expected token[,token2]; generate one with `openssl rand -hex 24`)")?;
+    let cursor_key = std::env::var("ROLLCALL_CURSOR_KEY").ok();
+    let store = SqliteStore::open(&args.db, Durability::Full).with_context(|| format!("opening {}", args.db.display()))?;
+    let api = QueryApi::new(&tokens, cursor_key.as_deref().map(str::as_bytes), Arc::new(store)).context("ROLLCALL_QUERY_TOKENS")?;
+    tracing::info!(db = %args.db.display(), "query starting");
+    rollcall::api::serve(router(Arc::new(api)), args.listen, "query").await?;
+    Ok(())
+}
+
+fn init_logging() {
+    let level = std::env::var("RUST_LOG").ok().and_then(|text| text.parse().ok()).unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}

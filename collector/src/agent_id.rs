@@ -1,0 +1,93 @@
+//! The agent id: configured, or generated once as `<hostname>-<8 hex>` and
+//! kept in a state file so that a restarted collector is the same agent.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rollcall::signing::{MAX_AGENT_ID_LEN, is_id_char, is_valid_id};
+
+const FILE_NAME: &str = "agent-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentIdError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} holds {found:?}, which is not a valid agent id (1-64 of A-Z a-z 0-9 . _ -); fix or delete it")]
+    Invalid { path: PathBuf, found: String },
+    #[error("cannot keep the generated agent id in {path}: {source} (set --state-dir to a writable folder, or --agent-id)")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// Reads the kept id from `state_dir`, or generates, writes and returns a new one.
+pub fn load_or_create(state_dir: &Path, hostname: &str) -> Result<String, AgentIdError> {
+    let path = state_dir.join(FILE_NAME);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            if is_valid_id(id, MAX_AGENT_ID_LEN) {
+                return Ok(id.to_owned());
+            }
+            return Err(AgentIdError::Invalid { path, found: id.to_owned() });
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(AgentIdError::Read { path, source }),
+    }
+    let id = generate(hostname);
+    write_atomically(&path, &id).map_err(|source| AgentIdError::Write { path: path.clone(), source })?;
+    tracing::info!(agent_id = %id, path = %path.display(), "generated a new agent id");
+    Ok(id)
+}
+
+/// `<hostname>-<8 hex>`, the hostname folded into the id alphabet.
+pub fn generate(hostname: &str) -> String {
+    let mut base: String = hostname.chars().map(|c| if is_id_char(c) { c } else { '-' }).collect();
+    base.truncate(MAX_AGENT_ID_LEN - 9);
+    if base.is_empty() {
+        base.push_str("host");
+    }
+    let mut random = [0u8; 4];
+    if getrandom::fill(&mut random).is_err() {
+        random = fastrand::u32(..).to_le_bytes();
+    }
+    format!("{base}-{}", hex::encode(random))
+}
+
+fn write_atomically(path: &Path, id: &str) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(format!("{id}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_valid_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create(dir.path(), "gpu box.example.org").unwrap();
+        assert!(first.starts_with("gpu-box.example.org-"), "{first}");
+        assert!(is_valid_id(&first, MAX_AGENT_ID_LEN));
+        assert_eq!(load_or_create(dir.path(), "other").unwrap(), first);
+    }
+
+    #[test]
+    fn long_or_odd_hostnames_still_give_valid_ids() {
+        for host in ["", "é", &"x".repeat(200)] {
+            let id = generate(host);
+            assert!(is_valid_id(&id, MAX_AGENT_ID_LEN), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_not_a_new_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), "not/valid\n").unwrap();
+        assert!(matches!(load_or_create(dir.path(), "h"), Err(AgentIdError::Invalid { .. })));
+    }
+}

@@ -1,0 +1,16 @@
+//! rollcall-collector: samples this host and sends signed heartbeats.
+//!
+//! - [`config`]: settings from defaults, a TOML file, `ROLLCALL_*` and flags.
+//! - [`agent_id`]: the agent id generated once and kept in a state file.
+//! - [`sample`]: one file per metric source; a failing source is left out of
+//!   the heartbeat and logged, it never sinks the sample. GPUs live in
+//!   [`sample::gpu`], one module per vendor, each read bounded in time.
+//! - [`send`]: signing and POSTing a heartbeat, and the retry backoff.
+//! - [`service`]: the `run` loop: interval with jitter, retries, and the final
+//!   `leaving` heartbeat on SIGTERM/SIGINT.
+
+pub mod agent_id;
+pub mod config;
+pub mod sample;
+pub mod send;
+pub mod service;

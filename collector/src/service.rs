@@ -1,0 +1,136 @@
+//! The `run` loop: one heartbeat per interval (±10 % jitter so a fleet
+//! started together does not pulse), retries with backoff until the next
+//! sample is due, and a final `leaving` heartbeat on SIGTERM/SIGINT.
+//!
+//! Heartbeats are state, not events: a sample that could not be delivered
+//! before the next one is due is dropped for the newer one, so nothing queues.
+
+use std::time::Duration;
+
+use rollcall::heartbeat::AgentState;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, sleep_until};
+
+use crate::sample::{Identity, Sampler};
+use crate::send::{SendError, Sender, backoff};
+
+const RETRY_BASE: Duration = Duration::from_secs(1);
+const RETRY_CAP: Duration = Duration::from_secs(30);
+const LEAVING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs until `shutdown` turns true, then sends the `leaving` heartbeat.
+pub async fn run(mut sampler: Sampler, identity: Identity, sender: Sender, mut shutdown: watch::Receiver<bool>) {
+    let interval = Duration::from_secs(u64::from(identity.interval_s));
+    // Retries stop well before the next sample so that it goes out on time.
+    let retry_cap = RETRY_CAP.min(interval / 2);
+    let mut outage = Outage::default();
+    let mut next_due = Instant::now();
+    'samples: loop {
+        tokio::select! {
+            _ = sleep_until(next_due) => {}
+            _ = shutdown.wait_for(|stop| *stop) => break 'samples,
+        }
+        let heartbeat = sampler.sample(&identity, AgentState::Up, true).await;
+        next_due = Instant::now() + interval.mul_f64(0.9 + 0.2 * fastrand::f64());
+        let mut attempt = 0;
+        loop {
+            let result = tokio::select! {
+                result = sender.send(&heartbeat) => result,
+                _ = shutdown.wait_for(|stop| *stop) => break 'samples,
+            };
+            match result {
+                Ok(accepted) => {
+                    outage.recovered();
+                    tracing::debug!(online_until = %accepted.online_until, "heartbeat accepted");
+                    break;
+                }
+                Err(error) if error.is_stale() => {
+                    tracing::debug!(%error, "a newer heartbeat is already stored");
+                    break;
+                }
+                Err(error) if error.is_clock_skew() => {
+                    outage.clock_skew(&error);
+                    break;
+                }
+                Err(error) if !error.is_retryable() => {
+                    tracing::error!(%error, "heartbeat refused; fix the configuration (this sample is dropped)");
+                    break;
+                }
+                Err(error) => {
+                    let wait = backoff(attempt, RETRY_BASE, retry_cap);
+                    if Instant::now() + wait >= next_due {
+                        outage.failed(&error, None);
+                        break;
+                    }
+                    outage.failed(&error, Some(wait));
+                    attempt += 1;
+                    tokio::select! {
+                        _ = sleep(wait) => {}
+                        _ = shutdown.wait_for(|stop| *stop) => break 'samples,
+                    }
+                }
+            }
+        }
+    }
+    send_leaving(&mut sampler, &identity, &sender).await;
+}
+
+async fn send_leaving(sampler: &mut Sampler, identity: &Identity, sender: &Sender) {
+    let heartbeat = sampler.sample(identity, AgentState::Leaving, false).await;
+    match tokio::time::timeout(LEAVING_TIMEOUT, sender.send(&heartbeat)).await {
+        Ok(Ok(_)) => tracing::info!("sent the leaving heartbeat; this agent is now offline"),
+        Ok(Err(error)) => tracing::warn!(%error, "could not send the leaving heartbeat; the agent goes offline at its deadline"),
+        Err(_) => tracing::warn!("leaving heartbeat timed out; the agent goes offline at its deadline"),
+    }
+}
+
+/// Keeps the log to one line per change of state rather than one per retry.
+#[derive(Default)]
+struct Outage {
+    failures: u64,
+    skew_reported: bool,
+}
+
+impl Outage {
+    fn failed(&mut self, error: &SendError, retry_in: Option<Duration>) {
+        self.failures += 1;
+        match retry_in {
+            Some(wait) if self.failures == 1 => {
+                tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "heartbeat not delivered; retrying with backoff")
+            }
+            Some(wait) => tracing::debug!(%error, retry_in_ms = wait.as_millis() as u64, "retrying"),
+            None => tracing::warn!(%error, failures = self.failures, "heartbeat not delivered before the next sample; dropping it for the newer one"),
+        }
+    }
+
+    fn clock_skew(&mut self, error: &SendError) {
+        if !self.skew_reported {
+            tracing::error!(%error, "this host's clock is off by more than ingest allows; heartbeats are refused until it is fixed (NTP?)");
+            self.skew_reported = true;
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.failures > 0 || self.skew_reported {
+            tracing::info!(failed_attempts = self.failures, "heartbeats delivered again");
+        }
+        *self = Outage::default();
+    }
+}
+
+/// A channel that turns true on SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> std::io::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let (notify, receiver) = watch::channel(false);
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received; sending a leaving heartbeat and stopping");
+        let _ = notify.send(true);
+    });
+    Ok(receiver)
+}

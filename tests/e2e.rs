@@ -1,0 +1,306 @@
+//! The whole path through the built binaries: collector → signed heartbeat →
+//! ingest → embedded store → capacity query.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rollcall_tests::{Stack, heartbeat, now_ms, wait_until};
+use serde_json::Value;
+
+fn run(command: &mut Command) -> (bool, String, String) {
+    let output = command.output().expect("run collector");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn printed_body(stack: &Stack, agent_id: &str) -> Value {
+    let (ok, stdout, stderr) = run(stack
+        .collector(agent_id)
+        .args(["print", "--skip-cpu-usage"]));
+    assert!(ok, "print failed: {stderr}");
+    serde_json::from_str(&stdout).expect("print writes the JSON body")
+}
+
+#[test]
+fn collector_once_reports_this_host_and_the_query_shows_it_online() {
+    let stack = Stack::start();
+    let (ok, stdout, stderr) = run(stack
+        .collector("e2e-host")
+        .args(["once", "--skip-cpu-usage"]));
+    assert!(ok, "once failed: {stdout} {stderr}");
+    assert!(
+        stdout.contains("heartbeat accepted: agent e2e-host online until"),
+        "{stdout}"
+    );
+
+    let agent = stack.agent("e2e-host").expect("stored");
+    assert_eq!(agent["status"], "online");
+    // Figures that do not move between two samples must match what this host reports.
+    let printed = printed_body(&stack, "e2e-host");
+    assert_eq!(
+        agent["cpu_cores_physical"],
+        printed["cpu"]["cores_physical"]
+    );
+    assert_eq!(agent["cpu_cores_logical"], printed["cpu"]["cores_logical"]);
+    let total_mb = printed["memory"]["total_mb"].as_f64().unwrap();
+    assert!((agent["memory_total_gb"].as_f64().unwrap() - total_mb / 1024.0).abs() < 0.01);
+    assert_eq!(agent["hostname"], printed["host"]["hostname"]);
+    assert_eq!(
+        agent["gpu_count"].as_u64().unwrap() as usize,
+        printed["gpus"].as_array().unwrap().len()
+    );
+
+    // Also the cores the kernel reports, independently of the collector's code.
+    let logical = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as u64;
+    assert!(agent["cpu_cores_logical"].as_u64().unwrap() >= logical);
+
+    let listed = stack.get("/v1/agents").json();
+    let ids: Vec<&str> = listed["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["e2e-host"]);
+}
+
+#[test]
+fn three_collectors_are_tracked_independently() {
+    let stack = Stack::start();
+    for (agent, pool, label) in [
+        ("alpha", "render", "site=a"),
+        ("beta", "train", "site=b"),
+        ("gamma", "train", "site=c"),
+    ] {
+        let (ok, _, stderr) = run(stack.collector(agent).args([
+            "once",
+            "--skip-cpu-usage",
+            "--pool",
+            pool,
+            "--label",
+            label,
+        ]));
+        assert!(ok, "{agent}: {stderr}");
+    }
+    for (agent, pool, site) in [
+        ("alpha", "render", "a"),
+        ("beta", "train", "b"),
+        ("gamma", "train", "c"),
+    ] {
+        let record = stack.agent(agent).unwrap();
+        assert_eq!(record["pool"], pool);
+        assert_eq!(record["labels"]["site"], site);
+        assert_eq!(record["status"], "online");
+    }
+    let train = stack.get("/v1/agents?pool=train").json();
+    assert_eq!(train["agents"].as_array().unwrap().len(), 2);
+    let site_c = stack.get("/v1/agents?label=site%3Dc").json();
+    assert_eq!(site_c["agents"][0]["agent_id"], "gamma");
+    assert_eq!(site_c["agents"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn an_agent_with_a_5s_interval_goes_offline_within_15s_and_returns_at_its_next_heartbeat() {
+    let stack = Stack::start();
+    let (ok, _, stderr) =
+        run(stack
+            .collector("short")
+            .args(["once", "--skip-cpu-usage", "--interval", "5"]));
+    let accepted_at = Instant::now();
+    assert!(ok, "{stderr}");
+    assert_eq!(stack.agent("short").unwrap()["status"], "online");
+
+    let went_offline = wait_until(Duration::from_secs(20), || {
+        stack.agent("short").unwrap()["status"] == "offline"
+    })
+    .map(|_| accepted_at.elapsed())
+    .expect("offline within 20 s");
+    assert!(
+        went_offline <= Duration::from_millis(15_500),
+        "went offline after {went_offline:?}"
+    );
+    assert!(
+        went_offline >= Duration::from_secs(13),
+        "went offline too early, after {went_offline:?}"
+    );
+
+    let (ok, _, stderr) =
+        run(stack
+            .collector("short")
+            .args(["once", "--skip-cpu-usage", "--interval", "5"]));
+    assert!(ok, "{stderr}");
+    assert_eq!(stack.agent("short").unwrap()["status"], "online");
+}
+
+#[test]
+fn a_stopped_service_sends_leaving_and_is_offline_at_once() {
+    let stack = Stack::start();
+    let mut service = stack
+        .collector("svc")
+        .args(["run", "--interval", "5"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start collector service");
+    let online = wait_until(Duration::from_secs(10), || {
+        stack.agent("svc").is_some_and(|a| a["status"] == "online")
+    });
+    assert!(online.is_some(), "service never came online");
+
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc_kill(service.id() as i32, 15) };
+    let status = service.wait().expect("wait for collector");
+    assert!(status.success(), "collector exited with {status:?}");
+    let record = stack.agent("svc").unwrap();
+    assert_eq!(record["status"], "offline");
+    assert_eq!(record["state"], "leaving");
+}
+
+#[test]
+fn a_hung_gpu_driver_does_not_delay_the_heartbeat() {
+    let stack = Stack::start();
+    let started = Instant::now();
+    let (ok, _, stderr) = run(stack
+        .collector("hung-gpu")
+        .env("ROLLCALL_FAKE_GPUS", "hang")
+        .args(["once", "--skip-cpu-usage", "--gpu-timeout", "0.5"]));
+    let took = started.elapsed();
+    assert!(ok, "{stderr}");
+    assert!(
+        took < Duration::from_secs(5),
+        "once took {took:?} with a hung GPU source"
+    );
+    assert!(stderr.contains("GPU read timed out"), "{stderr}");
+    assert_eq!(stack.agent("hung-gpu").unwrap()["gpu_count"], 0);
+}
+
+#[test]
+fn without_an_nvidia_driver_gpus_are_empty_and_only_an_info_line_is_logged() {
+    if std::path::Path::new("/proc/driver/nvidia/version").exists() {
+        eprintln!("skipped: this host has an NVIDIA driver");
+        return;
+    }
+    let stack = Stack::start();
+    let (ok, stdout, stderr) = run(stack
+        .collector("no-gpu")
+        .args(["print", "--skip-cpu-usage"]));
+    assert!(ok, "{stderr}");
+    let body: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        body["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|gpu| gpu["vendor"] != "nvidia")
+    );
+    let nvidia_lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("NVIDIA"))
+        .collect();
+    assert_eq!(nvidia_lines.len(), 1, "{stderr}");
+    assert!(nvidia_lines[0].contains("INFO"), "{stderr}");
+    assert!(
+        !stderr.contains("ERROR") && !stderr.contains("WARN"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn simulated_gpus_reach_the_capacity_filter() {
+    let stack = Stack::start();
+    let (ok, _, stderr) = run(stack
+        .collector("fake-gpu")
+        .env("ROLLCALL_FAKE_GPUS", "nvidia:24564:20110,nvidia:24564:4096")
+        .args(["once", "--skip-cpu-usage"]));
+    assert!(ok, "{stderr}");
+    let count = |query: &str| {
+        stack.get(&format!("/v1/agents?{query}")).json()["agents"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(count("min_gpu_vram_gb=19"), 1);
+    assert_eq!(count("min_gpu_vram_gb=20"), 0);
+    assert_eq!(count("min_gpu_vram_gb=4&min_gpus=2"), 1);
+    assert_eq!(count("min_gpu_vram_gb=5&min_gpus=2"), 0);
+}
+
+#[test]
+fn once_fails_with_a_one_line_reason_when_refused() {
+    let stack = Stack::start();
+    let (ok, _, stderr) = run(stack
+        .collector("wrong-key")
+        .env("ROLLCALL_AGENT_KEY", "ab".repeat(32))
+        .args(["once", "--skip-cpu-usage"]));
+    assert!(!ok);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("rollcall-collector: ingest answered 401: signature does not match"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = run(stack
+        .collector("nowhere")
+        .env("ROLLCALL_ENDPOINT", "http://127.0.0.1:9")
+        .args(["once", "--skip-cpu-usage"]));
+    assert!(!ok);
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .contains("cannot reach ingest"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_generated_agent_id_is_kept_across_runs() {
+    let stack = Stack::start();
+    let print_id = || {
+        let (ok, stdout, stderr) = run(stack
+            .collector("unused")
+            .env_remove("ROLLCALL_AGENT_ID")
+            .args(["print", "--skip-cpu-usage"]));
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<Value>(&stdout).unwrap()["agent_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let first = print_id();
+    assert_eq!(print_id(), first);
+    let suffix = first.rsplit('-').next().unwrap();
+    assert_eq!(suffix.len(), 8, "{first}");
+    assert!(suffix.chars().all(|c| c.is_ascii_hexdigit()), "{first}");
+}
+
+#[test]
+fn keygen_derives_the_same_key_as_ingest_expects() {
+    let stack = Stack::start();
+    let output = Command::new(rollcall_tests::binary("rollcall-collector"))
+        .args(["keygen", "--agent-id", "lab-07"])
+        .env("ROLLCALL_FLEET_SECRET", stack.secret.to_hex())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        stack.agent_key("lab-07").to_hex()
+    );
+    // And a heartbeat signed with it is accepted.
+    assert_eq!(
+        stack.post_heartbeat(&heartbeat("lab-07", now_ms())).status,
+        202
+    );
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}

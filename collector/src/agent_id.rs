@@ -11,11 +11,21 @@ const FILE_NAME: &str = "agent-id";
 #[derive(Debug, thiserror::Error)]
 pub enum AgentIdError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path} holds {found:?}, which is not a valid agent id (1-64 of A-Z a-z 0-9 . _ -); fix or delete it")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} holds {found:?}, which is not a valid agent id (1-64 of A-Z a-z 0-9 . _ -); fix or delete it"
+    )]
     Invalid { path: PathBuf, found: String },
-    #[error("cannot keep the generated agent id in {path}: {source} (set --state-dir to a writable folder, or --agent-id)")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot keep the generated agent id in {path}: {source} (set --state-dir to a writable folder, or --agent-id)"
+    )]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Reads the kept id from `state_dir`, or generates, writes and returns a new one.
@@ -27,20 +37,29 @@ pub fn load_or_create(state_dir: &Path, hostname: &str) -> Result<String, AgentI
             if is_valid_id(id, MAX_AGENT_ID_LEN) {
                 return Ok(id.to_owned());
             }
-            return Err(AgentIdError::Invalid { path, found: id.to_owned() });
+            return Err(AgentIdError::Invalid {
+                path,
+                found: id.to_owned(),
+            });
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(AgentIdError::Read { path, source }),
     }
     let id = generate(hostname);
-    write_atomically(&path, &id).map_err(|source| AgentIdError::Write { path: path.clone(), source })?;
+    write_atomically(&path, &id).map_err(|source| AgentIdError::Write {
+        path: path.clone(),
+        source,
+    })?;
     tracing::info!(agent_id = %id, path = %path.display(), "generated a new agent id");
     Ok(id)
 }
 
 /// `<hostname>-<8 hex>`, the hostname folded into the id alphabet.
 pub fn generate(hostname: &str) -> String {
-    let mut base: String = hostname.chars().map(|c| if is_id_char(c) { c } else { '-' }).collect();
+    let mut base: String = hostname
+        .chars()
+        .map(|c| if is_id_char(c) { c } else { '-' })
+        .collect();
     base.truncate(MAX_AGENT_ID_LEN - 9);
     if base.is_empty() {
         base.push_str("host");
@@ -88,6 +107,9 @@ mod tests {
     fn a_corrupt_state_file_is_an_error_not_a_new_identity() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), "not/valid\n").unwrap();
-        assert!(matches!(load_or_create(dir.path(), "h"), Err(AgentIdError::Invalid { .. })));
+        assert!(matches!(
+            load_or_create(dir.path(), "h"),
+            Err(AgentIdError::Invalid { .. })
+        ));
     }
 }

@@ -66,7 +66,10 @@ pub struct Settings {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
@@ -78,34 +81,56 @@ pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
     if let Some(path) = explicit {
         return Some(path.to_owned());
     }
-    let user = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config/rollcall/collector.toml"));
-    [Some(PathBuf::from(SYSTEM_CONFIG)), user].into_iter().flatten().find(|path| path.is_file())
+    let user = std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".config/rollcall/collector.toml"));
+    [Some(PathBuf::from(SYSTEM_CONFIG)), user]
+        .into_iter()
+        .flatten()
+        .find(|path| path.is_file())
 }
 
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    toml::from_str(&text).map_err(|error| ConfigError::Parse { path: path.to_owned(), message: error.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|error| ConfigError::Parse {
+        path: path.to_owned(),
+        message: error.to_string(),
+    })
 }
 
 impl Settings {
     pub fn resolve(file: FileConfig, overrides: Overrides) -> Result<Self, ConfigError> {
         let endpoint = overrides.endpoint.or(file.endpoint);
-        if let Some(url) = &endpoint {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::Invalid(format!("endpoint {url:?} must start with http:// or https://")));
-            }
+        if let Some(url) = &endpoint
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "endpoint {url:?} must start with http:// or https://"
+            )));
         }
         let key_id = overrides.key_id.or(file.key_id);
-        if let Some(key_id) = &key_id {
-            if !is_valid_id(key_id, MAX_KEY_ID_LEN) {
-                return Err(ConfigError::Invalid(format!("key id {key_id:?} must be 1-32 characters of A-Z a-z 0-9 . _ -")));
-            }
+        if let Some(key_id) = &key_id
+            && !is_valid_id(key_id, MAX_KEY_ID_LEN)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "key id {key_id:?} must be 1-32 characters of A-Z a-z 0-9 . _ -"
+            )));
         }
-        let agent_key_text = match (overrides.agent_key, overrides.agent_key_file.or(file.agent_key_file)) {
+        let agent_key_text = match (
+            overrides.agent_key,
+            overrides.agent_key_file.or(file.agent_key_file),
+        ) {
             (Some(key), _) => Some(key),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?,
-            ),
+            (None, Some(path)) => {
+                Some(
+                    std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
             (None, None) => None,
         };
         let agent_key = agent_key_text
@@ -113,14 +138,21 @@ impl Settings {
             .transpose()
             .map_err(|error| ConfigError::Invalid(format!("agent key: {error}")))?;
         let agent_id = overrides.agent_id.or(file.agent_id);
-        if let Some(id) = &agent_id {
-            if !is_valid_id(id, MAX_AGENT_ID_LEN) {
-                return Err(ConfigError::Invalid(format!("agent id {id:?} must be 1-64 characters of A-Z a-z 0-9 . _ -")));
-            }
+        if let Some(id) = &agent_id
+            && !is_valid_id(id, MAX_AGENT_ID_LEN)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "agent id {id:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+            )));
         }
-        let pool = overrides.pool.or(file.pool).unwrap_or_else(|| DEFAULT_POOL.to_owned());
+        let pool = overrides
+            .pool
+            .or(file.pool)
+            .unwrap_or_else(|| DEFAULT_POOL.to_owned());
         if !is_valid_id(&pool, MAX_POOL_LEN) {
-            return Err(ConfigError::Invalid(format!("pool {pool:?} must be 1-64 characters of A-Z a-z 0-9 . _ -")));
+            return Err(ConfigError::Invalid(format!(
+                "pool {pool:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+            )));
         }
         let labels = match overrides.labels {
             Some(pairs) => parse_labels(&pairs)?,
@@ -129,13 +161,23 @@ impl Settings {
         if labels.len() > MAX_LABELS {
             return Err(ConfigError::Invalid(format!("at most {MAX_LABELS} labels")));
         }
-        let interval_s = overrides.interval_s.or(file.interval_s).unwrap_or(DEFAULT_INTERVAL_S);
+        let interval_s = overrides
+            .interval_s
+            .or(file.interval_s)
+            .unwrap_or(DEFAULT_INTERVAL_S);
         if !(1..=3600).contains(&interval_s) {
-            return Err(ConfigError::Invalid(format!("interval {interval_s}s must be 1-3600 seconds")));
+            return Err(ConfigError::Invalid(format!(
+                "interval {interval_s}s must be 1-3600 seconds"
+            )));
         }
-        let gpu_timeout_s = overrides.gpu_timeout_s.or(file.gpu_timeout_s).unwrap_or(DEFAULT_GPU_TIMEOUT_S);
+        let gpu_timeout_s = overrides
+            .gpu_timeout_s
+            .or(file.gpu_timeout_s)
+            .unwrap_or(DEFAULT_GPU_TIMEOUT_S);
         if !(gpu_timeout_s.is_finite() && gpu_timeout_s > 0.0 && gpu_timeout_s <= 60.0) {
-            return Err(ConfigError::Invalid(format!("GPU timeout {gpu_timeout_s}s must be more than 0 and at most 60 seconds")));
+            return Err(ConfigError::Invalid(format!(
+                "GPU timeout {gpu_timeout_s}s must be more than 0 and at most 60 seconds"
+            )));
         }
         Ok(Settings {
             endpoint,
@@ -146,8 +188,14 @@ impl Settings {
             labels,
             interval_s,
             gpu_timeout: Duration::from_secs_f64(gpu_timeout_s),
-            disk_path: overrides.disk_path.or(file.disk_path).unwrap_or_else(|| PathBuf::from("/")),
-            state_dir: overrides.state_dir.or(file.state_dir).unwrap_or_else(default_state_dir),
+            disk_path: overrides
+                .disk_path
+                .or(file.disk_path)
+                .unwrap_or_else(|| PathBuf::from("/")),
+            state_dir: overrides
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(default_state_dir),
         })
     }
 }
@@ -162,7 +210,9 @@ pub fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>, Config
                 .split_once('=')
                 .ok_or_else(|| ConfigError::Invalid(format!("label {pair:?} must be key=value")))?;
             if !is_valid_id(key.trim(), 64) {
-                return Err(ConfigError::Invalid(format!("label key {key:?} must be 1-64 characters of A-Z a-z 0-9 . _ -")));
+                return Err(ConfigError::Invalid(format!(
+                    "label key {key:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+                )));
             }
             Ok((key.trim().to_owned(), value.trim().to_owned()))
         })
@@ -190,8 +240,17 @@ mod tests {
 
     #[test]
     fn precedence_is_defaults_then_file_then_overrides() {
-        let file: FileConfig = toml::from_str("pool = \"render\"\ninterval_s = 10\nlabels = { site = \"b2\" }\n").unwrap();
-        let settings = Settings::resolve(file, Overrides { interval_s: Some(15), ..Default::default() }).unwrap();
+        let file: FileConfig =
+            toml::from_str("pool = \"render\"\ninterval_s = 10\nlabels = { site = \"b2\" }\n")
+                .unwrap();
+        let settings = Settings::resolve(
+            file,
+            Overrides {
+                interval_s: Some(15),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(settings.pool, "render");
         assert_eq!(settings.interval_s, 15);
         assert_eq!(settings.labels.get("site").map(String::as_str), Some("b2"));
@@ -202,11 +261,45 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_refused_with_a_reason() {
         assert!(toml::from_str::<FileConfig>("intervall_s = 3").is_err());
-        let bad = |overrides: Overrides| Settings::resolve(FileConfig::default(), overrides).unwrap_err().to_string();
-        assert!(bad(Overrides { interval_s: Some(0), ..Default::default() }).contains("interval"));
-        assert!(bad(Overrides { endpoint: Some("ftp://x".into()), ..Default::default() }).contains("endpoint"));
-        assert!(bad(Overrides { agent_key: Some("abc".into()), ..Default::default() }).contains("agent key"));
-        assert!(bad(Overrides { labels: Some(vec!["novalue".into()]), ..Default::default() }).contains("label"));
-        assert!(bad(Overrides { gpu_timeout_s: Some(f64::NAN), ..Default::default() }).contains("GPU timeout"));
+        let bad = |overrides: Overrides| {
+            Settings::resolve(FileConfig::default(), overrides)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            bad(Overrides {
+                interval_s: Some(0),
+                ..Default::default()
+            })
+            .contains("interval")
+        );
+        assert!(
+            bad(Overrides {
+                endpoint: Some("ftp://x".into()),
+                ..Default::default()
+            })
+            .contains("endpoint")
+        );
+        assert!(
+            bad(Overrides {
+                agent_key: Some("abc".into()),
+                ..Default::default()
+            })
+            .contains("agent key")
+        );
+        assert!(
+            bad(Overrides {
+                labels: Some(vec!["novalue".into()]),
+                ..Default::default()
+            })
+            .contains("label")
+        );
+        assert!(
+            bad(Overrides {
+                gpu_timeout_s: Some(f64::NAN),
+                ..Default::default()
+            })
+            .contains("GPU timeout")
+        );
     }
 }

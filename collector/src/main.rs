@@ -105,7 +105,9 @@ impl Common {
         let overrides = Overrides {
             endpoint: self.endpoint.clone(),
             key_id: self.key_id.clone(),
-            agent_key: std::env::var("ROLLCALL_AGENT_KEY").ok().filter(|key| !key.is_empty()),
+            agent_key: std::env::var("ROLLCALL_AGENT_KEY")
+                .ok()
+                .filter(|key| !key.is_empty()),
             agent_key_file: self.agent_key_file.clone(),
             agent_id: self.agent_id.clone(),
             pool: self.pool.clone(),
@@ -122,7 +124,10 @@ impl Common {
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("rollcall-collector: cannot start: {error}");
@@ -133,7 +138,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line, for cron mail and service logs alike.
-            eprintln!("rollcall-collector: {}", format!("{error:#}").replace('\n', " "));
+            eprintln!(
+                "rollcall-collector: {}",
+                format!("{error:#}").replace('\n', " ")
+            );
             ExitCode::FAILURE
         }
     }
@@ -142,22 +150,43 @@ fn main() -> ExitCode {
 async fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Keygen { agent_id } => keygen(&agent_id),
-        Command::Print { common, skip_cpu_usage } => {
+        Command::Print {
+            common,
+            skip_cpu_usage,
+        } => {
             let settings = common.settings()?;
             let identity = identity(&settings, false)?;
-            let mut sampler = Sampler::new(settings.disk_path.clone(), GpuReaders::detect(), settings.gpu_timeout);
-            let heartbeat = sampler.sample(&identity, AgentState::Up, !skip_cpu_usage).await;
+            let mut sampler = Sampler::new(
+                settings.disk_path.clone(),
+                GpuReaders::detect(),
+                settings.gpu_timeout,
+            );
+            let heartbeat = sampler
+                .sample(&identity, AgentState::Up, !skip_cpu_usage)
+                .await;
             println!("{}", serde_json::to_string_pretty(&heartbeat)?);
             Ok(())
         }
-        Command::Once { common, skip_cpu_usage } => {
+        Command::Once {
+            common,
+            skip_cpu_usage,
+        } => {
             let settings = common.settings()?;
             let identity = identity(&settings, true)?;
             let sender = sender(&settings)?;
-            let mut sampler = Sampler::new(settings.disk_path.clone(), GpuReaders::detect(), settings.gpu_timeout);
-            let heartbeat = sampler.sample(&identity, AgentState::Up, !skip_cpu_usage).await;
+            let mut sampler = Sampler::new(
+                settings.disk_path.clone(),
+                GpuReaders::detect(),
+                settings.gpu_timeout,
+            );
+            let heartbeat = sampler
+                .sample(&identity, AgentState::Up, !skip_cpu_usage)
+                .await;
             let accepted = sender.send(&heartbeat).await?;
-            println!("heartbeat accepted: agent {} online until {}", accepted.agent_id, accepted.online_until);
+            println!(
+                "heartbeat accepted: agent {} online until {}",
+                accepted.agent_id, accepted.online_until
+            );
             Ok(())
         }
         Command::Run(common) => {
@@ -172,7 +201,11 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 pool = %identity.pool,
                 "collector starting"
             );
-            let sampler = Sampler::new(settings.disk_path.clone(), GpuReaders::detect(), settings.gpu_timeout);
+            let sampler = Sampler::new(
+                settings.disk_path.clone(),
+                GpuReaders::detect(),
+                settings.gpu_timeout,
+            );
             service::run(sampler, identity, sender, shutdown).await;
             Ok(())
         }
@@ -194,12 +227,22 @@ fn identity(settings: &Settings, must_keep_id: bool) -> anyhow::Result<Identity>
             Err(error) => return Err(error.into()),
         },
     };
-    Ok(Identity { agent_id, pool: settings.pool.clone(), labels: settings.labels.clone(), interval_s: settings.interval_s })
+    Ok(Identity {
+        agent_id,
+        pool: settings.pool.clone(),
+        labels: settings.labels.clone(),
+        interval_s: settings.interval_s,
+    })
 }
 
 fn sender(settings: &Settings) -> anyhow::Result<Sender> {
-    let endpoint = settings.endpoint.as_deref().context("no ingest endpoint: set --endpoint, ROLLCALL_ENDPOINT or endpoint in the config file")?;
-    let key_id = settings.key_id.clone().context("no key id: set --key-id, ROLLCALL_KEY_ID or key_id in the config file")?;
+    let endpoint = settings.endpoint.as_deref().context(
+        "no ingest endpoint: set --endpoint, ROLLCALL_ENDPOINT or endpoint in the config file",
+    )?;
+    let key_id = settings
+        .key_id
+        .clone()
+        .context("no key id: set --key-id, ROLLCALL_KEY_ID or key_id in the config file")?;
     let agent_key = settings.agent_key.clone().context(
         "no agent key: set ROLLCALL_AGENT_KEY or agent_key_file (derive one with `rollcall-collector keygen --agent-id ID`)",
     )?;
@@ -218,7 +261,10 @@ fn keygen(agent_id: &str) -> anyhow::Result<()> {
                 eprintln!("fleet secret (hex), then Enter:");
             }
             let mut line = String::new();
-            stdin.lock().read_line(&mut line).context("reading the fleet secret from stdin")?;
+            stdin
+                .lock()
+                .read_line(&mut line)
+                .context("reading the fleet secret from stdin")?;
             line
         }
     };
@@ -228,7 +274,10 @@ fn keygen(agent_id: &str) -> anyhow::Result<()> {
 }
 
 fn init_logging() {
-    let level = std::env::var("RUST_LOG").ok().and_then(|text| text.parse().ok()).unwrap_or(tracing::Level::INFO);
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_target(false)

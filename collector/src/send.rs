@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use rollcall::heartbeat::Heartbeat;
-use rollcall::signing::{AgentKey, HEADER_AGENT, HEADER_KEY_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use rollcall::signing::{
+    AgentKey, HEADER_AGENT, HEADER_KEY_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,13 +55,22 @@ impl Sender {
     /// `endpoint` is ingest's base URL; `/v1/heartbeats` is appended unless present.
     pub fn new(endpoint: &str, key_id: String, agent_key: AgentKey) -> Result<Self, SendError> {
         let base = endpoint.trim_end_matches('/');
-        let url = if base.ends_with("/v1/heartbeats") { base.to_owned() } else { format!("{base}/v1/heartbeats") };
+        let url = if base.ends_with("/v1/heartbeats") {
+            base.to_owned()
+        } else {
+            format!("{base}/v1/heartbeats")
+        };
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("rollcall-collector/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| SendError::Network(error.to_string()))?;
-        Ok(Self { client, url, key_id, agent_key })
+        Ok(Self {
+            client,
+            url,
+            key_id,
+            agent_key,
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -67,9 +78,12 @@ impl Sender {
     }
 
     pub async fn send(&self, heartbeat: &Heartbeat) -> Result<Accepted, SendError> {
-        let body = serde_json::to_vec(heartbeat).map_err(|error| SendError::Network(format!("cannot encode heartbeat: {error}")))?;
+        let body = serde_json::to_vec(heartbeat)
+            .map_err(|error| SendError::Network(format!("cannot encode heartbeat: {error}")))?;
         let timestamp = rollcall::record::now_ms().div_euclid(1000);
-        let signature = self.agent_key.signature_header(&self.key_id, &heartbeat.agent_id, timestamp, &body);
+        let signature =
+            self.agent_key
+                .signature_header(&self.key_id, &heartbeat.agent_id, timestamp, &body);
         let response = self
             .client
             .post(&self.url)
@@ -85,12 +99,19 @@ impl Sender {
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
         if status == 202 {
-            return serde_json::from_str(&text)
-                .map_err(|_| SendError::Refused { status, message: format!("unexpected 202 body {text:?}") });
+            return serde_json::from_str(&text).map_err(|_| SendError::Refused {
+                status,
+                message: format!("unexpected 202 body {text:?}"),
+            });
         }
         let message = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
-            .and_then(|value| value.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .and_then(|value| {
+                value
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| text.chars().take(200).collect());
         Err(SendError::Refused { status, message })
     }
@@ -112,7 +133,9 @@ fn describe(error: &reqwest::Error) -> String {
 /// `[0, min(cap, base × 2^attempt))`, so a fleet that lost ingest at once
 /// does not come back in lockstep.
 pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
-    let ceiling = base.saturating_mul(2u32.saturating_pow(attempt.min(20))).min(cap);
+    let ceiling = base
+        .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+        .min(cap);
     ceiling.mul_f64(fastrand::f64())
 }
 
@@ -126,17 +149,45 @@ mod tests {
         for attempt in 0..40 {
             assert!(backoff(attempt, Duration::from_millis(500), cap) < cap);
         }
-        let early: Duration = (0..200).map(|_| backoff(0, Duration::from_millis(500), cap)).sum();
-        let late: Duration = (0..200).map(|_| backoff(6, Duration::from_millis(500), cap)).sum();
+        let early: Duration = (0..200)
+            .map(|_| backoff(0, Duration::from_millis(500), cap))
+            .sum();
+        let late: Duration = (0..200)
+            .map(|_| backoff(6, Duration::from_millis(500), cap))
+            .sum();
         assert!(late > early * 4, "{early:?} {late:?}");
     }
 
     #[test]
     fn retryable_classes() {
         assert!(SendError::Network("x".into()).is_retryable());
-        assert!(SendError::Refused { status: 503, message: String::new() }.is_retryable());
-        assert!(!SendError::Refused { status: 400, message: String::new() }.is_retryable());
-        assert!(SendError::Refused { status: 401, message: "clock skew: 400s".into() }.is_clock_skew());
-        assert!(SendError::Refused { status: 409, message: String::new() }.is_stale());
+        assert!(
+            SendError::Refused {
+                status: 503,
+                message: String::new()
+            }
+            .is_retryable()
+        );
+        assert!(
+            !SendError::Refused {
+                status: 400,
+                message: String::new()
+            }
+            .is_retryable()
+        );
+        assert!(
+            SendError::Refused {
+                status: 401,
+                message: "clock skew: 400s".into()
+            }
+            .is_clock_skew()
+        );
+        assert!(
+            SendError::Refused {
+                status: 409,
+                message: String::new()
+            }
+            .is_stale()
+        );
     }
 }

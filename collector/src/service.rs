@@ -19,7 +19,12 @@ const RETRY_CAP: Duration = Duration::from_secs(30);
 const LEAVING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown` turns true, then sends the `leaving` heartbeat.
-pub async fn run(mut sampler: Sampler, identity: Identity, sender: Sender, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    mut sampler: Sampler,
+    identity: Identity,
+    sender: Sender,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let interval = Duration::from_secs(u64::from(identity.interval_s));
     // Retries stop well before the next sample so that it goes out on time.
     let retry_cap = RETRY_CAP.min(interval / 2);
@@ -79,8 +84,12 @@ async fn send_leaving(sampler: &mut Sampler, identity: &Identity, sender: &Sende
     let heartbeat = sampler.sample(identity, AgentState::Leaving, false).await;
     match tokio::time::timeout(LEAVING_TIMEOUT, sender.send(&heartbeat)).await {
         Ok(Ok(_)) => tracing::info!("sent the leaving heartbeat; this agent is now offline"),
-        Ok(Err(error)) => tracing::warn!(%error, "could not send the leaving heartbeat; the agent goes offline at its deadline"),
-        Err(_) => tracing::warn!("leaving heartbeat timed out; the agent goes offline at its deadline"),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "could not send the leaving heartbeat; the agent goes offline at its deadline")
+        }
+        Err(_) => {
+            tracing::warn!("leaving heartbeat timed out; the agent goes offline at its deadline")
+        }
     }
 }
 
@@ -98,8 +107,12 @@ impl Outage {
             Some(wait) if self.failures == 1 => {
                 tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "heartbeat not delivered; retrying with backoff")
             }
-            Some(wait) => tracing::debug!(%error, retry_in_ms = wait.as_millis() as u64, "retrying"),
-            None => tracing::warn!(%error, failures = self.failures, "heartbeat not delivered before the next sample; dropping it for the newer one"),
+            Some(wait) => {
+                tracing::debug!(%error, retry_in_ms = wait.as_millis() as u64, "retrying")
+            }
+            None => {
+                tracing::warn!(%error, failures = self.failures, "heartbeat not delivered before the next sample; dropping it for the newer one")
+            }
         }
     }
 
@@ -112,7 +125,10 @@ impl Outage {
 
     fn recovered(&mut self) {
         if self.failures > 0 || self.skew_reported {
-            tracing::info!(failed_attempts = self.failures, "heartbeats delivered again");
+            tracing::info!(
+                failed_attempts = self.failures,
+                "heartbeats delivered again"
+            );
         }
         *self = Outage::default();
     }

@@ -28,15 +28,25 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
     Router::new()
         .route("/v1/heartbeats", post(heartbeat))
         .route("/healthz", get(api::healthz))
-        .method_not_allowed_fallback(|| async { api::method_not_allowed("POST for /v1/heartbeats, GET for /healthz") })
+        .method_not_allowed_fallback(|| async {
+            api::method_not_allowed("POST for /v1/heartbeats, GET for /healthz")
+        })
         .fallback(api::not_found)
         .with_state(ingest)
 }
 
-async fn heartbeat(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let content_type = headers.get(header::CONTENT_TYPE).map(|value| value.as_bytes());
+async fn heartbeat(
+    State(ingest): State<Arc<Ingest>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|value| value.as_bytes());
     if !is_json_content_type(content_type) {
-        let shown = content_type.map_or("nothing".into(), |value| format!("{:?}", String::from_utf8_lossy(value)));
+        let shown = content_type.map_or("nothing".into(), |value| {
+            format!("{:?}", String::from_utf8_lossy(value))
+        });
         return Err(reject(Rejection::UnsupportedMediaType(shown)));
     }
     let declared_length = headers
@@ -46,18 +56,24 @@ async fn heartbeat(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: 
     if declared_length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
         return Err(reject(Rejection::PayloadTooLarge));
     }
-    let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|error| {
-        if is_length_limit(&error) {
-            reject(Rejection::PayloadTooLarge)
-        } else {
-            ApiError::bad_request(format!("could not read the request body: {error}"))
-        }
-    })?;
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|error| {
+            if is_length_limit(&error) {
+                reject(Rejection::PayloadTooLarge)
+            } else {
+                ApiError::bad_request(format!("could not read the request body: {error}"))
+            }
+        })?;
 
     let received_at_ms = now_ms();
     let heartbeat = ingest
         .keyring
-        .verify(|name| headers.get(name).map(|value| value.as_bytes()), &body, received_at_ms.div_euclid(1000))
+        .verify(
+            |name| headers.get(name).map(|value| value.as_bytes()),
+            &body,
+            received_at_ms.div_euclid(1000),
+        )
         .map_err(reject)?;
     let sent_at_ms = heartbeat.sent_at_ms;
     let agent = StoredAgent::accept(heartbeat, received_at_ms, ingest.deadlines);
@@ -66,7 +82,13 @@ async fn heartbeat(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: 
     match ingest.store.upsert(agent).await? {
         Upsert::Written => {
             tracing::debug!(agent_id, sent_at_ms, "heartbeat accepted");
-            Ok((StatusCode::ACCEPTED, axum::Json(json!({ "agent_id": agent_id, "online_until": rfc3339(online_until_ms) }))).into_response())
+            Ok((
+                StatusCode::ACCEPTED,
+                axum::Json(
+                    json!({ "agent_id": agent_id, "online_until": rfc3339(online_until_ms) }),
+                ),
+            )
+                .into_response())
         }
         Upsert::Stale => Err(reject(Rejection::Stale { sent_at_ms })),
     }

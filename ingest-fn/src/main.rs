@@ -44,14 +44,22 @@ async fn main() -> anyhow::Result<()> {
     let secrets = std::env::var("ROLLCALL_FLEET_SECRETS")
         .context("ROLLCALL_FLEET_SECRETS is not set (expected kid=hex[,kid2=hex]; generate one with `openssl rand -hex 32`)")?;
     let keyring = Keyring::parse(&secrets).context("ROLLCALL_FLEET_SECRETS")?;
-    let durability = if args.durability == "normal" { Durability::Normal } else { Durability::Full };
-    let store = SqliteStore::open(&args.db, durability).with_context(|| format!("opening {}", args.db.display()))?;
+    let durability = if args.durability == "normal" {
+        Durability::Normal
+    } else {
+        Durability::Full
+    };
+    let store = SqliteStore::open(&args.db, durability)
+        .with_context(|| format!("opening {}", args.db.display()))?;
     let mut key_ids: Vec<&str> = keyring.key_ids().collect();
     key_ids.sort_unstable();
     tracing::info!(db = %args.db.display(), key_ids = ?key_ids, grace_multiplier = args.grace_multiplier, retention_s = args.retention_s, "ingest starting");
     let ingest = Ingest {
         keyring,
-        deadlines: Deadlines { grace_multiplier: args.grace_multiplier, retention_s: args.retention_s },
+        deadlines: Deadlines {
+            grace_multiplier: args.grace_multiplier,
+            retention_s: args.retention_s,
+        },
         store: Arc::new(store),
     };
     rollcall::api::serve(router(Arc::new(ingest)), args.listen, "ingest").await?;
@@ -59,7 +67,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn init_logging() {
-    let level = std::env::var("RUST_LOG").ok().and_then(|text| text.parse().ok()).unwrap_or(tracing::Level::INFO);
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_target(false)

@@ -41,18 +41,35 @@ pub enum TokenError {
 impl QueryApi {
     /// `tokens` is `token[,token2]`: two at once while rotating. Cursors are
     /// sealed with `cursor_key`, or with a key derived from the tokens.
-    pub fn new(tokens: &str, cursor_key: Option<&[u8]>, store: Arc<dyn Store>) -> Result<Self, TokenError> {
-        let mut tokens: Vec<&str> = tokens.split(',').map(str::trim).filter(|t| !t.is_empty()).collect();
+    pub fn new(
+        tokens: &str,
+        cursor_key: Option<&[u8]>,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, TokenError> {
+        let mut tokens: Vec<&str> = tokens
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
         if tokens.is_empty() {
             return Err(TokenError::Empty);
         }
-        if tokens.iter().any(|t| t.len() < MIN_TOKEN_LEN || !t.bytes().all(|b| b.is_ascii_graphic())) {
+        if tokens
+            .iter()
+            .any(|t| t.len() < MIN_TOKEN_LEN || !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
             return Err(TokenError::Weak);
         }
         tokens.sort_unstable();
-        let derived = Sha256::new().chain_update("rollcall-cursor\n").chain_update(tokens.join("\n")).finalize();
+        let derived = Sha256::new()
+            .chain_update("rollcall-cursor\n")
+            .chain_update(tokens.join("\n"))
+            .finalize();
         Ok(Self {
-            token_digests: tokens.iter().map(|token| Sha256::digest(token.as_bytes()).into()).collect(),
+            token_digests: tokens
+                .iter()
+                .map(|token| Sha256::digest(token.as_bytes()).into())
+                .collect(),
             cursors: CursorSealer::new(cursor_key.unwrap_or(&derived)),
             store,
         })
@@ -62,7 +79,12 @@ impl QueryApi {
     /// leaks through timing, and checks every token without stopping early.
     fn authorised(&self, presented: &[u8]) -> bool {
         let digest: [u8; 32] = Sha256::digest(presented).into();
-        self.token_digests.iter().fold(subtle::Choice::from(0), |any, known| any | known.ct_eq(&digest)).into()
+        self.token_digests
+            .iter()
+            .fold(subtle::Choice::from(0), |any, known| {
+                any | known.ct_eq(&digest)
+            })
+            .into()
     }
 }
 
@@ -70,7 +92,10 @@ pub fn router(api: Arc<QueryApi>) -> Router {
     let protected = Router::new()
         .route("/v1/agents", get(list_agents))
         .route("/v1/agents/{agent_id}", get(get_agent))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&api), require_token));
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&api),
+            require_token,
+        ));
     Router::new()
         .merge(protected)
         .route("/healthz", get(api::healthz))
@@ -79,9 +104,15 @@ pub fn router(api: Arc<QueryApi>) -> Router {
         .with_state(api)
 }
 
-async fn require_token(State(api): State<Arc<QueryApi>>, request: Request, next: Next) -> Result<Response, ApiError> {
+async fn require_token(
+    State(api): State<Arc<QueryApi>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let Some(value) = request.headers().get(header::AUTHORIZATION) else {
-        return Err(ApiError::unauthorized("missing Authorization: Bearer <token>"));
+        return Err(ApiError::unauthorized(
+            "missing Authorization: Bearer <token>",
+        ));
     };
     let token = value
         .as_bytes()
@@ -100,7 +131,10 @@ struct AgentList {
     as_of: String,
 }
 
-async fn list_agents(State(api): State<Arc<QueryApi>>, RawQuery(query): RawQuery) -> Result<Json<AgentList>, ApiError> {
+async fn list_agents(
+    State(api): State<Arc<QueryApi>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<AgentList>, ApiError> {
     let query = CapacityQuery::from_query_string(query.as_deref().unwrap_or(""))
         .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
     let after = query
@@ -113,14 +147,22 @@ async fn list_agents(State(api): State<Arc<QueryApi>>, RawQuery(query): RawQuery
     let page = api.store.query(&query, after.as_ref(), now).await?;
     Ok(Json(AgentList {
         agents: page.agents.iter().map(|agent| agent.view(now)).collect(),
-        next_cursor: page.next.as_ref().map(|position| api.cursors.seal(position)),
+        next_cursor: page
+            .next
+            .as_ref()
+            .map(|position| api.cursors.seal(position)),
         as_of: rfc3339(now),
     }))
 }
 
-async fn get_agent(State(api): State<Arc<QueryApi>>, Path(agent_id): Path<String>) -> Result<Json<AgentView>, ApiError> {
+async fn get_agent(
+    State(api): State<Arc<QueryApi>>,
+    Path(agent_id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
     if !is_valid_id(&agent_id, MAX_AGENT_ID_LEN) {
-        return Err(ApiError::bad_request("agent id must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+        return Err(ApiError::bad_request(
+            "agent id must be 1-64 characters of A-Z a-z 0-9 . _ -",
+        ));
     }
     let now = now_ms();
     match api.store.get(&agent_id, now).await? {

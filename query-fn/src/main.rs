@@ -33,15 +33,24 @@ async fn main() -> anyhow::Result<()> {
     let tokens = std::env::var("ROLLCALL_QUERY_TOKENS")
         .context("ROLLCALL_QUERY_TOKENS is not set (expected token[,token2]; generate one with `openssl rand -hex 24`)")?;
     let cursor_key = std::env::var("ROLLCALL_CURSOR_KEY").ok();
-    let store = SqliteStore::open(&args.db, Durability::Full).with_context(|| format!("opening {}", args.db.display()))?;
-    let api = QueryApi::new(&tokens, cursor_key.as_deref().map(str::as_bytes), Arc::new(store)).context("ROLLCALL_QUERY_TOKENS")?;
+    let store = SqliteStore::open(&args.db, Durability::Full)
+        .with_context(|| format!("opening {}", args.db.display()))?;
+    let api = QueryApi::new(
+        &tokens,
+        cursor_key.as_deref().map(str::as_bytes),
+        Arc::new(store),
+    )
+    .context("ROLLCALL_QUERY_TOKENS")?;
     tracing::info!(db = %args.db.display(), "query starting");
     rollcall::api::serve(router(Arc::new(api)), args.listen, "query").await?;
     Ok(())
 }
 
 fn init_logging() {
-    let level = std::env::var("RUST_LOG").ok().and_then(|text| text.parse().ok()).unwrap_or(tracing::Level::INFO);
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_target(false)

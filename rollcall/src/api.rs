@@ -23,7 +23,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self {
+            status,
+            message: message.into(),
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -44,11 +47,17 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::Unavailable(_) => {
                 tracing::warn!(%error, "store unavailable");
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry later")
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store unavailable; retry later",
+                )
             }
             StoreError::Corrupt(_) => {
                 tracing::error!(%error, "store holds an unreadable record");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error reading the store")
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error reading the store",
+                )
             }
         }
     }
@@ -58,10 +67,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -80,7 +93,10 @@ pub async fn not_found(uri: axum::http::Uri) -> ApiError {
 
 /// A JSON 405 for a known path asked with the wrong method.
 pub fn method_not_allowed(allowed: &'static str) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed; use {allowed}"))
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed; use {allowed}"),
+    )
 }
 
 /// True when running inside AWS Lambda (or an emulator of it).
@@ -93,15 +109,24 @@ pub fn in_lambda() -> bool {
 pub async fn serve(router: Router, listen: SocketAddr, name: &str) -> Result<(), ServeError> {
     if in_lambda() {
         tracing::info!("{name}: serving through the Lambda Runtime API");
-        return lambda_http::run(router).await.map_err(|e| ServeError::Lambda(e.to_string()));
+        return lambda_http::run(router)
+            .await
+            .map_err(|e| ServeError::Lambda(e.to_string()));
     }
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { listen, source })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Bind { listen, source })?;
-    tracing::info!("{name}: listening on http://{local}");
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown_signal())
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(ServeError::Io)?;
+        .map_err(|source| ServeError::Bind { listen, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { listen, source })?;
+    tracing::info!("{name}: listening on http://{local}");
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .map_err(ServeError::Io)?;
     tracing::info!("{name}: stopped");
     Ok(())
 }
@@ -109,7 +134,10 @@ pub async fn serve(router: Router, listen: SocketAddr, name: &str) -> Result<(),
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {listen}: {source}")]
-    Bind { listen: SocketAddr, source: std::io::Error },
+    Bind {
+        listen: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("server failed: {0}")]
     Io(std::io::Error),
     #[error("Lambda runtime failed: {0}")]
@@ -120,13 +148,14 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => {
-                let _ = interrupt.await;
-                return;
-            }
-        };
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}

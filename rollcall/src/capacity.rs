@@ -66,7 +66,10 @@ pub struct ParamError {
 }
 
 fn param_error(param: &str, message: impl Into<String>) -> ParamError {
-    ParamError { param: param.to_owned(), message: message.into() }
+    ParamError {
+        param: param.to_owned(),
+        message: message.into(),
+    }
 }
 
 impl CapacityQuery {
@@ -86,27 +89,39 @@ impl CapacityQuery {
             match name.as_ref() {
                 "min_gpu_vram_gb" => parsed.min_gpu_vram_gb = Some(non_negative(&name, &value)?),
                 "min_gpus" => {
-                    let count: u32 = value.parse().map_err(|_| param_error(&name, format!("must be a whole number >= 0, got {value:?}")))?;
+                    let count: u32 = value.parse().map_err(|_| {
+                        param_error(&name, format!("must be a whole number >= 0, got {value:?}"))
+                    })?;
                     parsed.min_gpus = Some(count);
                 }
                 "min_cpu_cores" => parsed.min_cpu_cores = Some(non_negative(&name, &value)?),
                 "min_memory_gb" => parsed.min_memory_gb = Some(non_negative(&name, &value)?),
                 "gpu_vendor" => {
                     parsed.gpu_vendor = Some(Vendor::parse(&value).ok_or_else(|| {
-                        param_error(&name, format!("must be one of nvidia, amd, intel, other; got {value:?}"))
+                        param_error(
+                            &name,
+                            format!("must be one of nvidia, amd, intel, other; got {value:?}"),
+                        )
                     })?)
                 }
                 "pool" => {
                     if !is_valid_id(&value, MAX_AGENT_ID_LEN) {
-                        return Err(param_error(&name, "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+                        return Err(param_error(
+                            &name,
+                            "must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                        ));
                     }
                     parsed.pool = Some(value.into_owned());
                 }
                 "label" => {
-                    let (key, label_value) =
-                        value.split_once('=').ok_or_else(|| param_error(&name, format!("must be key=value, got {value:?}")))?;
+                    let (key, label_value) = value.split_once('=').ok_or_else(|| {
+                        param_error(&name, format!("must be key=value, got {value:?}"))
+                    })?;
                     if key.is_empty() {
-                        return Err(param_error(&name, format!("must be key=value with a non-empty key, got {value:?}")));
+                        return Err(param_error(
+                            &name,
+                            format!("must be key=value with a non-empty key, got {value:?}"),
+                        ));
                     }
                     parsed.labels.push((key.to_owned(), label_value.to_owned()));
                 }
@@ -115,7 +130,12 @@ impl CapacityQuery {
                         "online" => StatusFilter::Online,
                         "offline" => StatusFilter::Offline,
                         "all" => StatusFilter::All,
-                        other => return Err(param_error(&name, format!("must be online, offline or all; got {other:?}"))),
+                        other => {
+                            return Err(param_error(
+                                &name,
+                                format!("must be online, offline or all; got {other:?}"),
+                            ));
+                        }
                     }
                 }
                 "limit" => {
@@ -123,7 +143,14 @@ impl CapacityQuery {
                         .parse::<usize>()
                         .ok()
                         .filter(|limit| (1..=MAX_LIMIT).contains(limit))
-                        .ok_or_else(|| param_error(&name, format!("must be a whole number from 1 to {MAX_LIMIT}, got {value:?}")))?;
+                        .ok_or_else(|| {
+                            param_error(
+                                &name,
+                                format!(
+                                    "must be a whole number from 1 to {MAX_LIMIT}, got {value:?}"
+                                ),
+                            )
+                        })?;
                 }
                 "cursor" => parsed.cursor = Some(value.into_owned()),
                 _ => return Err(param_error(&name, "unknown parameter")),
@@ -134,7 +161,13 @@ impl CapacityQuery {
 
     /// How many qualifying GPUs an agent needs.
     pub fn required_gpus(&self) -> u32 {
-        self.min_gpus.unwrap_or(if self.min_gpu_vram_gb.is_some() || self.gpu_vendor.is_some() { 1 } else { 0 })
+        self.min_gpus.unwrap_or(
+            if self.min_gpu_vram_gb.is_some() || self.gpu_vendor.is_some() {
+                1
+            } else {
+                0
+            },
+        )
     }
 
     /// Free VRAM a qualifying GPU needs, in MiB (0 without a VRAM filter).
@@ -155,10 +188,20 @@ impl CapacityQuery {
         };
         let heartbeat = &agent.heartbeat;
         if !status_ok
-            || self.pool.as_ref().is_some_and(|pool| *pool != heartbeat.pool)
-            || self.min_cpu_cores.is_some_and(|cores| f64::from(heartbeat.cpu.cores_available) < cores)
-            || self.min_memory_gb.is_some_and(|gb| (heartbeat.memory.available_mb as f64) < gb * 1024.0)
-            || !self.labels.iter().all(|(key, value)| heartbeat.labels.get(key) == Some(value))
+            || self
+                .pool
+                .as_ref()
+                .is_some_and(|pool| *pool != heartbeat.pool)
+            || self
+                .min_cpu_cores
+                .is_some_and(|cores| f64::from(heartbeat.cpu.cores_available) < cores)
+            || self
+                .min_memory_gb
+                .is_some_and(|gb| (heartbeat.memory.available_mb as f64) < gb * 1024.0)
+            || !self
+                .labels
+                .iter()
+                .all(|(key, value)| heartbeat.labels.get(key) == Some(value))
         {
             return false;
         }
@@ -191,7 +234,10 @@ pub struct Position {
 
 impl Position {
     pub fn of(agent: &StoredAgent) -> Self {
-        Self { gpu_free_max_mb: agent.heartbeat.gpu_free_max_mb(), agent_id: agent.agent_id().to_owned() }
+        Self {
+            gpu_free_max_mb: agent.heartbeat.gpu_free_max_mb(),
+            agent_id: agent.agent_id().to_owned(),
+        }
     }
 
     /// True if `agent` comes after this position in answer order.
@@ -202,7 +248,9 @@ impl Position {
 
 /// Answer order over positions.
 pub fn answer_order(a: &Position, b: &Position) -> Ordering {
-    b.gpu_free_max_mb.cmp(&a.gpu_free_max_mb).then_with(|| a.agent_id.cmp(&b.agent_id))
+    b.gpu_free_max_mb
+        .cmp(&a.gpu_free_max_mb)
+        .then_with(|| a.agent_id.cmp(&b.agent_id))
 }
 
 /// Seals positions into opaque cursors and opens them again, refusing any
@@ -222,11 +270,20 @@ impl CursorSealer {
     pub fn seal(&self, position: &Position) -> String {
         let payload = format!("{}:{}", position.gpu_free_max_mb, position.agent_id);
         let tag = self.tag(payload.as_bytes());
-        format!("{}{}", hex::encode(&tag[..CURSOR_TAG_LEN]), hex::encode(payload))
+        format!(
+            "{}{}",
+            hex::encode(&tag[..CURSOR_TAG_LEN]),
+            hex::encode(payload)
+        )
     }
 
     pub fn open(&self, cursor: &str) -> Result<Position, ParamError> {
-        let invalid = || param_error("cursor", "not a cursor issued by this API (copy next_cursor from the previous page unchanged)");
+        let invalid = || {
+            param_error(
+                "cursor",
+                "not a cursor issued by this API (copy next_cursor from the previous page unchanged)",
+            )
+        };
         if cursor.len() < CURSOR_TAG_LEN * 2 || !cursor.is_ascii() {
             return Err(invalid());
         }
@@ -238,11 +295,15 @@ impl CursorSealer {
         mac.verify_truncated_left(&tag).map_err(|_| invalid())?;
         let text = String::from_utf8(payload).map_err(|_| invalid())?;
         let (free, agent_id) = text.split_once(':').ok_or_else(invalid)?;
-        Ok(Position { gpu_free_max_mb: free.parse().map_err(|_| invalid())?, agent_id: agent_id.to_owned() })
+        Ok(Position {
+            gpu_free_max_mb: free.parse().map_err(|_| invalid())?,
+            agent_id: agent_id.to_owned(),
+        })
     }
 
     fn tag(&self, payload: &[u8]) -> Vec<u8> {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC accepts keys of any length");
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+            .expect("HMAC accepts keys of any length");
         mac.update(payload);
         mac.finalize().into_bytes().to_vec()
     }
@@ -274,7 +335,10 @@ mod tests {
 
     #[test]
     fn two_small_gpus_are_not_one_big_one() {
-        let two_twelves = agent(json!([gpu(0, "nvidia", 12 * 1024), gpu(1, "nvidia", 12 * 1024)]), 4);
+        let two_twelves = agent(
+            json!([gpu(0, "nvidia", 12 * 1024), gpu(1, "nvidia", 12 * 1024)]),
+            4,
+        );
         assert!(!query("min_gpu_vram_gb=24").matches(&two_twelves, 2_000));
         assert!(query("min_gpu_vram_gb=12").matches(&two_twelves, 2_000));
         assert!(query("min_gpu_vram_gb=12&min_gpus=2").matches(&two_twelves, 2_000));
@@ -283,7 +347,10 @@ mod tests {
 
     #[test]
     fn vendor_counts_only_its_own_gpus() {
-        let mixed = agent(json!([gpu(0, "amd", 40 * 1024), gpu(1, "nvidia", 8 * 1024)]), 4);
+        let mixed = agent(
+            json!([gpu(0, "amd", 40 * 1024), gpu(1, "nvidia", 8 * 1024)]),
+            4,
+        );
         assert!(query("gpu_vendor=nvidia").matches(&mixed, 2_000));
         assert!(!query("gpu_vendor=intel").matches(&mixed, 2_000));
         assert!(!query("gpu_vendor=nvidia&min_gpu_vram_gb=16").matches(&mixed, 2_000));
@@ -345,7 +412,10 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_refuse_tampering() {
         let sealer = CursorSealer::new(b"k");
-        let position = Position { gpu_free_max_mb: 20110, agent_id: "lab:07".into() };
+        let position = Position {
+            gpu_free_max_mb: 20110,
+            agent_id: "lab:07".into(),
+        };
         let cursor = sealer.seal(&position);
         assert_eq!(sealer.open(&cursor).unwrap(), position);
         let mut forged = cursor.clone().into_bytes();
@@ -360,10 +430,19 @@ mod tests {
 
     #[test]
     fn answer_order_is_most_free_first_then_id() {
-        let mut positions = vec![
-            Position { gpu_free_max_mb: 1, agent_id: "b".into() },
-            Position { gpu_free_max_mb: 9, agent_id: "z".into() },
-            Position { gpu_free_max_mb: 1, agent_id: "a".into() },
+        let mut positions = [
+            Position {
+                gpu_free_max_mb: 1,
+                agent_id: "b".into(),
+            },
+            Position {
+                gpu_free_max_mb: 9,
+                agent_id: "z".into(),
+            },
+            Position {
+                gpu_free_max_mb: 1,
+                agent_id: "a".into(),
+            },
         ];
         positions.sort_by(answer_order);
         let ids: Vec<_> = positions.iter().map(|p| p.agent_id.as_str()).collect();

@@ -31,7 +31,11 @@ pub struct Heartbeat {
     pub state: AgentState,
     #[serde(default = "default_pool", deserialize_with = "null_as_default_pool")]
     pub pool: String,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<Host>,
@@ -147,7 +151,10 @@ pub struct BodyError {
 
 impl BodyError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -156,51 +163,85 @@ impl Heartbeat {
     /// header comparison, which needs the request).
     pub fn parse(body: &[u8]) -> Result<Heartbeat, BodyError> {
         let mut deserializer = serde_json::Deserializer::from_slice(body);
-        let heartbeat: Heartbeat = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-            let path = error.path().to_string();
-            let field = if path == "." { "body".to_owned() } else { path };
-            BodyError::new(field, strip_position(&error.into_inner().to_string()))
-        })?;
-        deserializer.end().map_err(|e| BodyError::new("body", strip_position(&e.to_string())))?;
+        let heartbeat: Heartbeat =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+                let path = error.path().to_string();
+                let field = if path == "." { "body".to_owned() } else { path };
+                BodyError::new(field, strip_position(&error.into_inner().to_string()))
+            })?;
+        deserializer
+            .end()
+            .map_err(|e| BodyError::new("body", strip_position(&e.to_string())))?;
         heartbeat.validate()?;
         Ok(heartbeat)
     }
 
     pub fn validate(&self) -> Result<(), BodyError> {
         if self.v != PROTOCOL_VERSION {
-            return Err(BodyError::new("v", format!("unsupported protocol version {}, expected {PROTOCOL_VERSION}", self.v)));
+            return Err(BodyError::new(
+                "v",
+                format!(
+                    "unsupported protocol version {}, expected {PROTOCOL_VERSION}",
+                    self.v
+                ),
+            ));
         }
         if !is_valid_id(&self.agent_id, MAX_AGENT_ID_LEN) {
-            return Err(BodyError::new("agent_id", "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+            return Err(BodyError::new(
+                "agent_id",
+                "must be 1-64 characters of A-Z a-z 0-9 . _ -",
+            ));
         }
         if self.sent_at_ms == 0 {
-            return Err(BodyError::new("sent_at_ms", "must be a positive Unix time in milliseconds"));
+            return Err(BodyError::new(
+                "sent_at_ms",
+                "must be a positive Unix time in milliseconds",
+            ));
         }
         for (field, value) in self.integer_figures() {
             if value > MAX_SAFE_INTEGER {
-                return Err(BodyError::new(field, format!("{value} is out of range (at most 2^53)")));
+                return Err(BodyError::new(
+                    field,
+                    format!("{value} is out of range (at most 2^53)"),
+                ));
             }
         }
         if self.interval_s == 0 {
             return Err(BodyError::new("interval_s", "must be at least 1"));
         }
         if !is_valid_id(&self.pool, MAX_POOL_LEN) {
-            return Err(BodyError::new("pool", "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+            return Err(BodyError::new(
+                "pool",
+                "must be 1-64 characters of A-Z a-z 0-9 . _ -",
+            ));
         }
         if self.labels.len() > MAX_LABELS {
-            return Err(BodyError::new("labels", format!("at most {MAX_LABELS} labels, got {}", self.labels.len())));
+            return Err(BodyError::new(
+                "labels",
+                format!("at most {MAX_LABELS} labels, got {}", self.labels.len()),
+            ));
         }
         for (key, value) in &self.labels {
             if !is_valid_id(key, MAX_LABEL_KEY_LEN) {
-                return Err(BodyError::new(format!("labels.{key}"), "label keys must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+                return Err(BodyError::new(
+                    format!("labels.{key}"),
+                    "label keys must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                ));
             }
             if value.chars().count() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {
-                return Err(BodyError::new(format!("labels.{key}"), "label values must be at most 256 characters, none of them control characters"));
+                return Err(BodyError::new(
+                    format!("labels.{key}"),
+                    "label values must be at most 256 characters, none of them control characters",
+                ));
             }
         }
 
         let cpu = &self.cpu;
-        for (name, value) in [("cpu.load_1m", cpu.load_1m), ("cpu.load_5m", cpu.load_5m), ("cpu.load_15m", cpu.load_15m)] {
+        for (name, value) in [
+            ("cpu.load_1m", cpu.load_1m),
+            ("cpu.load_5m", cpu.load_5m),
+            ("cpu.load_15m", cpu.load_15m),
+        ] {
             non_negative(name, value)?;
         }
         if let Some(usage) = cpu.usage_percent {
@@ -210,14 +251,25 @@ impl Heartbeat {
             return Err(BodyError::new("cpu.cores_logical", "must be at least 1"));
         }
         if cpu.cores_physical > cpu.cores_logical {
-            return Err(BodyError::new("cpu.cores_physical", "must not exceed cpu.cores_logical"));
+            return Err(BodyError::new(
+                "cpu.cores_physical",
+                "must not exceed cpu.cores_logical",
+            ));
         }
         if cpu.cores_available > cpu.cores_logical {
-            return Err(BodyError::new("cpu.cores_available", "must not exceed cpu.cores_logical"));
+            return Err(BodyError::new(
+                "cpu.cores_available",
+                "must not exceed cpu.cores_logical",
+            ));
         }
 
         let memory = &self.memory;
-        at_most("memory.available_mb", memory.available_mb, "memory.total_mb", memory.total_mb)?;
+        at_most(
+            "memory.available_mb",
+            memory.available_mb,
+            "memory.total_mb",
+            memory.total_mb,
+        )?;
         if let (Some(used), Some(total)) = (memory.swap_used_mb, memory.swap_total_mb) {
             at_most("memory.swap_used_mb", used, "memory.swap_total_mb", total)?;
         }
@@ -229,18 +281,27 @@ impl Heartbeat {
             if let Some(free) = disk.free_gb {
                 non_negative("disk.free_gb", free)?;
                 if disk.total_gb.is_some_and(|total| free > total) {
-                    return Err(BodyError::new("disk.free_gb", "must not exceed disk.total_gb"));
+                    return Err(BodyError::new(
+                        "disk.free_gb",
+                        "must not exceed disk.total_gb",
+                    ));
                 }
             }
         }
 
         if self.gpus.len() > MAX_GPUS {
-            return Err(BodyError::new("gpus", format!("at most {MAX_GPUS} GPUs, got {}", self.gpus.len())));
+            return Err(BodyError::new(
+                "gpus",
+                format!("at most {MAX_GPUS} GPUs, got {}", self.gpus.len()),
+            ));
         }
         for (position, gpu) in self.gpus.iter().enumerate() {
             let field = |name: &str| format!("gpus[{position}].{name}");
             if gpu.memory_free_mb > gpu.memory_total_mb {
-                return Err(BodyError::new(field("memory_free_mb"), "must not exceed memory_total_mb"));
+                return Err(BodyError::new(
+                    field("memory_free_mb"),
+                    "must not exceed memory_total_mb",
+                ));
             }
             if let Some(utilization) = gpu.utilization_percent {
                 percent(&field("utilization_percent"), utilization)?;
@@ -251,8 +312,14 @@ impl Heartbeat {
             if let Some(power) = gpu.power_w {
                 non_negative(&field("power_w"), power)?;
             }
-            if self.gpus[..position].iter().any(|other| other.index == gpu.index) {
-                return Err(BodyError::new(field("index"), format!("duplicate GPU index {}", gpu.index)));
+            if self.gpus[..position]
+                .iter()
+                .any(|other| other.index == gpu.index)
+            {
+                return Err(BodyError::new(
+                    field("index"),
+                    format!("duplicate GPU index {}", gpu.index),
+                ));
             }
         }
         Ok(())
@@ -264,29 +331,52 @@ impl Heartbeat {
             ("sent_at_ms", self.sent_at_ms),
             ("memory.total_mb", self.memory.total_mb),
             ("memory.available_mb", self.memory.available_mb),
-            ("memory.swap_total_mb", self.memory.swap_total_mb.unwrap_or(0)),
+            (
+                "memory.swap_total_mb",
+                self.memory.swap_total_mb.unwrap_or(0),
+            ),
             ("memory.swap_used_mb", self.memory.swap_used_mb.unwrap_or(0)),
-            ("host.uptime_s", self.host.as_ref().and_then(|host| host.uptime_s).unwrap_or(0)),
+            (
+                "host.uptime_s",
+                self.host
+                    .as_ref()
+                    .and_then(|host| host.uptime_s)
+                    .unwrap_or(0),
+            ),
         ];
-        fixed.into_iter().map(|(field, value)| (field.to_owned(), value)).chain(self.gpus.iter().enumerate().flat_map(
-            |(position, gpu)| {
+        fixed
+            .into_iter()
+            .map(|(field, value)| (field.to_owned(), value))
+            .chain(self.gpus.iter().enumerate().flat_map(|(position, gpu)| {
                 [
-                    (format!("gpus[{position}].memory_total_mb"), gpu.memory_total_mb),
-                    (format!("gpus[{position}].memory_free_mb"), gpu.memory_free_mb),
+                    (
+                        format!("gpus[{position}].memory_total_mb"),
+                        gpu.memory_total_mb,
+                    ),
+                    (
+                        format!("gpus[{position}].memory_free_mb"),
+                        gpu.memory_free_mb,
+                    ),
                 ]
-            },
-        ))
+            }))
     }
 
     /// The most free VRAM on any one GPU, in MiB: the order of capacity answers.
     pub fn gpu_free_max_mb(&self) -> u64 {
-        self.gpus.iter().map(|gpu| gpu.memory_free_mb).max().unwrap_or(0)
+        self.gpus
+            .iter()
+            .map(|gpu| gpu.memory_free_mb)
+            .max()
+            .unwrap_or(0)
     }
 }
 
 fn non_negative(field: &str, value: f64) -> Result<(), BodyError> {
     if !value.is_finite() || value < 0.0 {
-        return Err(BodyError::new(field, format!("must be a finite number >= 0, got {value}")));
+        return Err(BodyError::new(
+            field,
+            format!("must be a finite number >= 0, got {value}"),
+        ));
     }
     Ok(())
 }
@@ -294,14 +384,20 @@ fn non_negative(field: &str, value: f64) -> Result<(), BodyError> {
 fn percent(field: &str, value: f64) -> Result<(), BodyError> {
     non_negative(field, value)?;
     if value > 100.0 {
-        return Err(BodyError::new(field, format!("must be at most 100, got {value}")));
+        return Err(BodyError::new(
+            field,
+            format!("must be at most 100, got {value}"),
+        ));
     }
     Ok(())
 }
 
 fn at_most(field: &str, value: u64, limit_field: &str, limit: u64) -> Result<(), BodyError> {
     if value > limit {
-        return Err(BodyError::new(field, format!("{value} exceeds {limit_field} ({limit})")));
+        return Err(BodyError::new(
+            field,
+            format!("{value} exceeds {limit_field} ({limit})"),
+        ));
     }
     Ok(())
 }
@@ -318,7 +414,9 @@ fn default_pool() -> String {
     DEFAULT_POOL.to_owned()
 }
 
-fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(deserializer: D) -> Result<T, D::Error> {
+fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(
+    deserializer: D,
+) -> Result<T, D::Error> {
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
@@ -382,16 +480,43 @@ pub(crate) mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        assert_eq!(field_of(example(), |b| { b["cpu"].as_object_mut().unwrap().remove("load_1m"); }), "cpu");
-        assert_eq!(field_of(example(), |b| b["cpu"]["load_1m"] = json!(-1.0)), "cpu.load_1m");
-        assert_eq!(field_of(example(), |b| b["cpu"]["cores_physical"] = json!(-1)), "cpu.cores_physical");
-        assert_eq!(field_of(example(), |b| b["memory"]["available_mb"] = json!(64001)), "memory.available_mb");
-        assert_eq!(field_of(example(), |b| b["gpus"][0]["memory_free_mb"] = json!(30000)), "gpus[0].memory_free_mb");
-        assert_eq!(field_of(example(), |b| b["gpus"][0]["vendor"] = json!("3dfx")), "gpus[0].vendor");
+        assert_eq!(
+            field_of(example(), |b| {
+                b["cpu"].as_object_mut().unwrap().remove("load_1m");
+            }),
+            "cpu"
+        );
+        assert_eq!(
+            field_of(example(), |b| b["cpu"]["load_1m"] = json!(-1.0)),
+            "cpu.load_1m"
+        );
+        assert_eq!(
+            field_of(example(), |b| b["cpu"]["cores_physical"] = json!(-1)),
+            "cpu.cores_physical"
+        );
+        assert_eq!(
+            field_of(example(), |b| b["memory"]["available_mb"] = json!(64001)),
+            "memory.available_mb"
+        );
+        assert_eq!(
+            field_of(example(), |b| b["gpus"][0]["memory_free_mb"] = json!(30000)),
+            "gpus[0].memory_free_mb"
+        );
+        assert_eq!(
+            field_of(example(), |b| b["gpus"][0]["vendor"] = json!("3dfx")),
+            "gpus[0].vendor"
+        );
         assert_eq!(field_of(example(), |b| b["state"] = json!("gone")), "state");
         assert_eq!(field_of(example(), |b| b["v"] = json!(2)), "v");
-        assert_eq!(field_of(example(), |b| b["agent_id"] = json!("a/b")), "agent_id");
-        assert_eq!(field_of(example(), |b| b["gpus"] = json!(vec![b["gpus"][0].clone(); 17])), "gpus");
+        assert_eq!(
+            field_of(example(), |b| b["agent_id"] = json!("a/b")),
+            "agent_id"
+        );
+        assert_eq!(
+            field_of(example(), |b| b["gpus"] =
+                json!(vec![b["gpus"][0].clone(); 17])),
+            "gpus"
+        );
     }
 
     #[test]
@@ -404,15 +529,27 @@ pub(crate) mod tests {
 
     #[test]
     fn too_many_labels_and_bad_label_keys_are_refused() {
-        let labels: serde_json::Map<String, Value> = (0..33).map(|i| (format!("k{i}"), json!("v"))).collect();
-        assert_eq!(field_of(example(), |b| b["labels"] = Value::Object(labels)), "labels");
-        assert_eq!(field_of(example(), |b| b["labels"] = json!({"a b": "x"})), "labels.a b");
+        let labels: serde_json::Map<String, Value> =
+            (0..33).map(|i| (format!("k{i}"), json!("v"))).collect();
+        assert_eq!(
+            field_of(example(), |b| b["labels"] = Value::Object(labels)),
+            "labels"
+        );
+        assert_eq!(
+            field_of(example(), |b| b["labels"] = json!({"a b": "x"})),
+            "labels.a b"
+        );
     }
 
     #[test]
     fn out_of_range_numbers_are_refused() {
-        let body = example().to_string().replace("\"load_5m\":1.2", "\"load_5m\":1e309");
-        assert_eq!(Heartbeat::parse(body.as_bytes()).unwrap_err().field, "cpu.load_5m");
+        let body = example()
+            .to_string()
+            .replace("\"load_5m\":1.2", "\"load_5m\":1e309");
+        assert_eq!(
+            Heartbeat::parse(body.as_bytes()).unwrap_err().field,
+            "cpu.load_5m"
+        );
         assert!(Heartbeat::parse(b"{} trailing").is_err());
         assert!(Heartbeat::parse(b"[]").is_err());
     }

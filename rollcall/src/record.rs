@@ -21,7 +21,10 @@ pub struct Deadlines {
 
 impl Default for Deadlines {
     fn default() -> Self {
-        Self { grace_multiplier: DEFAULT_GRACE_MULTIPLIER, retention_s: DEFAULT_RETENTION_S }
+        Self {
+            grace_multiplier: DEFAULT_GRACE_MULTIPLIER,
+            retention_s: DEFAULT_RETENTION_S,
+        }
     }
 }
 
@@ -41,13 +44,20 @@ impl StoredAgent {
         let online_until_ms = match heartbeat.state {
             AgentState::Leaving => received_at_ms,
             AgentState::Up => {
-                let interval = heartbeat.interval_s.clamp(MIN_DEADLINE_INTERVAL_S, MAX_DEADLINE_INTERVAL_S);
+                let interval = heartbeat
+                    .interval_s
+                    .clamp(MIN_DEADLINE_INTERVAL_S, MAX_DEADLINE_INTERVAL_S);
                 received_at_ms + i64::from(deadlines.grace_multiplier) * i64::from(interval) * 1000
             }
         };
         // Rounded up so that the record never expires before it goes offline.
         let expires_at_s = online_until_ms.div_euclid(1000) + 1 + deadlines.retention_s;
-        Self { heartbeat, received_at_ms, online_until_ms, expires_at_s }
+        Self {
+            heartbeat,
+            received_at_ms,
+            online_until_ms,
+            expires_at_s,
+        }
     }
 
     pub fn agent_id(&self) -> &str {
@@ -63,7 +73,11 @@ impl StoredAgent {
     }
 
     pub fn status(&self, now_ms: i64) -> Status {
-        if self.is_online(now_ms) { Status::Online } else { Status::Offline }
+        if self.is_online(now_ms) {
+            Status::Online
+        } else {
+            Status::Offline
+        }
     }
 
     pub fn view(&self, now_ms: i64) -> AgentView {
@@ -80,7 +94,10 @@ impl StoredAgent {
             state: heartbeat.state,
             pool: heartbeat.pool.clone(),
             labels: heartbeat.labels.clone(),
-            hostname: heartbeat.host.as_ref().and_then(|host| host.hostname.clone()),
+            hostname: heartbeat
+                .host
+                .as_ref()
+                .and_then(|host| host.hostname.clone()),
             last_heartbeat_at: rfc3339(self.received_at_ms),
             online_until: rfc3339(self.online_until_ms),
             sent_at_ms: heartbeat.sent_at_ms,
@@ -95,10 +112,16 @@ impl StoredAgent {
             memory_total_gb: mb_to_gb(memory.total_mb),
             memory_available_gb: mb_to_gb(memory.available_mb),
             memory_percent: round2(memory_percent),
-            gpu_type: heartbeat.gpus.first().map_or("none", |gpu| gpu.vendor.as_str()).to_owned(),
+            gpu_type: heartbeat
+                .gpus
+                .first()
+                .map_or("none", |gpu| gpu.vendor.as_str())
+                .to_owned(),
             gpu_count: heartbeat.gpus.len(),
             gpu_vram_total_gb: mb_to_gb(heartbeat.gpus.iter().map(|gpu| gpu.memory_total_mb).sum()),
-            gpu_vram_available_gb: mb_to_gb(heartbeat.gpus.iter().map(|gpu| gpu.memory_free_mb).sum()),
+            gpu_vram_available_gb: mb_to_gb(
+                heartbeat.gpus.iter().map(|gpu| gpu.memory_free_mb).sum(),
+            ),
             gpu_vram_available_max_gb: mb_to_gb(heartbeat.gpu_free_max_mb()),
             gpus: heartbeat
                 .gpus
@@ -180,8 +203,12 @@ pub fn rfc3339(epoch_ms: i64) -> String {
     let days = epoch_ms.div_euclid(86_400_000);
     let ms_of_day = epoch_ms.rem_euclid(86_400_000);
     let (year, month, day) = civil_from_days(days);
-    let (hour, minute, second, millis) =
-        (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60, ms_of_day / 1000 % 60, ms_of_day % 1000);
+    let (hour, minute, second, millis) = (
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1000 % 60,
+        ms_of_day % 1000,
+    );
     format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
 }
 
@@ -190,7 +217,8 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let mp = (5 * day_of_year + 2) / 153;
     let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
@@ -201,7 +229,9 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 /// Milliseconds since the Unix epoch by the system clock.
 pub fn now_ms() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -220,9 +250,18 @@ mod tests {
     #[test]
     fn deadline_is_grace_times_clamped_interval() {
         let d = Deadlines::default();
-        assert_eq!(StoredAgent::accept(heartbeat(30, AgentState::Up), 1_000, d).online_until_ms, 91_000);
-        assert_eq!(StoredAgent::accept(heartbeat(1, AgentState::Up), 1_000, d).online_until_ms, 16_000);
-        assert_eq!(StoredAgent::accept(heartbeat(100_000, AgentState::Up), 0, d).online_until_ms, 10_800_000);
+        assert_eq!(
+            StoredAgent::accept(heartbeat(30, AgentState::Up), 1_000, d).online_until_ms,
+            91_000
+        );
+        assert_eq!(
+            StoredAgent::accept(heartbeat(1, AgentState::Up), 1_000, d).online_until_ms,
+            16_000
+        );
+        assert_eq!(
+            StoredAgent::accept(heartbeat(100_000, AgentState::Up), 0, d).online_until_ms,
+            10_800_000
+        );
     }
 
     #[test]
@@ -230,13 +269,24 @@ mod tests {
         let agent = StoredAgent::accept(heartbeat(30, AgentState::Up), 1_000, Deadlines::default());
         assert!(agent.is_online(90_999));
         assert!(!agent.is_online(91_000));
-        let leaving = StoredAgent::accept(heartbeat(30, AgentState::Leaving), 1_000, Deadlines::default());
+        let leaving = StoredAgent::accept(
+            heartbeat(30, AgentState::Leaving),
+            1_000,
+            Deadlines::default(),
+        );
         assert_eq!(leaving.status(1_000), Status::Offline);
     }
 
     #[test]
     fn expiry_is_retention_after_the_deadline() {
-        let agent = StoredAgent::accept(heartbeat(30, AgentState::Up), 1_000, Deadlines { grace_multiplier: 3, retention_s: 60 });
+        let agent = StoredAgent::accept(
+            heartbeat(30, AgentState::Up),
+            1_000,
+            Deadlines {
+                grace_multiplier: 3,
+                retention_s: 60,
+            },
+        );
         assert_eq!(agent.expires_at_s, 92 + 60);
         assert!(!agent.is_expired(151_999));
         assert!(agent.is_expired(152_000));
@@ -244,7 +294,11 @@ mod tests {
 
     #[test]
     fn view_derives_the_protocol_figures() {
-        let agent = StoredAgent::accept(heartbeat(30, AgentState::Up), 1_764_132_000_123, Deadlines::default());
+        let agent = StoredAgent::accept(
+            heartbeat(30, AgentState::Up),
+            1_764_132_000_123,
+            Deadlines::default(),
+        );
         let view = agent.view(1_764_132_000_200);
         assert_eq!(view.status, Status::Online);
         assert_eq!(view.gpu_type, "nvidia");

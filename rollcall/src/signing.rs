@@ -27,9 +27,17 @@ pub enum KeyError {
     #[error("{what} is not lowercase hex")]
     NotHex { what: &'static str },
     #[error("{what} must be at least {min} bytes ({} hex digits), got {got} bytes", min * 2)]
-    TooShort { what: &'static str, min: usize, got: usize },
+    TooShort {
+        what: &'static str,
+        min: usize,
+        got: usize,
+    },
     #[error("{what} must be exactly {len} bytes ({} hex digits), got {got} bytes", len * 2)]
-    WrongLength { what: &'static str, len: usize, got: usize },
+    WrongLength {
+        what: &'static str,
+        len: usize,
+        got: usize,
+    },
 }
 
 /// A fleet secret: the root from which agent keys are derived.
@@ -40,14 +48,22 @@ impl FleetSecret {
     pub fn from_hex(text: &str) -> Result<Self, KeyError> {
         let bytes = decode_lower_hex(text.trim(), "fleet secret")?;
         if bytes.len() < MIN_FLEET_SECRET_LEN {
-            return Err(KeyError::TooShort { what: "fleet secret", min: MIN_FLEET_SECRET_LEN, got: bytes.len() });
+            return Err(KeyError::TooShort {
+                what: "fleet secret",
+                min: MIN_FLEET_SECRET_LEN,
+                got: bytes.len(),
+            });
         }
         Ok(Self(bytes))
     }
 
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, KeyError> {
         if bytes.len() < MIN_FLEET_SECRET_LEN {
-            return Err(KeyError::TooShort { what: "fleet secret", min: MIN_FLEET_SECRET_LEN, got: bytes.len() });
+            return Err(KeyError::TooShort {
+                what: "fleet secret",
+                min: MIN_FLEET_SECRET_LEN,
+                got: bytes.len(),
+            });
         }
         Ok(Self(bytes))
     }
@@ -79,8 +95,11 @@ impl AgentKey {
     pub fn from_hex(text: &str) -> Result<Self, KeyError> {
         let bytes = decode_lower_hex(text.trim(), "agent key")?;
         let got = bytes.len();
-        let array: [u8; AGENT_KEY_LEN] =
-            bytes.try_into().map_err(|_| KeyError::WrongLength { what: "agent key", len: AGENT_KEY_LEN, got })?;
+        let array: [u8; AGENT_KEY_LEN] = bytes.try_into().map_err(|_| KeyError::WrongLength {
+            what: "agent key",
+            len: AGENT_KEY_LEN,
+            got,
+        })?;
         Ok(Self(array))
     }
 
@@ -90,17 +109,39 @@ impl AgentKey {
 
     /// `hex(HMAC-SHA256(agent_key, string_to_sign))`, without the `v1=` prefix.
     pub fn sign(&self, key_id: &str, agent_id: &str, timestamp: i64, body: &[u8]) -> String {
-        hex::encode(self.mac(key_id, agent_id, timestamp, body).finalize().into_bytes())
+        hex::encode(
+            self.mac(key_id, agent_id, timestamp, body)
+                .finalize()
+                .into_bytes(),
+        )
     }
 
     /// The `X-Rollcall-Signature` header value.
-    pub fn signature_header(&self, key_id: &str, agent_id: &str, timestamp: i64, body: &[u8]) -> String {
-        format!("{SIGNATURE_PREFIX}{}", self.sign(key_id, agent_id, timestamp, body))
+    pub fn signature_header(
+        &self,
+        key_id: &str,
+        agent_id: &str,
+        timestamp: i64,
+        body: &[u8],
+    ) -> String {
+        format!(
+            "{SIGNATURE_PREFIX}{}",
+            self.sign(key_id, agent_id, timestamp, body)
+        )
     }
 
     /// Checks a signature (raw 32 bytes) in constant time.
-    pub fn verify(&self, key_id: &str, agent_id: &str, timestamp: i64, body: &[u8], signature: &[u8; 32]) -> bool {
-        self.mac(key_id, agent_id, timestamp, body).verify_slice(signature).is_ok()
+    pub fn verify(
+        &self,
+        key_id: &str,
+        agent_id: &str,
+        timestamp: i64,
+        body: &[u8],
+        signature: &[u8; 32],
+    ) -> bool {
+        self.mac(key_id, agent_id, timestamp, body)
+            .verify_slice(signature)
+            .is_ok()
     }
 
     fn mac(&self, key_id: &str, agent_id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
@@ -178,8 +219,10 @@ mod tests {
     }
 
     // Computed once with Python's hmac module (see README) and frozen here.
-    const KNOWN_AGENT_KEY: &str = "d448e8e4083417b74d26bb8403268930d92f9edda246f9eacd4489899af06726";
-    const KNOWN_SIGNATURE: &str = "5ddb87c107ffc4e919426521bd3ba24c8a9585004cf41e00669541dfd4d9bd82";
+    const KNOWN_AGENT_KEY: &str =
+        "d448e8e4083417b74d26bb8403268930d92f9edda246f9eacd4489899af06726";
+    const KNOWN_SIGNATURE: &str =
+        "5ddb87c107ffc4e919426521bd3ba24c8a9585004cf41e00669541dfd4d9bd82";
 
     #[test]
     fn string_to_sign_has_five_lines_and_no_trailing_newline() {
@@ -191,7 +234,9 @@ mod tests {
 
     #[test]
     fn verify_accepts_own_signature_and_rejects_any_change() {
-        let key = FleetSecret::from_hex(VECTOR_SECRET).unwrap().derive_agent_key("a");
+        let key = FleetSecret::from_hex(VECTOR_SECRET)
+            .unwrap()
+            .derive_agent_key("a");
         let sig = parse_signature_header(&key.signature_header("k1", "a", 10, b"{}")).unwrap();
         assert!(key.verify("k1", "a", 10, b"{}", &sig));
         assert!(!key.verify("k2", "a", 10, b"{}", &sig));
@@ -212,9 +257,18 @@ mod tests {
 
     #[test]
     fn short_or_malformed_secrets_are_refused() {
-        assert!(matches!(FleetSecret::from_hex(&"ab".repeat(31)), Err(KeyError::TooShort { .. })));
-        assert!(matches!(FleetSecret::from_hex(&"AB".repeat(32)), Err(KeyError::NotHex { .. })));
-        assert!(matches!(AgentKey::from_hex(&"ab".repeat(33)), Err(KeyError::WrongLength { .. })));
+        assert!(matches!(
+            FleetSecret::from_hex(&"ab".repeat(31)),
+            Err(KeyError::TooShort { .. })
+        ));
+        assert!(matches!(
+            FleetSecret::from_hex(&"AB".repeat(32)),
+            Err(KeyError::NotHex { .. })
+        ));
+        assert!(matches!(
+            AgentKey::from_hex(&"ab".repeat(33)),
+            Err(KeyError::WrongLength { .. })
+        ));
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use crate::heartbeat::{Heartbeat, MAX_BODY_BYTES};
 use crate::signing::{
-    FleetSecret, HEADER_AGENT, HEADER_KEY_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, KeyError, MAX_AGENT_ID_LEN,
-    MAX_KEY_ID_LEN, MAX_SKEW_S, is_valid_id, parse_signature_header,
+    FleetSecret, HEADER_AGENT, HEADER_KEY_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, KeyError,
+    MAX_AGENT_ID_LEN, MAX_KEY_ID_LEN, MAX_SKEW_S, is_valid_id, parse_signature_header,
 };
 
 /// Why a heartbeat was refused; each maps to one status code.
@@ -22,7 +22,9 @@ pub enum Rejection {
     Unauthorized(String),
     #[error("{0}")]
     BadRequest(String),
-    #[error("stale heartbeat: sent_at_ms {sent_at_ms} is not newer than the stored one (replayed or reordered)")]
+    #[error(
+        "stale heartbeat: sent_at_ms {sent_at_ms} is not newer than the stored one (replayed or reordered)"
+    )]
     Stale { sent_at_ms: u64 },
 }
 
@@ -49,12 +51,19 @@ impl Keyring {
     /// Parses `kid=hex,kid2=hex`.
     pub fn parse(text: &str) -> Result<Self, KeyringError> {
         let mut keyring = Keyring::default();
-        for entry in text.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
+        for entry in text
+            .split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+        {
             let (key_id, secret) = entry.split_once('=').ok_or(KeyringError::Entry)?;
             if !is_valid_id(key_id, MAX_KEY_ID_LEN) {
                 return Err(KeyringError::KeyId(key_id.to_owned()));
             }
-            let secret = FleetSecret::from_hex(secret).map_err(|source| KeyringError::Secret { key_id: key_id.to_owned(), source })?;
+            let secret = FleetSecret::from_hex(secret).map_err(|source| KeyringError::Secret {
+                key_id: key_id.to_owned(),
+                source,
+            })?;
             if keyring.secrets.insert(key_id.to_owned(), secret).is_some() {
                 return Err(KeyringError::Duplicate(key_id.to_owned()));
             }
@@ -83,11 +92,22 @@ impl Keyring {
     ) -> Result<Heartbeat, Rejection> {
         let headers = SignedHeaders::parse(header)?;
         let secret = self.secrets.get(&headers.key_id).ok_or_else(|| {
-            Rejection::Unauthorized(format!("unknown key id {:?} in X-Rollcall-Key-Id", headers.key_id))
+            Rejection::Unauthorized(format!(
+                "unknown key id {:?} in X-Rollcall-Key-Id",
+                headers.key_id
+            ))
         })?;
         let agent_key = secret.derive_agent_key(&headers.agent_id);
-        if !agent_key.verify(&headers.key_id, &headers.agent_id, headers.timestamp, body, &headers.signature) {
-            return Err(Rejection::Unauthorized("signature does not match (wrong agent key, or body altered)".into()));
+        if !agent_key.verify(
+            &headers.key_id,
+            &headers.agent_id,
+            headers.timestamp,
+            body,
+            &headers.signature,
+        ) {
+            return Err(Rejection::Unauthorized(
+                "signature does not match (wrong agent key, or body altered)".into(),
+            ));
         }
         let skew = headers.timestamp.saturating_sub(now_s);
         if skew.abs() > MAX_SKEW_S {
@@ -97,7 +117,8 @@ impl Keyring {
                 skew.unsigned_abs()
             )));
         }
-        let heartbeat = Heartbeat::parse(body).map_err(|error| Rejection::BadRequest(format!("invalid body: {error}")))?;
+        let heartbeat = Heartbeat::parse(body)
+            .map_err(|error| Rejection::BadRequest(format!("invalid body: {error}")))?;
         if heartbeat.agent_id != headers.agent_id {
             return Err(Rejection::BadRequest(format!(
                 "agent_id: body says {:?} but X-Rollcall-Agent says {:?}",
@@ -133,31 +154,47 @@ struct SignedHeaders {
 impl SignedHeaders {
     fn parse<'h>(header: impl Fn(&str) -> Option<&'h [u8]>) -> Result<Self, Rejection> {
         let text = |name: &str, display: &str| -> Result<&'h str, Rejection> {
-            let value = header(name).ok_or_else(|| Rejection::Unauthorized(format!("missing header {display}")))?;
-            std::str::from_utf8(value).map_err(|_| Rejection::Unauthorized(format!("malformed header {display}: not ASCII")))
+            let value = header(name)
+                .ok_or_else(|| Rejection::Unauthorized(format!("missing header {display}")))?;
+            std::str::from_utf8(value).map_err(|_| {
+                Rejection::Unauthorized(format!("malformed header {display}: not ASCII"))
+            })
         };
         let agent_id = text(HEADER_AGENT, "X-Rollcall-Agent")?;
         if !is_valid_id(agent_id, MAX_AGENT_ID_LEN) {
             return Err(Rejection::Unauthorized(
-                "malformed header X-Rollcall-Agent: must be 1-64 characters of A-Z a-z 0-9 . _ -".into(),
+                "malformed header X-Rollcall-Agent: must be 1-64 characters of A-Z a-z 0-9 . _ -"
+                    .into(),
             ));
         }
         let key_id = text(HEADER_KEY_ID, "X-Rollcall-Key-Id")?;
         if !is_valid_id(key_id, MAX_KEY_ID_LEN) {
             return Err(Rejection::Unauthorized(
-                "malformed header X-Rollcall-Key-Id: must be 1-32 characters of A-Z a-z 0-9 . _ -".into(),
+                "malformed header X-Rollcall-Key-Id: must be 1-32 characters of A-Z a-z 0-9 . _ -"
+                    .into(),
             ));
         }
         let timestamp_text = text(HEADER_TIMESTAMP, "X-Rollcall-Timestamp")?;
         let timestamp = timestamp_text
             .parse::<i64>()
             .ok()
-            .filter(|_| !timestamp_text.is_empty() && timestamp_text.bytes().all(|b| b.is_ascii_digit()))
-            .ok_or_else(|| Rejection::Unauthorized("malformed header X-Rollcall-Timestamp: must be whole Unix seconds".into()))?;
+            .filter(|_| {
+                !timestamp_text.is_empty() && timestamp_text.bytes().all(|b| b.is_ascii_digit())
+            })
+            .ok_or_else(|| {
+                Rejection::Unauthorized(
+                    "malformed header X-Rollcall-Timestamp: must be whole Unix seconds".into(),
+                )
+            })?;
         let signature = parse_signature_header(text(HEADER_SIGNATURE, "X-Rollcall-Signature")?).ok_or_else(|| {
             Rejection::Unauthorized("malformed header X-Rollcall-Signature: must be v1= and 64 lowercase hex digits".into())
         })?;
-        Ok(Self { agent_id: agent_id.to_owned(), key_id: key_id.to_owned(), timestamp, signature })
+        Ok(Self {
+            agent_id: agent_id.to_owned(),
+            key_id: key_id.to_owned(),
+            timestamp,
+            signature,
+        })
     }
 }
 
@@ -183,23 +220,43 @@ mod tests {
     }
 
     fn signed(body: &[u8], agent: &str, timestamp: i64) -> Vec<(String, Vec<u8>)> {
-        let key = FleetSecret::from_hex(SECRET).unwrap().derive_agent_key(agent);
+        let key = FleetSecret::from_hex(SECRET)
+            .unwrap()
+            .derive_agent_key(agent);
         vec![
             (HEADER_AGENT.into(), agent.as_bytes().to_vec()),
             (HEADER_KEY_ID.into(), b"k1".to_vec()),
             (HEADER_TIMESTAMP.into(), timestamp.to_string().into_bytes()),
-            (HEADER_SIGNATURE.into(), key.signature_header("k1", agent, timestamp, body).into_bytes()),
+            (
+                HEADER_SIGNATURE.into(),
+                key.signature_header("k1", agent, timestamp, body)
+                    .into_bytes(),
+            ),
         ]
     }
 
     fn check(headers: &[(String, Vec<u8>)], body: &[u8], now: i64) -> Result<Heartbeat, Rejection> {
-        keyring().verify(|name| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice()), body, now)
+        keyring().verify(
+            |name| {
+                headers
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_slice())
+            },
+            body,
+            now,
+        )
     }
 
     #[test]
     fn a_signed_example_is_accepted() {
         let body = example().to_string();
-        let heartbeat = check(&signed(body.as_bytes(), "lab-07", NOW), body.as_bytes(), NOW).unwrap();
+        let heartbeat = check(
+            &signed(body.as_bytes(), "lab-07", NOW),
+            body.as_bytes(),
+            NOW,
+        )
+        .unwrap();
         assert_eq!(heartbeat.agent_id, "lab-07");
     }
 
@@ -207,20 +264,39 @@ mod tests {
     fn skew_is_checked_after_the_signature_and_says_how_much() {
         let body = example().to_string();
         let headers = signed(body.as_bytes(), "lab-07", NOW - 301);
-        let Err(Rejection::Unauthorized(message)) = check(&headers, body.as_bytes(), NOW) else { panic!() };
+        let Err(Rejection::Unauthorized(message)) = check(&headers, body.as_bytes(), NOW) else {
+            panic!()
+        };
         assert!(message.contains("301s behind"), "{message}");
-        assert!(check(&signed(body.as_bytes(), "lab-07", NOW + 300), body.as_bytes(), NOW).is_ok());
+        assert!(
+            check(
+                &signed(body.as_bytes(), "lab-07", NOW + 300),
+                body.as_bytes(),
+                NOW
+            )
+            .is_ok()
+        );
         // A forged signature with a stale timestamp is reported as a bad signature.
         let mut forged = headers.clone();
         forged[3].1 = format!("v1={}", "0".repeat(64)).into_bytes();
-        let Err(Rejection::Unauthorized(message)) = check(&forged, body.as_bytes(), NOW) else { panic!() };
+        let Err(Rejection::Unauthorized(message)) = check(&forged, body.as_bytes(), NOW) else {
+            panic!()
+        };
         assert!(message.contains("signature"), "{message}");
     }
 
     #[test]
     fn each_header_is_named_when_missing() {
         let body = example().to_string();
-        for (position, display) in ["X-Rollcall-Agent", "X-Rollcall-Key-Id", "X-Rollcall-Timestamp", "X-Rollcall-Signature"].iter().enumerate() {
+        for (position, display) in [
+            "X-Rollcall-Agent",
+            "X-Rollcall-Key-Id",
+            "X-Rollcall-Timestamp",
+            "X-Rollcall-Signature",
+        ]
+        .iter()
+        .enumerate()
+        {
             let mut headers = signed(body.as_bytes(), "lab-07", NOW);
             headers.remove(position);
             let error = check(&headers, body.as_bytes(), NOW).unwrap_err();
@@ -232,7 +308,12 @@ mod tests {
     #[test]
     fn header_and_body_agent_must_agree() {
         let body = example().to_string();
-        let error = check(&signed(body.as_bytes(), "lab-08", NOW), body.as_bytes(), NOW).unwrap_err();
+        let error = check(
+            &signed(body.as_bytes(), "lab-08", NOW),
+            body.as_bytes(),
+            NOW,
+        )
+        .unwrap_err();
         assert_eq!(error.status(), 400);
         assert!(error.to_string().contains("agent_id"));
     }
@@ -242,18 +323,31 @@ mod tests {
         let body = example().to_string();
         let mut headers = signed(body.as_bytes(), "lab-07", NOW);
         headers[1].1 = b"k9".to_vec();
-        assert!(check(&headers, body.as_bytes(), NOW).unwrap_err().to_string().contains("unknown key id"));
+        assert!(
+            check(&headers, body.as_bytes(), NOW)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown key id")
+        );
         assert!(Keyring::parse("").is_err());
         assert!(Keyring::parse("k1").is_err());
         assert!(Keyring::parse(&format!("k1={SECRET},k1={SECRET}")).is_err());
         assert!(Keyring::parse("k1=abcd").is_err());
-        assert_eq!(Keyring::parse(&format!("a={SECRET}, b={SECRET}")).unwrap().key_ids().count(), 2);
+        assert_eq!(
+            Keyring::parse(&format!("a={SECRET}, b={SECRET}"))
+                .unwrap()
+                .key_ids()
+                .count(),
+            2
+        );
     }
 
     #[test]
     fn content_types() {
         assert!(is_json_content_type(Some(b"application/json")));
-        assert!(is_json_content_type(Some(b"Application/JSON; charset=utf-8")));
+        assert!(is_json_content_type(Some(
+            b"Application/JSON; charset=utf-8"
+        )));
         assert!(!is_json_content_type(Some(b"text/plain")));
         assert!(!is_json_content_type(Some(b"application/jsonx")));
         assert!(!is_json_content_type(None));

@@ -1,1 +1,378 @@
+//! Harness for rollcall's end-to-end tests: starts the built binaries on
+//! loopback with a throwaway data folder, speaks raw HTTP/1.1 to them, and
+//! signs heartbeats the way any collector would.
+//!
+//! Binaries are found next to the test executable (`target/<profile>/`);
+//! `cargo build --workspace --bins` must have run first (scripts/test does).
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rollcall::signing::{AgentKey, FleetSecret};
+use serde_json::{Value, json};
+
+pub const KEY_ID: &str = "k1";
+
+/// A built binary of this workspace.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target folder");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A running server process whose log is captured for diagnostics.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `name` with `--listen 127.0.0.1:0` and waits for its address.
+    pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut command = Command::new(binary(name));
+        command
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command.env_remove("AWS_LAMBDA_RUNTIME_API");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (found, address) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = found.send(rest.trim().to_owned());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match address.recv_timeout(Duration::from_secs(20)) {
+            Ok(text) => text.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "{name} did not start listening; log:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Ingest and query sharing one embedded store in a temporary folder.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub secret: FleetSecret,
+    pub token: String,
+    pub ingest: Server,
+    pub query: Server,
+}
+
+impl Stack {
+    pub fn start() -> Stack {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(ingest_args: &[&str]) -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secret = FleetSecret::from_bytes(
+            (0..32u8)
+                .map(|i| i.wrapping_mul(7).wrapping_add(3))
+                .collect(),
+        )
+        .unwrap();
+        let token = "test-token-0123456789abcdef".to_owned();
+        let db = dir.path().join("rollcall.db");
+        let db = db.to_str().expect("utf-8 path");
+        let secrets = format!("{KEY_ID}={}", secret.to_hex());
+        let mut args = vec!["--db", db];
+        args.extend_from_slice(ingest_args);
+        let ingest = Server::start(
+            "rollcall-ingest",
+            &args,
+            &[("ROLLCALL_FLEET_SECRETS", &secrets)],
+        );
+        let query = Server::start(
+            "rollcall-query",
+            &["--db", db],
+            &[("ROLLCALL_QUERY_TOKENS", &token)],
+        );
+        Stack {
+            dir,
+            secret,
+            token,
+            ingest,
+            query,
+        }
+    }
+
+    pub fn agent_key(&self, agent_id: &str) -> AgentKey {
+        self.secret.derive_agent_key(agent_id)
+    }
+
+    /// Signs and posts `body` as `agent_id`, clock as given.
+    pub fn post_heartbeat_at(&self, agent_id: &str, body: &[u8], timestamp: i64) -> Response {
+        let signature = self
+            .agent_key(agent_id)
+            .signature_header(KEY_ID, agent_id, timestamp, body);
+        let timestamp = timestamp.to_string();
+        request(
+            self.ingest.addr,
+            "POST",
+            "/v1/heartbeats",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Rollcall-Agent", agent_id),
+                ("X-Rollcall-Key-Id", KEY_ID),
+                ("X-Rollcall-Timestamp", &timestamp),
+                ("X-Rollcall-Signature", &signature),
+            ],
+            body,
+        )
+    }
+
+    pub fn post_heartbeat(&self, body: &Value) -> Response {
+        let agent_id = body["agent_id"].as_str().expect("agent_id").to_owned();
+        self.post_heartbeat_at(&agent_id, body.to_string().as_bytes(), now_s())
+    }
+
+    /// `GET path` on the query function with the bearer token.
+    pub fn get(&self, path: &str) -> Response {
+        let auth = format!("Bearer {}", self.token);
+        request(
+            self.query.addr,
+            "GET",
+            path,
+            &[("Authorization", &auth)],
+            b"",
+        )
+    }
+
+    /// The stored record of one agent, or `None` on 404.
+    pub fn agent(&self, agent_id: &str) -> Option<Value> {
+        let response = self.get(&format!("/v1/agents/{agent_id}"));
+        match response.status {
+            200 => Some(response.json()),
+            404 => None,
+            other => panic!("GET agent {agent_id}: {other} {}", response.text()),
+        }
+    }
+
+    /// Environment for a collector pointed at this stack.
+    pub fn collector_env(&self, agent_id: &str) -> Vec<(String, String)> {
+        vec![
+            ("ROLLCALL_ENDPOINT".into(), self.ingest.url()),
+            ("ROLLCALL_KEY_ID".into(), KEY_ID.into()),
+            (
+                "ROLLCALL_AGENT_KEY".into(),
+                self.agent_key(agent_id).to_hex(),
+            ),
+            ("ROLLCALL_AGENT_ID".into(), agent_id.into()),
+            (
+                "ROLLCALL_STATE_DIR".into(),
+                self.dir.path().join("state").display().to_string(),
+            ),
+            // Keep a config file on the test machine from leaking in.
+            (
+                "ROLLCALL_CONFIG".into(),
+                self.dir.path().join("collector.toml").display().to_string(),
+            ),
+        ]
+    }
+
+    /// A collector command for `agent_id`, with an empty config file.
+    pub fn collector(&self, agent_id: &str) -> Command {
+        let config = self.dir.path().join("collector.toml");
+        if !config.exists() {
+            std::fs::write(&config, "").expect("write empty config");
+        }
+        let mut command = Command::new(binary("rollcall-collector"));
+        for (key, value) in self.collector_env(agent_id) {
+            command.env(key, value);
+        }
+        command.env_remove("ROLLCALL_FAKE_GPUS");
+        command
+    }
+}
+
+/// A heartbeat body that passes every check.
+pub fn heartbeat(agent_id: &str, sent_at_ms: u64) -> Value {
+    json!({
+        "v": 1, "agent_id": agent_id, "sent_at_ms": sent_at_ms, "interval_s": 30,
+        "cpu": {"cores_physical": 8, "cores_logical": 16, "cores_available": 6,
+                "load_1m": 1.9, "load_5m": 1.2, "load_15m": 0.8},
+        "memory": {"total_mb": 64000, "available_mb": 41000},
+        "gpus": [{"index": 0, "vendor": "nvidia", "memory_total_mb": 24564, "memory_free_mb": 20110}]
+    })
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+pub fn now_s() -> i64 {
+    (now_ms() / 1000) as i64
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// The `error` of a JSON error answer; panics if the answer is not one.
+    pub fn error(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {}", self.text()))
+            .to_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection, written byte for byte as given.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut raw = head.into_bytes();
+    raw.extend_from_slice(body);
+    raw_request(addr, &raw)
+}
+
+/// Sends raw bytes and parses the answer.
+pub fn raw_request(addr: SocketAddr, raw: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(raw).expect("write request");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("read response");
+    parse_response(&answer)
+}
+
+fn parse_response(answer: &[u8]) -> Response {
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("complete response head");
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = answer[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..end]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[end + 2..end + 2 + size]);
+        data = &data[end + 2 + size + 2..];
+    }
+    out
+}
+
+/// Polls `check` until it holds or `limit` passes; returns when it held.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}

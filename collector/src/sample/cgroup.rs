@@ -39,7 +39,9 @@ pub fn parse_v1(quota: &str, period: &str) -> Option<f64> {
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|text| text.trim().to_owned())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|text| text.trim().to_owned())
 }
 
 #[cfg(test)]

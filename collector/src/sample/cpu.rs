@@ -17,7 +17,10 @@ impl CpuSource {
     pub fn new() -> Self {
         let mut system = System::new();
         system.refresh_cpu_list(CpuRefreshKind::nothing());
-        Self { system, primed: false }
+        Self {
+            system,
+            primed: false,
+        }
     }
 
     pub async fn sample(&mut self, measure_usage: bool) -> Cpu {
@@ -32,7 +35,9 @@ impl CpuSource {
         } else {
             None
         };
-        let cores_logical = u32::try_from(self.system.cpus().len()).unwrap_or(u32::MAX).max(1);
+        let cores_logical = u32::try_from(self.system.cpus().len())
+            .unwrap_or(u32::MAX)
+            .max(1);
         let cores_physical = physical_cores().unwrap_or(cores_logical).min(cores_logical);
         let load = System::load_average();
         let quota = cgroup::cpu_quota_cores();
@@ -57,18 +62,25 @@ impl Default for CpuSource {
 /// `max(0, floor(cores − load_1m))`, where cores is the cgroup quota when one
 /// is set and lower than the physical count.
 pub fn cores_available(cores_physical: u32, quota_cores: Option<f64>, load_1m: f64) -> u32 {
-    let cores = quota_cores.map_or(f64::from(cores_physical), |quota| quota.min(f64::from(cores_physical)));
+    let cores = quota_cores.map_or(f64::from(cores_physical), |quota| {
+        quota.min(f64::from(cores_physical))
+    });
     (cores - finite(load_1m)).floor().max(0.0) as u32
 }
 
 fn physical_cores() -> Option<u32> {
     // The count cannot change while we run; /proc/cpuinfo is not cheap to parse.
     static PHYSICAL: OnceLock<Option<u32>> = OnceLock::new();
-    *PHYSICAL.get_or_init(|| System::physical_core_count().and_then(|count| u32::try_from(count).ok()))
+    *PHYSICAL
+        .get_or_init(|| System::physical_core_count().and_then(|count| u32::try_from(count).ok()))
 }
 
 fn finite(value: f64) -> f64 {
-    if value.is_finite() && value >= 0.0 { value } else { 0.0 }
+    if value.is_finite() && value >= 0.0 {
+        value
+    } else {
+        0.0
+    }
 }
 
 #[cfg(test)]

@@ -26,15 +26,19 @@ pub fn sample(path: &Path) -> Option<Disk> {
 /// Total bytes and bytes available to unprivileged users (what `df` calls Avail).
 fn statvfs(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
+    })?;
     let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is a valid NUL-terminated string and stats a valid out-pointer.
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     let fragment = stats.f_frsize as u64;
-    Ok((stats.f_blocks as u64 * fragment, stats.f_bavail as u64 * fragment))
+    Ok((
+        stats.f_blocks as u64 * fragment,
+        stats.f_bavail as u64 * fragment,
+    ))
 }
 
 fn round2(value: f64) -> f64 {

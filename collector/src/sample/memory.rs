@@ -11,11 +11,14 @@ pub struct MemorySource {
 
 impl MemorySource {
     pub fn new() -> Self {
-        Self { system: System::new() }
+        Self {
+            system: System::new(),
+        }
     }
 
     pub fn sample(&mut self) -> Memory {
-        self.system.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram().with_swap());
+        self.system
+            .refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram().with_swap());
         let total_mb = self.system.total_memory() / MIB;
         let swap_total_mb = self.system.total_swap() / MIB;
         Memory {

@@ -35,13 +35,25 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(disk_path: PathBuf, gpus: GpuReaders, gpu_timeout: Duration) -> Self {
-        Self { cpu: cpu::CpuSource::new(), memory: memory::MemorySource::new(), disk_path, gpus, gpu_timeout, last_sent_at_ms: 0 }
+        Self {
+            cpu: cpu::CpuSource::new(),
+            memory: memory::MemorySource::new(),
+            disk_path,
+            gpus,
+            gpu_timeout,
+            last_sent_at_ms: 0,
+        }
     }
 
     /// Samples the host. With `measure_cpu_usage`, a first sample waits
     /// sysinfo's minimum window (200 ms) so that usage is meaningful; later
     /// samples report usage since the previous one and do not wait.
-    pub async fn sample(&mut self, identity: &Identity, state: AgentState, measure_cpu_usage: bool) -> Heartbeat {
+    pub async fn sample(
+        &mut self,
+        identity: &Identity,
+        state: AgentState,
+        measure_cpu_usage: bool,
+    ) -> Heartbeat {
         let gpus = self.gpus.read_all(self.gpu_timeout);
         let cpu = self.cpu.sample(measure_cpu_usage);
         let (gpus, cpu) = tokio::join!(gpus, cpu);

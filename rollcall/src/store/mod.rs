@@ -46,7 +46,12 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, agent_id: &str, now_ms: i64) -> Result<Option<StoredAgent>, StoreError>;
 
     /// Up to `query.limit` matches after `after`, in answer order.
-    async fn query(&self, query: &CapacityQuery, after: Option<&Position>, now_ms: i64) -> Result<Page, StoreError>;
+    async fn query(
+        &self,
+        query: &CapacityQuery,
+        after: Option<&Position>,
+        now_ms: i64,
+    ) -> Result<Page, StoreError>;
 
     /// Deletes records past their expiry; returns how many went.
     async fn prune(&self, now_ms: i64) -> Result<u64, StoreError>;

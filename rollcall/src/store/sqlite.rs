@@ -77,7 +77,10 @@ LIMIT ?10
 ";
 
 enum Command {
-    Upsert(Box<StoredAgent>, oneshot::Sender<Result<Upsert, StoreError>>),
+    Upsert(
+        Box<StoredAgent>,
+        oneshot::Sender<Result<Upsert, StoreError>>,
+    ),
     Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
 }
 
@@ -97,7 +100,11 @@ impl SqliteStore {
             .name("rollcall-sqlite-writer".into())
             .spawn(move || run_writer(connection, commands))
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
-        Ok(Self { path: path.to_owned(), writer, readers: Arc::new(Mutex::new(Vec::new())) })
+        Ok(Self {
+            path: path.to_owned(),
+            writer,
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
     }
 
     async fn read<T: Send + 'static>(
@@ -107,7 +114,10 @@ impl SqliteStore {
         let readers = Arc::clone(&self.readers);
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let pooled = readers.lock().map_err(|_| StoreError::Unavailable("reader pool poisoned".into()))?.pop();
+            let pooled = readers
+                .lock()
+                .map_err(|_| StoreError::Unavailable("reader pool poisoned".into()))?
+                .pop();
             let connection = match pooled {
                 Some(connection) => connection,
                 None => open_connection(&path, Durability::Full)?,
@@ -122,26 +132,38 @@ impl SqliteStore {
         .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
     }
 
-    async fn send<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command) -> Result<T, StoreError> {
+    async fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.writer.send(make(reply)).map_err(|_| StoreError::Unavailable("writer thread has stopped".into()))?;
-        answer.await.map_err(|_| StoreError::Unavailable("writer thread dropped the request".into()))?
+        self.writer
+            .send(make(reply))
+            .map_err(|_| StoreError::Unavailable("writer thread has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("writer thread dropped the request".into()))?
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn upsert(&self, agent: StoredAgent) -> Result<Upsert, StoreError> {
-        self.send(|reply| Command::Upsert(Box::new(agent), reply)).await
+        self.send(|reply| Command::Upsert(Box::new(agent), reply))
+            .await
     }
 
     async fn get(&self, agent_id: &str, now_ms: i64) -> Result<Option<StoredAgent>, StoreError> {
         let agent_id = agent_id.to_owned();
         self.read(move |connection| {
             let record: Option<String> = connection
-                .prepare_cached("SELECT record FROM agents WHERE agent_id = ?1 AND expires_at_s > ?2")
+                .prepare_cached(
+                    "SELECT record FROM agents WHERE agent_id = ?1 AND expires_at_s > ?2",
+                )
                 .and_then(|mut statement| {
-                    statement.query_row(params![agent_id, now_ms.div_euclid(1000)], |row| row.get(0)).optional()
+                    statement
+                        .query_row(params![agent_id, now_ms.div_euclid(1000)], |row| row.get(0))
+                        .optional()
                 })
                 .map_err(unavailable)?;
             record.map(|text| decode(&text)).transpose()
@@ -149,7 +171,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn query(&self, query: &CapacityQuery, after: Option<&Position>, now_ms: i64) -> Result<Page, StoreError> {
+    async fn query(
+        &self,
+        query: &CapacityQuery,
+        after: Option<&Position>,
+        now_ms: i64,
+    ) -> Result<Page, StoreError> {
         let query = query.clone();
         let mut cursor = after.cloned();
         self.read(move |connection| {
@@ -159,11 +186,18 @@ impl Store for SqliteStore {
                 StatusFilter::Online => 1,
                 StatusFilter::Offline => 2,
             };
-            let min_free_mb = if query.required_gpus() > 0 { query.min_gpu_free_mb() } else { 0.0 };
+            let min_free_mb = if query.required_gpus() > 0 {
+                query.min_gpu_free_mb()
+            } else {
+                0.0
+            };
             let mut agents = Vec::new();
             loop {
                 let (after_free, after_id) = match &cursor {
-                    Some(position) => (i64::try_from(position.gpu_free_max_mb).unwrap_or(i64::MAX), position.agent_id.clone()),
+                    Some(position) => (
+                        i64::try_from(position.gpu_free_max_mb).unwrap_or(i64::MAX),
+                        position.agent_id.clone(),
+                    ),
                     // Above any real figure, so the first row qualifies.
                     None => (i64::MAX, String::new()),
                 };
@@ -212,7 +246,9 @@ impl Store for SqliteStore {
 }
 
 fn open_connection(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let connection = Connection::open_with_flags(path, flags)
         .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
     let synchronous = match durability {
@@ -257,28 +293,30 @@ fn run_writer(mut connection: Connection, commands: mpsc::Receiver<Command>) {
 fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
     let mut outcomes: Vec<Result<u64, String>> = Vec::with_capacity(batch.len());
     let committed = (|| -> rusqlite::Result<()> {
-        let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let transaction =
+            connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut upsert = transaction.prepare_cached(UPSERT)?;
             for command in &batch {
                 outcomes.push(match command {
                     Command::Upsert(agent, _) => match encode(agent) {
                         Ok(columns) => Ok(upsert.execute(params![
-                                agent.agent_id(),
-                                columns.sent_at_ms,
-                                agent.online_until_ms,
-                                agent.expires_at_s,
-                                agent.heartbeat.pool,
-                                agent.heartbeat.cpu.cores_available,
-                                columns.memory_available_mb,
-                                columns.gpu_free_max_mb,
-                                columns.record,
-                            ])? as u64),
+                            agent.agent_id(),
+                            columns.sent_at_ms,
+                            agent.online_until_ms,
+                            agent.expires_at_s,
+                            agent.heartbeat.pool,
+                            agent.heartbeat.cpu.cores_available,
+                            columns.memory_available_mb,
+                            columns.gpu_free_max_mb,
+                            columns.record,
+                        ])? as u64),
                         Err(message) => Err(message),
                     },
-                    Command::Prune(now_ms, _) => Ok(transaction
-                        .execute("DELETE FROM agents WHERE expires_at_s <= ?1", params![now_ms.div_euclid(1000)])?
-                        as u64),
+                    Command::Prune(now_ms, _) => Ok(transaction.execute(
+                        "DELETE FROM agents WHERE expires_at_s <= ?1",
+                        params![now_ms.div_euclid(1000)],
+                    )? as u64),
                 });
             }
         }
@@ -286,14 +324,23 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
     })();
     for (position, command) in batch.into_iter().enumerate() {
         let outcome = match &committed {
-            Ok(()) => outcomes.get(position).cloned().unwrap_or_else(|| Err("not run".into())),
+            Ok(()) => outcomes
+                .get(position)
+                .cloned()
+                .unwrap_or_else(|| Err("not run".into())),
             Err(error) => Err(error.to_string()),
         };
         match command {
             Command::Upsert(_, reply) => {
                 let _ = reply.send(
                     outcome
-                        .map(|changed| if changed == 0 { Upsert::Stale } else { Upsert::Written })
+                        .map(|changed| {
+                            if changed == 0 {
+                                Upsert::Stale
+                            } else {
+                                Upsert::Written
+                            }
+                        })
                         .map_err(StoreError::Unavailable),
                 );
             }
@@ -306,7 +353,10 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
 
 fn prune_expired(connection: &Connection) {
     let now_s = crate::record::now_ms().div_euclid(1000);
-    match connection.execute("DELETE FROM agents WHERE expires_at_s <= ?1", params![now_s]) {
+    match connection.execute(
+        "DELETE FROM agents WHERE expires_at_s <= ?1",
+        params![now_s],
+    ) {
         Ok(0) => {}
         Ok(count) => tracing::info!(count, "pruned agents past their retention"),
         Err(error) => tracing::warn!(%error, "could not prune expired agents"),
@@ -322,7 +372,9 @@ struct Columns {
 
 fn encode(agent: &StoredAgent) -> Result<Columns, String> {
     // SQLite integers are signed 64-bit; validation keeps real figures far below.
-    let signed = |value: u64, what: &str| i64::try_from(value).map_err(|_| format!("{what} {value} is out of range"));
+    let signed = |value: u64, what: &str| {
+        i64::try_from(value).map_err(|_| format!("{what} {value} is out of range"))
+    };
     Ok(Columns {
         sent_at_ms: signed(agent.heartbeat.sent_at_ms, "sent_at_ms")?,
         memory_available_mb: signed(agent.heartbeat.memory.available_mb, "memory.available_mb")?,
@@ -332,7 +384,8 @@ fn encode(agent: &StoredAgent) -> Result<Columns, String> {
 }
 
 fn decode(text: &str) -> Result<StoredAgent, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("unreadable agent record: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("unreadable agent record: {e}")))
 }
 
 fn unavailable(error: rusqlite::Error) -> StoreError {

@@ -14,7 +14,9 @@ pub struct SysfsSource {
 
 impl Default for SysfsSource {
     fn default() -> Self {
-        Self { root: PathBuf::from("/sys/class/drm") }
+        Self {
+            root: PathBuf::from("/sys/class/drm"),
+        }
     }
 }
 
@@ -37,7 +39,12 @@ impl GpuSource for SysfsSource {
         let mut cards: Vec<(u32, PathBuf)> = entries
             .filter_map(Result::ok)
             .filter_map(|entry| {
-                let number = entry.file_name().to_str()?.strip_prefix("card")?.parse().ok()?;
+                let number = entry
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("card")?
+                    .parse()
+                    .ok()?;
                 Some((number, entry.path().join("device")))
             })
             .filter(|(_, device)| device.join("mem_info_vram_total").exists())
@@ -59,7 +66,9 @@ impl GpuSource for SysfsSource {
                     temperature_c: None,
                     power_w: None,
                 }),
-                Err(error) => tracing::warn!(device = %device.display(), %error, "cannot read AMD GPU; sending without it"),
+                Err(error) => {
+                    tracing::warn!(device = %device.display(), %error, "cannot read AMD GPU; sending without it")
+                }
             }
         }
         Ok(gpus)
@@ -69,10 +78,16 @@ impl GpuSource for SysfsSource {
 fn read_card(device: &Path) -> Result<(u64, u64), String> {
     let number = |name: &str| -> Result<u64, String> {
         let path = device.join(name);
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        text.trim().parse().map_err(|e| format!("{}: {e}", path.display()))
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        text.trim()
+            .parse()
+            .map_err(|e| format!("{}: {e}", path.display()))
     };
-    Ok((number("mem_info_vram_total")?, number("mem_info_vram_used")?))
+    Ok((
+        number("mem_info_vram_total")?,
+        number("mem_info_vram_used")?,
+    ))
 }
 
 fn read_text(path: &Path) -> Option<String> {

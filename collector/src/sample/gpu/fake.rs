@@ -43,8 +43,11 @@ impl FakeGpus {
                 let [vendor, total, free] = parts[..] else {
                     return Err(format!("{spec:?} is not vendor:total_mb:free_mb"));
                 };
-                let vendor = Vendor::parse(vendor).ok_or_else(|| format!("unknown vendor {vendor:?}"))?;
-                let total: u64 = total.parse().map_err(|_| format!("bad total_mb {total:?}"))?;
+                let vendor =
+                    Vendor::parse(vendor).ok_or_else(|| format!("unknown vendor {vendor:?}"))?;
+                let total: u64 = total
+                    .parse()
+                    .map_err(|_| format!("bad total_mb {total:?}"))?;
                 let free: u64 = free.parse().map_err(|_| format!("bad free_mb {free:?}"))?;
                 Ok(Gpu {
                     index: index as u32,

@@ -38,31 +38,48 @@ impl BoundedSource {
         let (requests, incoming) = std::sync::mpsc::channel::<Reply>();
         let busy = Arc::new(AtomicBool::new(false));
         let worker_busy = Arc::clone(&busy);
-        std::thread::Builder::new().name(format!("gpu-{name}")).spawn(move || {
-            for reply in incoming {
-                let result = source.read();
-                worker_busy.store(false, Ordering::Release);
-                let _ = reply.send(result);
-            }
-        })?;
-        Ok(Self { name, requests, busy })
+        std::thread::Builder::new()
+            .name(format!("gpu-{name}"))
+            .spawn(move || {
+                for reply in incoming {
+                    let result = source.read();
+                    worker_busy.store(false, Ordering::Release);
+                    let _ = reply.send(result);
+                }
+            })?;
+        Ok(Self {
+            name,
+            requests,
+            busy,
+        })
     }
 
     /// Sends a read request; `None` if this source is skipped this time.
     fn start(&self) -> Option<oneshot::Receiver<Result<Vec<Gpu>, String>>> {
         if self.busy.swap(true, Ordering::AcqRel) {
-            tracing::warn!(source = self.name, "GPU source still stuck in an earlier read; sending without its GPUs");
+            tracing::warn!(
+                source = self.name,
+                "GPU source still stuck in an earlier read; sending without its GPUs"
+            );
             return None;
         }
         let (reply, answer) = oneshot::channel();
         if self.requests.send(reply).is_err() {
-            tracing::warn!(source = self.name, "GPU source thread has stopped; sending without its GPUs");
+            tracing::warn!(
+                source = self.name,
+                "GPU source thread has stopped; sending without its GPUs"
+            );
             return None;
         }
         Some(answer)
     }
 
-    async fn finish(&self, answer: oneshot::Receiver<Result<Vec<Gpu>, String>>, deadline: Instant, timeout: Duration) -> Vec<Gpu> {
+    async fn finish(
+        &self,
+        answer: oneshot::Receiver<Result<Vec<Gpu>, String>>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Vec<Gpu> {
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Ok(gpus))) => gpus,
             Ok(Ok(Err(error))) => {
@@ -108,13 +125,20 @@ impl GpuReaders {
             tracing::warn!("ROLLCALL_FAKE_GPUS is set: reporting simulated GPUs, not this host's");
             return Self::new(vec![Box::new(fake)]);
         }
-        Self::new(vec![Box::new(nvidia::NvmlSource::new()), Box::new(amd::SysfsSource::default())])
+        Self::new(vec![
+            Box::new(nvidia::NvmlSource::new()),
+            Box::new(amd::SysfsSource::default()),
+        ])
     }
 
     /// Every source's GPUs, all read at once and bounded together by `timeout`.
     pub async fn read_all(&self, timeout: Duration) -> Vec<Gpu> {
         let deadline = Instant::now() + timeout;
-        let pending: Vec<_> = self.sources.iter().map(|source| (source, source.start())).collect();
+        let pending: Vec<_> = self
+            .sources
+            .iter()
+            .map(|source| (source, source.start()))
+            .collect();
         let mut gpus = Vec::new();
         for (source, answer) in pending {
             if let Some(answer) = answer {
@@ -133,7 +157,11 @@ impl GpuReaders {
 }
 
 fn has_duplicate_index(gpus: &[Gpu]) -> bool {
-    gpus.iter().enumerate().any(|(position, gpu)| gpus[..position].iter().any(|other| other.index == gpu.index))
+    gpus.iter().enumerate().any(|(position, gpu)| {
+        gpus[..position]
+            .iter()
+            .any(|other| other.index == gpu.index)
+    })
 }
 
 #[cfg(test)]
@@ -148,14 +176,22 @@ mod tests {
         ]);
         let started = Instant::now();
         let gpus = readers.read_all(Duration::from_millis(300)).await;
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(gpus.len(), 1);
         assert_eq!(gpus[0].memory_free_mb, 20110);
 
         // The hung source is skipped at once next time instead of stacking reads.
         let started = Instant::now();
         let gpus = readers.read_all(Duration::from_millis(300)).await;
-        assert!(started.elapsed() < Duration::from_millis(250), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(gpus.len(), 1);
     }
 }

@@ -14,7 +14,7 @@ const MIB: u64 = 1024 * 1024;
 
 enum State {
     Uninitialised,
-    Ready(Nvml),
+    Ready(Box<Nvml>),
     /// No library or driver: there will not be one until the host changes.
     Absent,
 }
@@ -25,16 +25,20 @@ pub struct NvmlSource {
 
 impl NvmlSource {
     pub fn new() -> Self {
-        Self { state: State::Uninitialised }
+        Self {
+            state: State::Uninitialised,
+        }
     }
 
     fn nvml(&mut self) -> Result<Option<&Nvml>, String> {
         if let State::Uninitialised = self.state {
             match Nvml::init() {
                 Ok(nvml) => {
-                    let driver = nvml.sys_driver_version().unwrap_or_else(|_| "unknown".into());
+                    let driver = nvml
+                        .sys_driver_version()
+                        .unwrap_or_else(|_| "unknown".into());
                     tracing::info!(driver = %driver, "NVML initialised");
-                    self.state = State::Ready(nvml);
+                    self.state = State::Ready(Box::new(nvml));
                 }
                 Err(error) if is_absent(&error) => {
                     tracing::info!(reason = %error, "no NVIDIA driver found; reporting no NVIDIA GPUs");
@@ -66,12 +70,16 @@ impl GpuSource for NvmlSource {
         let Some(nvml) = self.nvml()? else {
             return Ok(Vec::new());
         };
-        let count = nvml.device_count().map_err(|e| format!("NVML device count: {e}"))?;
+        let count = nvml
+            .device_count()
+            .map_err(|e| format!("NVML device count: {e}"))?;
         let mut gpus = Vec::new();
         for index in 0..count {
             match read_device(nvml, index) {
                 Ok(gpu) => gpus.push(gpu),
-                Err(error) => tracing::warn!(index, %error, "cannot read NVIDIA GPU; sending without it"),
+                Err(error) => {
+                    tracing::warn!(index, %error, "cannot read NVIDIA GPU; sending without it")
+                }
             }
         }
         Ok(gpus)
@@ -89,14 +97,29 @@ fn read_device(nvml: &Nvml, index: u32) -> Result<Gpu, NvmlError> {
         uuid: device.uuid().ok(),
         memory_total_mb: memory.total / MIB,
         memory_free_mb: (memory.free / MIB).min(memory.total / MIB),
-        utilization_percent: device.utilization_rates().ok().map(|rates| f64::from(rates.gpu.min(100))),
-        temperature_c: device.temperature(TemperatureSensor::Gpu).ok().map(f64::from),
-        power_w: device.power_usage().ok().map(|milliwatts| f64::from(milliwatts) / 1000.0),
+        utilization_percent: device
+            .utilization_rates()
+            .ok()
+            .map(|rates| f64::from(rates.gpu.min(100))),
+        temperature_c: device
+            .temperature(TemperatureSensor::Gpu)
+            .ok()
+            .map(f64::from),
+        power_w: device
+            .power_usage()
+            .ok()
+            .map(|milliwatts| f64::from(milliwatts) / 1000.0),
     })
 }
 
 fn is_absent(error: &NvmlError) -> bool {
-    matches!(error, NvmlError::LibloadingError(_) | NvmlError::DriverNotLoaded | NvmlError::LibraryNotFound | NvmlError::NoPermission)
+    matches!(
+        error,
+        NvmlError::LibloadingError(_)
+            | NvmlError::DriverNotLoaded
+            | NvmlError::LibraryNotFound
+            | NvmlError::NoPermission
+    )
 }
 
 #[cfg(test)]

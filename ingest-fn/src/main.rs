@@ -1,11 +1,10 @@
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use rollcall::record::{DEFAULT_GRACE_MULTIPLIER, DEFAULT_RETENTION_S, Deadlines};
-use rollcall::store::{Durability, SqliteStore};
+use rollcall::store::StoreArgs;
 use rollcall::verify::Keyring;
 use rollcall_ingest::{Ingest, router};
 
@@ -23,12 +22,8 @@ struct Args {
     /// Address to serve plain HTTP on.
     #[arg(long, env = "ROLLCALL_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// SQLite database file of the embedded store (created if missing).
-    #[arg(long, env = "ROLLCALL_DB", default_value = "rollcall.db")]
-    db: PathBuf,
-    /// `full` fsyncs every commit (survives power loss); `normal` survives process crashes only.
-    #[arg(long, env = "ROLLCALL_DURABILITY", default_value = "full", value_parser = ["full", "normal"])]
-    durability: String,
+    #[command(flatten)]
+    store: StoreArgs,
     /// An agent stays online for this many intervals after a heartbeat.
     #[arg(long, env = "ROLLCALL_GRACE_MULTIPLIER", default_value_t = DEFAULT_GRACE_MULTIPLIER, value_parser = clap::value_parser!(u32).range(1..=100))]
     grace_multiplier: u32,
@@ -44,23 +39,21 @@ async fn main() -> anyhow::Result<()> {
     let secrets = std::env::var("ROLLCALL_FLEET_SECRETS")
         .context("ROLLCALL_FLEET_SECRETS is not set (expected kid=hex[,kid2=hex]; generate one with `openssl rand -hex 32`)")?;
     let keyring = Keyring::parse(&secrets).context("ROLLCALL_FLEET_SECRETS")?;
-    let durability = if args.durability == "normal" {
-        Durability::Normal
-    } else {
-        Durability::Full
-    };
-    let store = SqliteStore::open(&args.db, durability)
-        .with_context(|| format!("opening {}", args.db.display()))?;
+    let store_config = args.store.config();
+    let store = store_config
+        .open()
+        .await
+        .with_context(|| format!("opening {}", store_config.describe()))?;
     let mut key_ids: Vec<&str> = keyring.key_ids().collect();
     key_ids.sort_unstable();
-    tracing::info!(db = %args.db.display(), key_ids = ?key_ids, grace_multiplier = args.grace_multiplier, retention_s = args.retention_s, "ingest starting");
+    tracing::info!(store = %store_config.describe(), key_ids = ?key_ids, grace_multiplier = args.grace_multiplier, retention_s = args.retention_s, "ingest starting");
     let ingest = Ingest {
         keyring,
         deadlines: Deadlines {
             grace_multiplier: args.grace_multiplier,
             retention_s: args.retention_s,
         },
-        store: Arc::new(store),
+        store,
     };
     rollcall::api::serve(router(Arc::new(ingest)), args.listen, "ingest").await?;
     Ok(())

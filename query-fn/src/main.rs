@@ -1,10 +1,9 @@
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use rollcall::store::{Durability, SqliteStore};
+use rollcall::store::StoreArgs;
 use rollcall_query::{QueryApi, router};
 
 /// rollcall query: the capacity API a scheduler calls to pick a machine.
@@ -21,9 +20,8 @@ struct Args {
     /// Address to serve plain HTTP on.
     #[arg(long, env = "ROLLCALL_QUERY_LISTEN", default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
-    /// SQLite database file of the embedded store, shared with ingest.
-    #[arg(long, env = "ROLLCALL_DB", default_value = "rollcall.db")]
-    db: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[tokio::main]
@@ -33,15 +31,14 @@ async fn main() -> anyhow::Result<()> {
     let tokens = std::env::var("ROLLCALL_QUERY_TOKENS")
         .context("ROLLCALL_QUERY_TOKENS is not set (expected token[,token2]; generate one with `openssl rand -hex 24`)")?;
     let cursor_key = std::env::var("ROLLCALL_CURSOR_KEY").ok();
-    let store = SqliteStore::open(&args.db, Durability::Full)
-        .with_context(|| format!("opening {}", args.db.display()))?;
-    let api = QueryApi::new(
-        &tokens,
-        cursor_key.as_deref().map(str::as_bytes),
-        Arc::new(store),
-    )
-    .context("ROLLCALL_QUERY_TOKENS")?;
-    tracing::info!(db = %args.db.display(), "query starting");
+    let store_config = args.store.config();
+    let store = store_config
+        .open()
+        .await
+        .with_context(|| format!("opening {}", store_config.describe()))?;
+    let api = QueryApi::new(&tokens, cursor_key.as_deref().map(str::as_bytes), store)
+        .context("ROLLCALL_QUERY_TOKENS")?;
+    tracing::info!(store = %store_config.describe(), "query starting");
     rollcall::api::serve(router(Arc::new(api)), args.listen, "query").await?;
     Ok(())
 }

@@ -113,6 +113,32 @@ impl Stack {
 
     pub fn start_with(ingest_args: &[&str]) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("rollcall.db").display().to_string();
+        let store_args: Vec<String> = vec!["--db".into(), db];
+        Self::start_on(dir, &store_args, &[], ingest_args)
+    }
+
+    /// Both functions on a fresh DynamoDB table on the emulator.
+    pub async fn start_dynamodb() -> Stack {
+        let table = dynamodb_store(4).await.table().to_owned();
+        Self::start_dynamodb_table(&table, &emulator_env())
+    }
+
+    /// Both functions on `table`, with `env` for the AWS SDK.
+    pub fn start_dynamodb_table(table: &str, env: &[(String, String)]) -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store_args: Vec<String> = ["--store", "dynamodb", "--table", table]
+            .map(String::from)
+            .to_vec();
+        Self::start_on(dir, &store_args, env, &[])
+    }
+
+    fn start_on(
+        dir: tempfile::TempDir,
+        store_args: &[String],
+        env: &[(String, String)],
+        ingest_args: &[&str],
+    ) -> Stack {
         let secret = FleetSecret::from_bytes(
             (0..32u8)
                 .map(|i| i.wrapping_mul(7).wrapping_add(3))
@@ -120,21 +146,17 @@ impl Stack {
         )
         .unwrap();
         let token = "test-token-0123456789abcdef".to_owned();
-        let db = dir.path().join("rollcall.db");
-        let db = db.to_str().expect("utf-8 path");
         let secrets = format!("{KEY_ID}={}", secret.to_hex());
-        let mut args = vec!["--db", db];
+        let mut args: Vec<&str> = store_args.iter().map(String::as_str).collect();
         args.extend_from_slice(ingest_args);
-        let ingest = Server::start(
-            "rollcall-ingest",
-            &args,
-            &[("ROLLCALL_FLEET_SECRETS", &secrets)],
-        );
-        let query = Server::start(
-            "rollcall-query",
-            &["--db", db],
-            &[("ROLLCALL_QUERY_TOKENS", &token)],
-        );
+        let mut ingest_env: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut query_env = ingest_env.clone();
+        ingest_env.push(("ROLLCALL_FLEET_SECRETS", &secrets));
+        query_env.push(("ROLLCALL_QUERY_TOKENS", &token));
+        let ingest = Server::start("rollcall-ingest", &args, &ingest_env);
+        let store_only: Vec<&str> = store_args.iter().map(String::as_str).collect();
+        let query = Server::start("rollcall-query", &store_only, &query_env);
         Stack {
             dir,
             secret,
@@ -375,4 +397,95 @@ pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Du
         std::thread::sleep(Duration::from_millis(50));
     }
     None
+}
+
+pub mod conformance;
+
+/// The AWS emulator the tests use: `ROLLCALL_TEST_AWS_ENDPOINT`, else ministack
+/// on its default port. Tests must never leave this machine, so anything but a
+/// loopback address is refused.
+pub fn emulator_endpoint() -> String {
+    let endpoint = std::env::var("ROLLCALL_TEST_AWS_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:4566".into());
+    let host = endpoint
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let loopback =
+        host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]");
+    assert!(
+        loopback,
+        "ROLLCALL_TEST_AWS_ENDPOINT={endpoint} is not a loopback address; tests only talk to this machine"
+    );
+    endpoint
+}
+
+/// Environment for a process that talks to the emulator.
+pub fn emulator_env() -> Vec<(String, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL".into(), emulator_endpoint()),
+        ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+        ("AWS_REGION".into(), "us-east-1".into()),
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+    ]
+}
+
+/// A DynamoDB client for the emulator, with static test credentials.
+pub fn dynamodb_client() -> aws_sdk_dynamodb::Client {
+    use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(emulator_endpoint())
+        .credentials_provider(Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "rollcall-tests",
+        ))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(config)
+}
+
+/// A table name no other test run or test uses.
+pub fn unique_table(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        now_ms(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A fresh DynamoDB store on the emulator, in a table of its own.
+pub async fn dynamodb_store(shards: u32) -> rollcall::store::dynamodb::DynamoStore {
+    let store = rollcall::store::dynamodb::DynamoStore::new(
+        dynamodb_client(),
+        unique_table("rollcall-test"),
+        shards,
+    );
+    if let Err(error) = store.create_table().await {
+        panic!(
+            "cannot create a table on the AWS emulator at {} ({error}); scripts/test starts one, or set ROLLCALL_TEST_AWS_ENDPOINT",
+            emulator_endpoint()
+        );
+    }
+    store
+}
+
+pub async fn sqlite_backend() -> conformance::Backend {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = rollcall::store::SqliteStore::open(
+        &dir.path().join("conformance.db"),
+        rollcall::store::Durability::Full,
+    )
+    .expect("open sqlite");
+    conformance::Backend::new("sqlite", Arc::new(store), dir)
+}
+
+pub async fn dynamodb_backend() -> conformance::Backend {
+    conformance::Backend::new("dynamodb", Arc::new(dynamodb_store(4).await), ())
 }

@@ -4,12 +4,17 @@
 //! newer `sent_at_ms` (atomically with the write), hides records past their
 //! `expires_at_s`, and answers capacity queries in answer order.
 
+#[cfg(feature = "dynamodb")]
+pub mod dynamodb;
 pub mod sqlite;
 
 use async_trait::async_trait;
 
 use crate::capacity::{CapacityQuery, Position};
 use crate::record::StoredAgent;
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use sqlite::{Durability, SqliteStore};
 
@@ -55,4 +60,96 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes records past their expiry; returns how many went.
     async fn prune(&self, now_ms: i64) -> Result<u64, StoreError>;
+}
+
+/// Which store a function uses, from its flags and environment.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// The embedded SQLite store at this path.
+    Sqlite {
+        path: PathBuf,
+        durability: Durability,
+    },
+    /// A DynamoDB table, reached through the standard AWS configuration chain
+    /// (`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_DYNAMODB` for emulators).
+    #[cfg(feature = "dynamodb")]
+    DynamoDb { table: String, shards: u32 },
+}
+
+impl StoreConfig {
+    /// Opens the store. Call once per process: the DynamoDB client pools
+    /// connections and must not be rebuilt per request.
+    pub async fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
+        match self {
+            StoreConfig::Sqlite { path, durability } => {
+                Ok(Arc::new(SqliteStore::open(path, *durability)?))
+            }
+            #[cfg(feature = "dynamodb")]
+            StoreConfig::DynamoDb { table, shards } => {
+                let client = dynamodb::DynamoStore::client_from_env().await;
+                Ok(Arc::new(dynamodb::DynamoStore::new(
+                    client,
+                    table.clone(),
+                    *shards,
+                )))
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            StoreConfig::Sqlite { path, .. } => format!("sqlite:{}", path.display()),
+            #[cfg(feature = "dynamodb")]
+            StoreConfig::DynamoDb { table, shards } => {
+                format!("dynamodb:{table} ({shards} shards)")
+            }
+        }
+    }
+}
+
+/// The store flags both functions take.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Store backend [default: dynamodb inside AWS Lambda, else sqlite]
+    #[arg(long, env = "ROLLCALL_STORE", value_parser = ["sqlite", "dynamodb"])]
+    pub store: Option<String>,
+    /// SQLite database file of the embedded store (created if missing).
+    #[arg(long, env = "ROLLCALL_DB", default_value = "rollcall.db")]
+    pub db: PathBuf,
+    /// SQLite: `full` fsyncs every commit (survives power loss); `normal` survives process crashes only.
+    #[arg(long, env = "ROLLCALL_DURABILITY", default_value = "full", value_parser = ["full", "normal"])]
+    pub durability: String,
+    /// DynamoDB table name.
+    #[arg(long, env = "ROLLCALL_TABLE", default_value = "rollcall-agents")]
+    pub table: String,
+    /// DynamoDB: shards of the capacity index; must match for every writer and reader of a table.
+    #[arg(long, env = "ROLLCALL_DYNAMODB_SHARDS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub shards: u32,
+}
+
+impl StoreArgs {
+    pub fn config(&self) -> StoreConfig {
+        let kind = self.store.clone().unwrap_or_else(|| {
+            if crate::api::in_lambda() {
+                "dynamodb".into()
+            } else {
+                "sqlite".into()
+            }
+        });
+        match kind.as_str() {
+            #[cfg(feature = "dynamodb")]
+            "dynamodb" => StoreConfig::DynamoDb {
+                table: self.table.clone(),
+                shards: self.shards,
+            },
+            _ => StoreConfig::Sqlite {
+                path: self.db.clone(),
+                durability: if self.durability == "normal" {
+                    Durability::Normal
+                } else {
+                    Durability::Full
+                },
+            },
+        }
+    }
 }

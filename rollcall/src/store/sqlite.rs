@@ -59,7 +59,7 @@ ON CONFLICT (agent_id) DO UPDATE SET
     expires_at_s = excluded.expires_at_s, pool = excluded.pool,
     cores_available = excluded.cores_available, memory_available_mb = excluded.memory_available_mb,
     gpu_free_max_mb = excluded.gpu_free_max_mb, record = excluded.record
-WHERE excluded.sent_at_ms > agents.sent_at_ms
+WHERE excluded.sent_at_ms > agents.sent_at_ms OR agents.expires_at_s <= ?10
 ";
 
 // Narrows candidates with indexed columns; CapacityQuery::matches decides.
@@ -310,6 +310,8 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
                             columns.memory_available_mb,
                             columns.gpu_free_max_mb,
                             columns.record,
+                            // An expired record is gone, whatever its sent_at_ms.
+                            agent.received_at_ms.div_euclid(1000),
                         ])? as u64),
                         Err(message) => Err(message),
                     },

@@ -1,0 +1,273 @@
+//! DynamoDB-specific behaviour on the emulator: TTL, item size and write
+//! units, read units that follow matches rather than fleet size, expired
+//! items hidden before TTL deletes them, and the functions end to end.
+
+use std::time::Instant;
+
+use rollcall::capacity::CapacityQuery;
+use rollcall::heartbeat::Heartbeat;
+use rollcall::record::{Deadlines, StoredAgent};
+use rollcall::store::Store;
+use rollcall::store::dynamodb::{INDEX_NAME, ReadCost, TTL_ATTRIBUTE, encode, item_size};
+use rollcall_tests::{
+    Stack, dynamodb_client, dynamodb_store, emulator_env, heartbeat, now_ms, request, unique_table,
+};
+use serde_json::json;
+
+/// A heartbeat as big as a realistic two-GPU desktop sends.
+fn two_gpu_heartbeat(agent_id: &str) -> Heartbeat {
+    let mut body = heartbeat(agent_id, now_ms());
+    body["labels"] = json!({"site": "b2", "rack": "r12", "team": "vision"});
+    body["host"] = json!({"hostname": "render-node-0042.lab.example.org", "os": "Linux (Ubuntu 24.04.1 LTS)", "uptime_s": 8_640_000});
+    body["cpu"]["usage_percent"] = json!(23.5);
+    body["memory"]["swap_total_mb"] = json!(2048);
+    body["memory"]["swap_used_mb"] = json!(12);
+    body["disk"] = json!({"path": "/", "total_gb": 931.51, "free_gb": 402.27});
+    let gpu = |index: u32| {
+        json!({"index": index, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
+               "uuid": format!("GPU-5f1c2d3e-1234-5678-9abc-def01234567{index}"),
+               "memory_total_mb": 24564, "memory_free_mb": 20110 - index as u64,
+               "utilization_percent": 7.0, "temperature_c": 41.0, "power_w": 31.5})
+    };
+    body["gpus"] = json!([gpu(0), gpu(1)]);
+    Heartbeat::parse(body.to_string().as_bytes()).unwrap()
+}
+
+#[tokio::test]
+async fn ttl_is_enabled_on_expires_at() {
+    let store = dynamodb_store(4).await;
+    let ttl = dynamodb_client()
+        .describe_time_to_live()
+        .table_name(store.table())
+        .send()
+        .await
+        .unwrap();
+    let description = ttl.time_to_live_description().expect("TTL description");
+    assert_eq!(description.attribute_name(), Some(TTL_ATTRIBUTE));
+    assert_eq!(
+        description.time_to_live_status().map(|s| s.as_str()),
+        Some("ENABLED")
+    );
+    let table = dynamodb_client()
+        .describe_table()
+        .table_name(store.table())
+        .send()
+        .await
+        .unwrap();
+    let indexes = table.table().unwrap().global_secondary_indexes();
+    assert!(
+        indexes
+            .iter()
+            .any(|index| index.index_name() == Some(INDEX_NAME))
+    );
+}
+
+#[tokio::test]
+async fn a_two_gpu_heartbeat_is_one_write_unit() {
+    let store = dynamodb_store(4).await;
+    let agent = StoredAgent::accept(
+        two_gpu_heartbeat("render-node-0042"),
+        now_ms() as i64,
+        Deadlines::default(),
+    );
+    let size = item_size(&encode(&agent, 4).unwrap());
+    let json_size = serde_json::to_vec(&agent).unwrap().len();
+    println!(
+        "two-GPU item: {size} bytes by DynamoDB's size rules (the record as plain JSON would be {json_size} bytes)"
+    );
+    assert!(
+        size <= 1024,
+        "item is {size} bytes: more than one write unit"
+    );
+
+    let (_, consumed) = store.upsert_measured(&agent).await.unwrap();
+    println!(
+        "emulator reports write units: table {:?}, total with the index {:?}",
+        consumed.table, consumed.total
+    );
+    if let Some(table_units) = consumed.table {
+        assert_eq!(
+            table_units, 1.0,
+            "the table write of a two-GPU heartbeat is one unit"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_expired_item_is_never_returned_even_before_ttl_deletes_it() {
+    let store = dynamodb_store(4).await;
+    let now = now_ms() as i64;
+    let deadlines = Deadlines {
+        grace_multiplier: 3,
+        retention_s: 1,
+    };
+    let expired = StoredAgent::accept(two_gpu_heartbeat("ghost"), now - 120_000, deadlines);
+    assert!(expired.is_expired(now));
+    store.upsert(expired).await.unwrap();
+
+    let raw = dynamodb_client()
+        .get_item()
+        .table_name(store.table())
+        .key(
+            "agent_id",
+            aws_sdk_dynamodb::types::AttributeValue::S("ghost".into()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        raw.item().is_some(),
+        "the emulator has not deleted it yet, which is the case under test"
+    );
+    assert_eq!(store.get("ghost", now).await.unwrap(), None);
+    let all = CapacityQuery::from_query_string("status=all").unwrap();
+    assert!(
+        store
+            .query(&all, None, now)
+            .await
+            .unwrap()
+            .agents
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_units_follow_matches_not_fleet_size() {
+    let store = std::sync::Arc::new(dynamodb_store(4).await);
+    let now = now_ms() as i64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for chunk in 0..8 {
+        let store = std::sync::Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            for i in (chunk..1000).step_by(8) {
+                let mut body = heartbeat(&format!("agent-{i:04}"), 1);
+                // 5 % of the fleet has a GPU with 40 GiB free; the rest 8 GiB.
+                body["gpus"][0]["memory_total_mb"] = json!(49_152);
+                body["gpus"][0]["memory_free_mb"] = json!(if i % 20 == 0 { 40_960 } else { 8_192 });
+                let agent = StoredAgent::accept(
+                    Heartbeat::parse(body.to_string().as_bytes()).unwrap(),
+                    now,
+                    Deadlines::default(),
+                );
+                store.upsert(agent).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    println!("seeded 1,000 agents in {:?}", started.elapsed());
+
+    let measure = |text: &str| {
+        let store = std::sync::Arc::clone(&store);
+        let query = CapacityQuery::from_query_string(text).unwrap();
+        async move {
+            let mut cost = ReadCost::default();
+            let mut matches = 0;
+            let mut after = None;
+            loop {
+                let (page, page_cost) = store
+                    .query_measured(&query, after.as_ref(), now)
+                    .await
+                    .unwrap();
+                cost.requests += page_cost.requests;
+                cost.items_evaluated += page_cost.items_evaluated;
+                cost.estimated_units += page_cost.estimated_units;
+                matches += page.agents.len();
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            (matches, cost)
+        }
+    };
+    let (few, few_cost) = measure("min_gpu_vram_gb=32&limit=1000").await;
+    let (all, all_cost) = measure("limit=1000").await;
+    for (label, matches, cost) in [("5 % filter", few, few_cost), ("no filter", all, all_cost)] {
+        println!(
+            "1,000 agents, {label}: {matches} matches, {} items evaluated in {} requests, ~{} read units",
+            cost.items_evaluated, cost.requests, cost.estimated_units
+        );
+    }
+    assert_eq!((few, all), (50, 1000));
+    // Reads follow the matches: the 50 agents with enough VRAM, not the 1,000.
+    assert_eq!(few_cost.items_evaluated, 50);
+    assert_eq!(all_cost.items_evaluated, 1000);
+    assert!(few_cost.estimated_units * 5.0 <= all_cost.estimated_units);
+}
+
+#[tokio::test]
+async fn the_functions_work_end_to_end_on_dynamodb() {
+    let stack = Stack::start_dynamodb().await;
+    let output = stack
+        .collector("ddb-host")
+        .args(["once", "--skip-cpu-usage"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let agent = stack.agent("ddb-host").expect("stored in DynamoDB");
+    assert_eq!(agent["status"], "online");
+
+    // Replays are conflicts here too.
+    let body = heartbeat("replayed", now_ms()).to_string();
+    let timestamp = rollcall_tests::now_s();
+    assert_eq!(
+        stack
+            .post_heartbeat_at("replayed", body.as_bytes(), timestamp)
+            .status,
+        202
+    );
+    assert_eq!(
+        stack
+            .post_heartbeat_at("replayed", body.as_bytes(), timestamp)
+            .status,
+        409
+    );
+
+    // Pages and a forged cursor.
+    let page = stack.get("/v1/agents?limit=1").json();
+    let cursor = page["next_cursor"]
+        .as_str()
+        .expect("two agents, one per page")
+        .to_owned();
+    assert_eq!(
+        stack
+            .get(&format!("/v1/agents?limit=1&cursor={cursor}"))
+            .json()["agents"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let mut forged = cursor.clone();
+    forged.replace_range(0..2, if &cursor[0..2] == "00" { "11" } else { "00" });
+    let refused = stack.get(&format!("/v1/agents?limit=1&cursor={forged}"));
+    assert_eq!(refused.status, 400);
+    assert!(refused.error().contains("cursor"));
+}
+
+#[tokio::test]
+async fn an_unreachable_table_answers_503_with_retry_after() {
+    // A port nothing listens on: every DynamoDB call fails to connect.
+    let mut env = emulator_env();
+    env.retain(|(key, _)| key != "AWS_ENDPOINT_URL");
+    env.push(("AWS_ENDPOINT_URL".into(), "http://127.0.0.1:9".into()));
+    let stack = Stack::start_dynamodb_table(&unique_table("unreachable"), &env);
+    let response = stack.post_heartbeat(&heartbeat("nowhere", now_ms()));
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert!(response.header("retry-after").is_some());
+    assert!(response.error().contains("store unavailable"));
+    let query = stack.get("/v1/agents");
+    assert_eq!(query.status, 503);
+    // The process stays up.
+    assert_eq!(
+        request(stack.ingest.addr, "GET", "/healthz", &[], b"").status,
+        200
+    );
+}

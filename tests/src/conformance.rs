@@ -1,0 +1,397 @@
+//! One conformance suite for every store backend. Each case takes a fresh,
+//! empty store; the same case passes on SQLite and on DynamoDB, or one of
+//! them has a bug.
+
+use std::sync::Arc;
+
+use rollcall::capacity::{CapacityQuery, Position, answer_order};
+use rollcall::heartbeat::{AgentState, Heartbeat};
+use rollcall::record::{Deadlines, StoredAgent};
+use rollcall::store::{Store, Upsert};
+use serde_json::json;
+
+use crate::{heartbeat, now_ms};
+
+/// A fresh, empty store and what keeps it alive.
+pub struct Backend {
+    pub store: Arc<dyn Store>,
+    pub name: &'static str,
+    _guard: Box<dyn std::any::Any + Send>,
+}
+
+impl Backend {
+    pub fn new(
+        name: &'static str,
+        store: Arc<dyn Store>,
+        guard: impl std::any::Any + Send,
+    ) -> Self {
+        Self {
+            store,
+            name,
+            _guard: Box::new(guard),
+        }
+    }
+}
+
+/// A clock for the test: "now" a little in the future of the wall clock, so
+/// records look current to every backend (SQLite prunes by the wall clock).
+fn base_ms() -> i64 {
+    now_ms() as i64
+}
+
+fn agent_at(
+    id: &str,
+    sent_at_ms: u64,
+    received_at_ms: i64,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> StoredAgent {
+    let mut body = heartbeat(id, sent_at_ms);
+    edit(&mut body);
+    let heartbeat = Heartbeat::parse(body.to_string().as_bytes()).expect("valid test heartbeat");
+    StoredAgent::accept(heartbeat, received_at_ms, Deadlines::default())
+}
+
+fn query(text: &str) -> CapacityQuery {
+    CapacityQuery::from_query_string(text).expect("valid test query")
+}
+
+async fn ids(store: &dyn Store, text: &str, now: i64) -> Vec<String> {
+    let page = store.query(&query(text), None, now).await.expect("query");
+    page.agents
+        .iter()
+        .map(|agent| agent.agent_id().to_owned())
+        .collect()
+}
+
+pub async fn upsert_then_get(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    let agent = agent_at("solo", 1_000, now, |_| {});
+    assert_eq!(store.upsert(agent.clone()).await.unwrap(), Upsert::Written);
+    assert_eq!(store.get("solo", now).await.unwrap(), Some(agent));
+}
+
+pub async fn unknown_agent(backend: &Backend) {
+    assert_eq!(backend.store.get("nobody", base_ms()).await.unwrap(), None);
+    assert!(
+        ids(&*backend.store, "status=all", base_ms())
+            .await
+            .is_empty()
+    );
+}
+
+pub async fn newer_only(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    assert_eq!(
+        store
+            .upsert(agent_at("a", 2_000, now, |_| {}))
+            .await
+            .unwrap(),
+        Upsert::Written
+    );
+    let newer = agent_at("a", 3_000, now + 1, |b| {
+        b["cpu"]["cores_available"] = json!(2)
+    });
+    assert_eq!(store.upsert(newer.clone()).await.unwrap(), Upsert::Written);
+    // A replay (equal) and a reordered older heartbeat are both refused.
+    assert_eq!(
+        store
+            .upsert(agent_at("a", 3_000, now + 2, |_| {}))
+            .await
+            .unwrap(),
+        Upsert::Stale
+    );
+    assert_eq!(
+        store
+            .upsert(agent_at("a", 2_500, now + 3, |_| {}))
+            .await
+            .unwrap(),
+        Upsert::Stale
+    );
+    assert_eq!(store.get("a", now + 4).await.unwrap(), Some(newer));
+}
+
+pub async fn concurrent_writers_keep_the_newest(backend: &Backend) {
+    let store = Arc::clone(&backend.store);
+    let now = base_ms();
+    let mut tasks = Vec::new();
+    for sent in 1..=40u64 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .upsert(agent_at("race", sent, now, |_| {}))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut written = 0;
+    for task in tasks {
+        if task.await.unwrap() == Upsert::Written {
+            written += 1;
+        }
+    }
+    assert!(written >= 1);
+    let stored = store.get("race", now).await.unwrap().unwrap();
+    assert_eq!(
+        stored.heartbeat.sent_at_ms, 40,
+        "the newest heartbeat must win whatever the arrival order"
+    );
+}
+
+pub async fn status_at_the_deadline(backend: &Backend) {
+    let store = &*backend.store;
+    let received = base_ms();
+    let agent = agent_at("edge", 1, received, |_| {});
+    let deadline = agent.online_until_ms;
+    assert_eq!(deadline, received + 90_000);
+    store.upsert(agent).await.unwrap();
+    assert_eq!(ids(store, "", deadline - 1).await, ["edge"]);
+    assert!(ids(store, "status=offline", deadline - 1).await.is_empty());
+    assert!(ids(store, "", deadline).await.is_empty());
+    assert_eq!(ids(store, "status=offline", deadline).await, ["edge"]);
+    let view = store
+        .get("edge", deadline)
+        .await
+        .unwrap()
+        .unwrap()
+        .view(deadline);
+    assert_eq!(view.status, rollcall::record::Status::Offline);
+}
+
+pub async fn leaving_is_offline_at_once(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    store
+        .upsert(agent_at("bye", 1, now - 5, |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(ids(store, "", now).await, ["bye"]);
+    let leaving = agent_at("bye", 2, now, |b| b["state"] = json!("leaving"));
+    assert_eq!(leaving.heartbeat.state, AgentState::Leaving);
+    store.upsert(leaving).await.unwrap();
+    assert!(ids(store, "", now).await.is_empty());
+    assert_eq!(ids(store, "status=offline", now).await, ["bye"]);
+}
+
+/// A small fleet that exercises every filter of PROTOCOL.md §2.
+async fn seed_fleet(store: &dyn Store, now: i64) {
+    let gpu = |index: u32, vendor: &str, free_mb: u64| json!({"index": index, "vendor": vendor, "memory_total_mb": 81920, "memory_free_mb": free_mb});
+    let fleet = [
+        (
+            "big",
+            "default",
+            6,
+            200_000,
+            json!([gpu(0, "nvidia", 80_000)]),
+            json!({"rack": "r1"}),
+        ),
+        (
+            "twin12",
+            "default",
+            2,
+            30_000,
+            json!([gpu(0, "nvidia", 12_288), gpu(1, "nvidia", 12_288)]),
+            json!({"rack": "r1"}),
+        ),
+        (
+            "radeon",
+            "render",
+            12,
+            60_000,
+            json!([gpu(0, "amd", 20_480)]),
+            json!({"rack": "r2", "site": "b2"}),
+        ),
+        (
+            "mixed",
+            "render",
+            4,
+            40_000,
+            json!([gpu(0, "amd", 40_960), gpu(1, "intel", 8_192)]),
+            json!({"rack": "r2"}),
+        ),
+        (
+            "cpuonly",
+            "default",
+            30,
+            100_000,
+            json!([]),
+            json!({"rack": "r3"}),
+        ),
+    ];
+    for (id, pool, cores, memory_mb, gpus, labels) in fleet {
+        let agent = agent_at(id, 1, now, |b| {
+            b["pool"] = json!(pool);
+            b["cpu"] = json!({"cores_physical": 32, "cores_logical": 64, "cores_available": cores,
+                              "load_1m": 1.0, "load_5m": 1.0, "load_15m": 1.0});
+            b["memory"] = json!({"total_mb": 262_144, "available_mb": memory_mb});
+            b["gpus"] = gpus;
+            b["labels"] = labels;
+        });
+        store.upsert(agent).await.unwrap();
+    }
+    // Gone offline a minute ago: only `status=offline|all` may show it.
+    let stale = agent_at("stale", 1, now - 200_000, |b| {
+        b["gpus"][0]["memory_free_mb"] = json!(24_000)
+    });
+    store.upsert(stale).await.unwrap();
+}
+
+pub async fn every_filter(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    seed_fleet(store, now).await;
+    for (text, expected) in [
+        ("", &["big", "mixed", "radeon", "twin12", "cpuonly"][..]),
+        ("min_gpu_vram_gb=16", &["big", "mixed", "radeon"]),
+        ("min_gpu_vram_gb=24", &["big", "mixed"]),
+        ("min_gpu_vram_gb=12&min_gpus=2", &["twin12"]),
+        ("min_gpus=2", &["mixed", "twin12"]),
+        ("min_gpus=1", &["big", "mixed", "radeon", "twin12"]),
+        ("min_cpu_cores=10", &["radeon", "cpuonly"]),
+        ("min_cpu_cores=4.5", &["big", "radeon", "cpuonly"]),
+        ("min_memory_gb=97", &["big", "cpuonly"]),
+        ("min_memory_gb=100", &["big"]),
+        ("gpu_vendor=amd", &["mixed", "radeon"]),
+        ("gpu_vendor=intel", &["mixed"]),
+        ("gpu_vendor=intel&min_gpu_vram_gb=10", &[]),
+        ("gpu_vendor=nvidia&min_gpus=2", &["twin12"]),
+        ("gpu_vendor=other", &[]),
+        ("pool=render", &["mixed", "radeon"]),
+        ("label=rack=r2", &["mixed", "radeon"]),
+        ("label=rack=r2&label=site=b2", &["radeon"]),
+        ("label=site=nowhere", &[]),
+        ("status=offline", &["stale"]),
+        ("status=all&min_gpu_vram_gb=23", &["big", "mixed", "stale"]),
+        (
+            "min_gpu_vram_gb=78&min_cpu_cores=6&min_memory_gb=190&pool=default&label=rack=r1",
+            &["big"],
+        ),
+        ("min_gpu_vram_gb=1000000", &[]),
+    ] {
+        assert_eq!(
+            ids(store, text, now).await,
+            expected,
+            "{} store, query {text:?}",
+            backend.name
+        );
+    }
+}
+
+pub async fn pagination_over_260_agents(backend: &Backend) {
+    let store = Arc::clone(&backend.store);
+    let now = base_ms();
+    let mut tasks = Vec::new();
+    for i in 0..260u64 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            // Many ties in free VRAM, and every fifth agent has too few cores.
+            let agent = agent_at(&format!("node-{i:03}"), 1, now, |b| {
+                b["gpus"][0]["memory_free_mb"] = json!(1024 * (i % 7));
+                b["cpu"]["cores_available"] = json!(if i % 5 == 0 { 1 } else { 6 });
+            });
+            store.upsert(agent).await.unwrap()
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for i in 0..260u64 {
+        all.push(
+            store
+                .get(&format!("node-{i:03}"), now)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    for text in [
+        "limit=100",
+        "limit=37&min_cpu_cores=2",
+        "limit=1&min_gpu_vram_gb=5",
+        "limit=1000",
+    ] {
+        let q = query(text);
+        let mut expected: Vec<&StoredAgent> =
+            all.iter().filter(|agent| q.matches(agent, now)).collect();
+        expected.sort_by(|a, b| answer_order(&Position::of(a), &Position::of(b)));
+        let expected: Vec<&str> = expected.iter().map(|agent| agent.agent_id()).collect();
+
+        let mut seen: Vec<String> = Vec::new();
+        let mut after: Option<Position> = None;
+        let mut pages = 0;
+        loop {
+            let page = store.query(&q, after.as_ref(), now).await.unwrap();
+            assert!(page.agents.len() <= q.limit);
+            seen.extend(page.agents.iter().map(|agent| agent.agent_id().to_owned()));
+            pages += 1;
+            assert!(pages <= 300, "pagination does not end");
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(
+            seen, expected,
+            "{} store, {text}: pages must list every match once, in order",
+            backend.name
+        );
+        assert_eq!(
+            pages,
+            expected.len().div_ceil(q.limit).max(1),
+            "{text}: no empty trailing page"
+        );
+    }
+}
+
+pub async fn retention_pruning(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    let deadlines = Deadlines {
+        grace_multiplier: 3,
+        retention_s: 60,
+    };
+    let heartbeat = |id: &str| Heartbeat::parse(heartbeat(id, 1).to_string().as_bytes()).unwrap();
+    let old = StoredAgent::accept(heartbeat("old"), now - 200_000, deadlines);
+    let young = StoredAgent::accept(heartbeat("young"), now - 10_000, deadlines);
+    assert!(old.is_expired(now) && !young.is_expired(now));
+    store.upsert(old).await.unwrap();
+    store.upsert(young).await.unwrap();
+
+    // Past expires_at a record is gone for every read, deleted or not.
+    assert_eq!(store.get("old", now).await.unwrap(), None);
+    assert_eq!(ids(store, "status=all", now).await, ["young"]);
+    store.prune(now).await.unwrap();
+    assert_eq!(store.get("old", now).await.unwrap(), None);
+    assert!(store.get("young", now).await.unwrap().is_some());
+    // An expired agent that comes back is new again, even with an older sent_at_ms.
+    assert_eq!(
+        store
+            .upsert(StoredAgent::accept(heartbeat("old"), now, deadlines))
+            .await
+            .unwrap(),
+        Upsert::Written
+    );
+    assert_eq!(ids(store, "", now).await, ["old", "young"]);
+}
+
+/// Every case, by name, for the macro in `tests/store_conformance.rs`.
+#[macro_export]
+macro_rules! conformance_cases {
+    ($backend:expr) => {
+        $crate::conformance_cases!(@cases $backend;
+            upsert_then_get, unknown_agent, newer_only, concurrent_writers_keep_the_newest,
+            status_at_the_deadline, leaving_is_offline_at_once, every_filter,
+            pagination_over_260_agents, retention_pruning);
+    };
+    (@cases $backend:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let backend = $backend.await;
+                $crate::conformance::$case(&backend).await;
+            }
+        )*
+    };
+}

@@ -400,6 +400,7 @@ pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Du
 }
 
 pub mod conformance;
+pub mod runtime_api;
 
 /// The AWS emulator the tests use: `ROLLCALL_TEST_AWS_ENDPOINT`, else ministack
 /// on its default port. Tests must never leave this machine, so anything but a

@@ -1,0 +1,210 @@
+//! The compiled functions on their real Lambda code path: `lambda_http`
+//! serving the axum routers, driven through a loopback Runtime API with
+//! function-URL (payload 2.0) events, base64-encoded bodies included.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rollcall::signing::FleetSecret;
+use rollcall_tests::runtime_api::{Outcome, RuntimeApi, http_event, response_body};
+use rollcall_tests::{binary, heartbeat, now_ms, now_s};
+
+const TOKEN: &str = "harness-token-0123456789";
+
+struct Function {
+    child: Child,
+    started: Instant,
+}
+
+impl Drop for Function {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(name: &str, api: &RuntimeApi, env: &[(&str, String)]) -> Function {
+    let mut command = Command::new(binary(name));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AWS_LAMBDA_RUNTIME_API", api.addr.to_string())
+        .env("AWS_LAMBDA_FUNCTION_NAME", name)
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_REGION", "us-east-1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let started = Instant::now();
+    Function {
+        child: command.spawn().expect("start bootstrap"),
+        started,
+    }
+}
+
+fn status(outcome: &Outcome) -> u64 {
+    assert_eq!(
+        outcome.kind, "response",
+        "function reported an error: {}",
+        outcome.body
+    );
+    outcome.body["statusCode"].as_u64().expect("statusCode")
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+#[test]
+fn ingest_and_query_answer_function_url_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lambda.db").display().to_string();
+    let secret = FleetSecret::from_bytes(vec![9; 32]).unwrap();
+    let store = [("ROLLCALL_STORE", "sqlite".to_owned()), ("ROLLCALL_DB", db)];
+
+    let ingest_api = RuntimeApi::start();
+    let mut ingest_env = store.to_vec();
+    ingest_env.push(("ROLLCALL_FLEET_SECRETS", format!("k1={}", secret.to_hex())));
+    let ingest = start("rollcall-ingest", &ingest_api, &ingest_env);
+
+    let health = ingest_api.invoke(http_event("GET", "/healthz", "", &[], None, false));
+    let cold_start = health.answered_at - ingest.started;
+    assert_eq!(status(&health), 200);
+    assert_eq!(response_body(&health), serde_json::json!({"ok": true}));
+
+    let post = |body: &[u8], base64: bool, content_type: &str, key: &FleetSecret| {
+        let timestamp = now_s();
+        let signature = key
+            .derive_agent_key("lam")
+            .signature_header("k1", "lam", timestamp, body);
+        let timestamp = timestamp.to_string();
+        let headers = [
+            ("Content-Type", content_type),
+            ("X-Rollcall-Agent", "lam"),
+            ("X-Rollcall-Key-Id", "k1"),
+            ("X-Rollcall-Timestamp", timestamp.as_str()),
+            ("X-Rollcall-Signature", signature.as_str()),
+        ];
+        ingest_api.invoke(http_event(
+            "POST",
+            "/v1/heartbeats",
+            "",
+            &headers,
+            Some(body),
+            base64,
+        ))
+    };
+    let first = heartbeat("lam", now_ms()).to_string();
+    let accepted = post(first.as_bytes(), true, "application/json", &secret);
+    assert_eq!(status(&accepted), 202, "{}", accepted.body);
+    assert_eq!(response_body(&accepted)["agent_id"], "lam");
+
+    let second = heartbeat("lam", now_ms() + 1).to_string();
+    assert_eq!(
+        status(&post(
+            second.as_bytes(),
+            false,
+            "application/json; charset=utf-8",
+            &secret
+        )),
+        202
+    );
+    let replay = post(second.as_bytes(), false, "application/json", &secret);
+    assert_eq!(status(&replay), 409);
+
+    let forged = post(
+        heartbeat("lam", now_ms() + 2).to_string().as_bytes(),
+        true,
+        "application/json",
+        &FleetSecret::from_bytes(vec![7; 32]).unwrap(),
+    );
+    assert_eq!(status(&forged), 401);
+    assert!(
+        response_body(&forged)["error"]
+            .as_str()
+            .unwrap()
+            .contains("signature")
+    );
+    let wrong_type = post(second.as_bytes(), false, "text/plain", &secret);
+    assert_eq!(status(&wrong_type), 415);
+
+    let warm: Vec<Duration> = (0..50)
+        .map(|_| {
+            ingest_api
+                .invoke(http_event("GET", "/healthz", "", &[], None, false))
+                .took
+        })
+        .collect();
+    let warm_heartbeats: Vec<Duration> = (0..20)
+        .map(|i| {
+            let body = heartbeat("lam", now_ms() + 10 + i).to_string();
+            let outcome = post(body.as_bytes(), true, "application/json", &secret);
+            assert_eq!(status(&outcome), 202);
+            outcome.took
+        })
+        .collect();
+
+    let query_api = RuntimeApi::start();
+    let mut query_env = store.to_vec();
+    query_env.push(("ROLLCALL_QUERY_TOKENS", TOKEN.to_owned()));
+    let query = start("rollcall-query", &query_api, &query_env);
+    let auth = format!("Bearer {TOKEN}");
+    let listed = query_api.invoke(http_event(
+        "GET",
+        "/v1/agents",
+        "min_gpu_vram_gb=1&limit=5",
+        &[("Authorization", &auth)],
+        None,
+        false,
+    ));
+    let query_cold_start = listed.answered_at - query.started;
+    assert_eq!(status(&listed), 200, "{}", listed.body);
+    let agents = response_body(&listed)["agents"].clone();
+    assert_eq!(agents[0]["agent_id"], "lam");
+    assert_eq!(agents[0]["status"], "online");
+
+    let unauthorised = query_api.invoke(http_event("GET", "/v1/agents", "", &[], None, false));
+    assert_eq!(status(&unauthorised), 401);
+    let bad = query_api.invoke(http_event(
+        "GET",
+        "/v1/agents",
+        "limit=0",
+        &[("Authorization", &auth)],
+        None,
+        false,
+    ));
+    assert_eq!(status(&bad), 400);
+    assert!(
+        response_body(&bad)["error"]
+            .as_str()
+            .unwrap()
+            .contains("limit")
+    );
+    let one = query_api.invoke(http_event(
+        "GET",
+        "/v1/agents/lam",
+        "",
+        &[("Authorization", &auth)],
+        None,
+        false,
+    ));
+    assert_eq!(response_body(&one)["agent_id"], "lam");
+
+    println!(
+        "runtime harness ({} build): ingest cold start to first response {:?}, query {:?}; \
+         warm /healthz median {:?}, warm heartbeat median {:?}",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        cold_start,
+        query_cold_start,
+        median(warm),
+        median(warm_heartbeats)
+    );
+}

@@ -195,13 +195,9 @@ fn ingest_and_query_answer_function_url_events() {
     assert_eq!(response_body(&one)["agent_id"], "lam");
 
     println!(
-        "runtime harness ({} build): ingest cold start to first response {:?}, query {:?}; \
+        "runtime harness ({}): ingest cold start to first response {:?}, query {:?}; \
          warm /healthz median {:?}, warm heartbeat median {:?}",
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
+        binary("rollcall-ingest").display(),
         cold_start,
         query_cold_start,
         median(warm),

@@ -17,11 +17,20 @@ use serde_json::{Value, json};
 
 pub const KEY_ID: &str = "k1";
 
-/// A built binary of this workspace.
+/// A built binary of this workspace: from `ROLLCALL_TEST_BIN_DIR` if set (to
+/// measure release builds), else next to the test executable.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target folder");
+    let dir = match std::env::var_os("ROLLCALL_TEST_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            // target/<profile>/deps/<test> -> target/<profile>/<name>
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target folder")
+                .to_owned()
+        }
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use rollcall::signing::{MAX_AGENT_ID_LEN, is_id_char, is_valid_id};
+use rollcall::signing::{MAX_AGENT_ID_LEN, is_id_char, is_valid_agent_id};
 
 const FILE_NAME: &str = "agent-id";
 
@@ -34,7 +34,7 @@ pub fn load_or_create(state_dir: &Path, hostname: &str) -> Result<String, AgentI
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let id = text.trim();
-            if is_valid_id(id, MAX_AGENT_ID_LEN) {
+            if is_valid_agent_id(id) {
                 return Ok(id.to_owned());
             }
             return Err(AgentIdError::Invalid {
@@ -91,7 +91,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = load_or_create(dir.path(), "gpu box.example.org").unwrap();
         assert!(first.starts_with("gpu-box.example.org-"), "{first}");
-        assert!(is_valid_id(&first, MAX_AGENT_ID_LEN));
+        assert!(is_valid_agent_id(&first));
         assert_eq!(load_or_create(dir.path(), "other").unwrap(), first);
     }
 
@@ -99,7 +99,7 @@ mod tests {
     fn long_or_odd_hostnames_still_give_valid_ids() {
         for host in ["", "é", &"x".repeat(200)] {
             let id = generate(host);
-            assert!(is_valid_id(&id, MAX_AGENT_ID_LEN), "{id}");
+            assert!(is_valid_agent_id(&id), "{id}");
         }
     }
 

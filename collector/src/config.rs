@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rollcall::heartbeat::{DEFAULT_POOL, MAX_LABELS, MAX_POOL_LEN};
-use rollcall::signing::{AgentKey, MAX_AGENT_ID_LEN, MAX_KEY_ID_LEN, is_valid_id};
+use rollcall::signing::{AGENT_ID_RULE, AgentKey, MAX_KEY_ID_LEN, is_valid_agent_id, is_valid_id};
 use serde::Deserialize;
 
 pub const SYSTEM_CONFIG: &str = "/etc/rollcall/collector.toml";
@@ -139,10 +139,10 @@ impl Settings {
             .map_err(|error| ConfigError::Invalid(format!("agent key: {error}")))?;
         let agent_id = overrides.agent_id.or(file.agent_id);
         if let Some(id) = &agent_id
-            && !is_valid_id(id, MAX_AGENT_ID_LEN)
+            && !is_valid_agent_id(id)
         {
             return Err(ConfigError::Invalid(format!(
-                "agent id {id:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+                "agent id {id:?} {AGENT_ID_RULE}"
             )));
         }
         let pool = overrides

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use rollcall::heartbeat::AgentState;
-use rollcall::signing::{FleetSecret, MAX_AGENT_ID_LEN, is_valid_id};
+use rollcall::signing::{AGENT_ID_RULE, FleetSecret, is_valid_agent_id};
 use rollcall_collector::config::{self, Overrides, Settings};
 use rollcall_collector::sample::{GpuReaders, Identity, Sampler};
 use rollcall_collector::send::Sender;
@@ -250,8 +250,8 @@ fn sender(settings: &Settings) -> anyhow::Result<Sender> {
 }
 
 fn keygen(agent_id: &str) -> anyhow::Result<()> {
-    if !is_valid_id(agent_id, MAX_AGENT_ID_LEN) {
-        bail!("agent id {agent_id:?} must be 1-64 characters of A-Z a-z 0-9 . _ -");
+    if !is_valid_agent_id(agent_id) {
+        bail!("agent id {agent_id:?} {AGENT_ID_RULE}");
     }
     let secret_text = match std::env::var("ROLLCALL_FLEET_SECRET") {
         Ok(text) if !text.is_empty() => text,

@@ -56,8 +56,18 @@ async fn heartbeat(
     if declared_length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
         return Err(reject(Rejection::PayloadTooLarge));
     }
-    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+    let read = tokio::time::timeout(
+        api::BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, MAX_BODY_BYTES),
+    );
+    let body = read
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            )
+        })?
         .map_err(|error| {
             if is_length_limit(&error) {
                 reject(Rejection::PayloadTooLarge)

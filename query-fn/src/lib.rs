@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use rollcall::api::{self, ApiError};
 use rollcall::capacity::{CapacityQuery, CursorSealer};
 use rollcall::record::{AgentView, now_ms, rfc3339};
-use rollcall::signing::{MAX_AGENT_ID_LEN, is_valid_id};
+use rollcall::signing::{AGENT_ID_RULE, is_valid_agent_id};
 use rollcall::store::Store;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -159,10 +159,8 @@ async fn get_agent(
     State(api): State<Arc<QueryApi>>,
     Path(agent_id): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
-    if !is_valid_id(&agent_id, MAX_AGENT_ID_LEN) {
-        return Err(ApiError::bad_request(
-            "agent id must be 1-64 characters of A-Z a-z 0-9 . _ -",
-        ));
+    if !is_valid_agent_id(&agent_id) {
+        return Err(ApiError::bad_request(format!("agent id {AGENT_ID_RULE}")));
     }
     let now = now_ms();
     match api.store.get(&agent_id, now).await? {

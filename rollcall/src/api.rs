@@ -2,6 +2,7 @@
 //! and the two entry points for one router (AWS Lambda or plain HTTP).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -104,8 +105,16 @@ pub fn in_lambda() -> bool {
     std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
 }
 
+/// A client must send its request headers within this time, or the
+/// connection is closed: slow or silent clients cannot pin connections.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A handler that reads a body gives up on it after this time (408).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections still open at shutdown get this long to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `router` through the Lambda Runtime API when inside Lambda, else as
-/// plain HTTP on `listen` until SIGINT or SIGTERM.
+/// plain HTTP/1.1 on `listen` until SIGINT or SIGTERM.
 pub async fn serve(router: Router, listen: SocketAddr, name: &str) -> Result<(), ServeError> {
     if in_lambda() {
         tracing::info!("{name}: serving through the Lambda Runtime API");
@@ -120,15 +129,78 @@ pub async fn serve(router: Router, listen: SocketAddr, name: &str) -> Result<(),
         .local_addr()
         .map_err(|source| ServeError::Bind { listen, source })?;
     tracing::info!("{name}: listening on http://{local}");
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .map_err(ServeError::Io)?;
+    serve_http(router, listener, shutdown_signal()).await;
     tracing::info!("{name}: stopped");
     Ok(())
+}
+
+/// The plain-HTTP server: hyper's HTTP/1.1 with a header read timeout (which
+/// `axum::serve` does not set), and a graceful drain on `shutdown`.
+pub async fn serve_http(
+    router: Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(router.clone());
+                let mut stopping = stopping.clone();
+                connections.spawn(async move {
+                    let stop_requested = async move {
+                        let _ = stopping.wait_for(|stop| *stop).await;
+                    };
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        result = connection.as_mut() => {
+                            if let Err(error) = result {
+                                tracing::debug!(%error, "connection closed with an error");
+                            }
+                        }
+                        () = stop_requested => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = connection.await;
+                        }
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open after the drain timeout; closing them"
+        );
+        connections.abort_all();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,8 +210,6 @@ pub enum ServeError {
         listen: SocketAddr,
         source: std::io::Error,
     },
-    #[error("server failed: {0}")]
-    Io(std::io::Error),
     #[error("Lambda runtime failed: {0}")]
     Lambda(String),
 }

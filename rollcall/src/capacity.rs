@@ -11,6 +11,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::heartbeat::MAX_LABEL_KEY_LEN;
 use crate::heartbeat::Vendor;
 use crate::record::StoredAgent;
 use crate::signing::{MAX_AGENT_ID_LEN, is_valid_id};
@@ -80,6 +81,13 @@ impl CapacityQuery {
         let mut parsed = CapacityQuery::default();
         let mut seen: Vec<String> = Vec::new();
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            // The decoder replaces invalid UTF-8 with U+FFFD rather than failing.
+            if name.contains('\u{FFFD}') || value.contains('\u{FFFD}') {
+                return Err(param_error(
+                    &name,
+                    "is not valid UTF-8 once percent-decoded",
+                ));
+            }
             if name != "label" {
                 if seen.iter().any(|s| *s == name) {
                     return Err(param_error(&name, "given more than once"));
@@ -117,10 +125,12 @@ impl CapacityQuery {
                     let (key, label_value) = value.split_once('=').ok_or_else(|| {
                         param_error(&name, format!("must be key=value, got {value:?}"))
                     })?;
-                    if key.is_empty() {
+                    if !is_valid_id(key, MAX_LABEL_KEY_LEN) {
                         return Err(param_error(
                             &name,
-                            format!("must be key=value with a non-empty key, got {value:?}"),
+                            format!(
+                                "must be key=value, the key 1-64 characters of A-Z a-z 0-9 . _ -; got {value:?}"
+                            ),
                         ));
                     }
                     parsed.labels.push((key.to_owned(), label_value.to_owned()));
@@ -390,6 +400,8 @@ mod tests {
             ("limit=0", "limit"),
             ("limit=1001", "limit"),
             ("label=nokey", "label"),
+            ("label=a%20b=1", "label"),
+            ("label=k=%ff", "label"),
             ("pool=a/b", "pool"),
             ("min_cpu_cores=1&min_cpu_cores=2", "min_cpu_cores"),
             ("colour=red", "colour"),

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::signing::{MAX_AGENT_ID_LEN, is_valid_id};
+use crate::signing::{AGENT_ID_RULE, is_valid_agent_id, is_valid_id};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_GPUS: usize = 16;
@@ -15,6 +15,8 @@ pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL_KEY_LEN: usize = 64;
 pub const MAX_LABEL_VALUE_LEN: usize = 256;
 pub const MAX_POOL_LEN: usize = 64;
+/// Host names, OS names, GPU names and UUIDs, disk paths.
+pub const MAX_TEXT_LEN: usize = 256;
 pub const DEFAULT_POOL: &str = "default";
 /// 2^53: the largest integer every JSON reader holds exactly.
 pub const MAX_SAFE_INTEGER: u64 = 1 << 53;
@@ -186,11 +188,8 @@ impl Heartbeat {
                 ),
             ));
         }
-        if !is_valid_id(&self.agent_id, MAX_AGENT_ID_LEN) {
-            return Err(BodyError::new(
-                "agent_id",
-                "must be 1-64 characters of A-Z a-z 0-9 . _ -",
-            ));
+        if !is_valid_agent_id(&self.agent_id) {
+            return Err(BodyError::new("agent_id", AGENT_ID_RULE));
         }
         if self.sent_at_ms == 0 {
             return Err(BodyError::new(
@@ -232,6 +231,17 @@ impl Heartbeat {
                 return Err(BodyError::new(
                     format!("labels.{key}"),
                     "label values must be at most 256 characters, none of them control characters",
+                ));
+            }
+        }
+
+        for (field, value) in self.free_texts() {
+            if value.chars().count() > MAX_TEXT_LEN || value.chars().any(char::is_control) {
+                return Err(BodyError::new(
+                    field,
+                    format!(
+                        "must be at most {MAX_TEXT_LEN} characters, none of them control characters"
+                    ),
                 ));
             }
         }
@@ -323,6 +333,35 @@ impl Heartbeat {
             }
         }
         Ok(())
+    }
+
+    /// Descriptive strings: shown to people, so bounded and printable.
+    fn free_texts(&self) -> Vec<(String, &str)> {
+        let mut texts = Vec::new();
+        if let Some(host) = &self.host {
+            texts.extend(
+                host.hostname
+                    .as_deref()
+                    .map(|text| ("host.hostname".to_owned(), text)),
+            );
+            texts.extend(host.os.as_deref().map(|text| ("host.os".to_owned(), text)));
+        }
+        if let Some(path) = self.disk.as_ref().and_then(|disk| disk.path.as_deref()) {
+            texts.push(("disk.path".to_owned(), path));
+        }
+        for (position, gpu) in self.gpus.iter().enumerate() {
+            texts.extend(
+                gpu.name
+                    .as_deref()
+                    .map(|text| (format!("gpus[{position}].name"), text)),
+            );
+            texts.extend(
+                gpu.uuid
+                    .as_deref()
+                    .map(|text| (format!("gpus[{position}].uuid"), text)),
+            );
+        }
+        texts
     }
 
     /// Integer figures a store must hold exactly; JSON's safe range bounds them.
@@ -539,6 +578,41 @@ pub(crate) mod tests {
             field_of(example(), |b| b["labels"] = json!({"a b": "x"})),
             "labels.a b"
         );
+    }
+
+    #[test]
+    fn descriptive_strings_are_bounded_and_printable() {
+        assert_eq!(
+            field_of(example(), |b| b["host"]["hostname"] = json!("lab\u{0}07")),
+            "host.hostname"
+        );
+        assert_eq!(
+            field_of(example(), |b| b["gpus"][0]["name"] = json!("x".repeat(257))),
+            "gpus[0].name"
+        );
+        assert_eq!(
+            field_of(example(), |b| b["disk"]["path"] = json!("/\n")),
+            "disk.path"
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_deep_nesting_and_bad_utf8_are_refused() {
+        let duplicated = example()
+            .to_string()
+            .replacen("{", "{\"agent_id\":\"other\",", 1);
+        assert!(
+            Heartbeat::parse(duplicated.as_bytes())
+                .unwrap_err()
+                .message
+                .contains("duplicate field")
+        );
+        let nested = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(Heartbeat::parse(nested.as_bytes()).is_err());
+        let mut invalid = example().to_string().into_bytes();
+        let at = invalid.windows(6).position(|w| w == b"lab-07").unwrap();
+        invalid[at] = 0xff;
+        assert!(Heartbeat::parse(&invalid).is_err());
     }
 
     #[test]

@@ -183,6 +183,16 @@ pub fn is_valid_id(text: &str, max: usize) -> bool {
 }
 
 pub const MAX_AGENT_ID_LEN: usize = 64;
+
+/// An agent id: 1–64 characters of the id alphabet, and not `.` or `..`,
+/// which URL handling turns into path steps (`GET /v1/agents/..` could never
+/// reach such an agent).
+pub fn is_valid_agent_id(text: &str) -> bool {
+    is_valid_id(text, MAX_AGENT_ID_LEN) && text != "." && text != ".."
+}
+
+/// What the agent-id rule says, for error messages.
+pub const AGENT_ID_RULE: &str = "must be 1-64 characters of A-Z a-z 0-9 . _ - (and not . or ..)";
 pub const MAX_KEY_ID_LEN: usize = 32;
 
 fn new_mac(key: &[u8]) -> HmacSha256 {
@@ -279,5 +289,7 @@ mod tests {
         for bad in ["a/b", "..%2F", "a b", "é"] {
             assert!(!is_valid_id(bad, 64), "{bad}");
         }
+        assert!(is_valid_agent_id("a..b") && is_valid_agent_id(".hidden"));
+        assert!(!is_valid_agent_id("..") && !is_valid_agent_id("."));
     }
 }

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use crate::heartbeat::{Heartbeat, MAX_BODY_BYTES};
 use crate::signing::{
-    FleetSecret, HEADER_AGENT, HEADER_KEY_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, KeyError,
-    MAX_AGENT_ID_LEN, MAX_KEY_ID_LEN, MAX_SKEW_S, is_valid_id, parse_signature_header,
+    AGENT_ID_RULE, FleetSecret, HEADER_AGENT, HEADER_KEY_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+    KeyError, MAX_KEY_ID_LEN, MAX_SKEW_S, is_valid_agent_id, is_valid_id, parse_signature_header,
 };
 
 /// Why a heartbeat was refused; each maps to one status code.
@@ -161,11 +161,10 @@ impl SignedHeaders {
             })
         };
         let agent_id = text(HEADER_AGENT, "X-Rollcall-Agent")?;
-        if !is_valid_id(agent_id, MAX_AGENT_ID_LEN) {
-            return Err(Rejection::Unauthorized(
-                "malformed header X-Rollcall-Agent: must be 1-64 characters of A-Z a-z 0-9 . _ -"
-                    .into(),
-            ));
+        if !is_valid_agent_id(agent_id) {
+            return Err(Rejection::Unauthorized(format!(
+                "malformed header X-Rollcall-Agent: {AGENT_ID_RULE}"
+            )));
         }
         let key_id = text(HEADER_KEY_ID, "X-Rollcall-Key-Id")?;
         if !is_valid_id(key_id, MAX_KEY_ID_LEN) {

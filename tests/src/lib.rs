@@ -342,14 +342,35 @@ pub fn request(
 
 /// Sends raw bytes and parses the answer.
 pub fn raw_request(addr: SocketAddr, raw: &[u8]) -> Response {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream.write_all(raw).expect("write request");
+    try_raw_request(addr, raw, Duration::from_secs(30))
+        .unwrap_or_else(|error| panic!("no HTTP answer: {error}"))
+}
+
+/// Sends raw bytes, then waits up to `limit` for an answer; `Err` when the
+/// server closed the connection without one (or never answered).
+pub fn try_raw_request(addr: SocketAddr, raw: &[u8], limit: Duration) -> Result<Response, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(limit)).unwrap();
+    // The server may refuse before reading everything; what it says still counts.
+    let _ = stream.write_all(raw);
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("read response");
-    parse_response(&answer)
+    let mut buffer = [0u8; 8192];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            Err(e) if answer.is_empty() => return Err(format!("read: {e}")),
+            Err(_) => break,
+        }
+    }
+    if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        Ok(parse_response(&answer))
+    } else {
+        Err(format!(
+            "connection closed after {} bytes and no response",
+            answer.len()
+        ))
+    }
 }
 
 fn parse_response(answer: &[u8]) -> Response {

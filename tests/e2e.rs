@@ -304,3 +304,97 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
 }
+
+/// An ingest that refuses every heartbeat for clock skew, with the exact
+/// words the real one uses for a clock 400 s behind.
+fn skew_refusing_ingest() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{Read, Write};
+    let secret = rollcall::signing::FleetSecret::from_bytes(vec![3; 32]).unwrap();
+    let keyring = rollcall::verify::Keyring::parse(&format!("k1={}", secret.to_hex())).unwrap();
+    let body = heartbeat("skewed", now_ms()).to_string();
+    let late = rollcall_tests::now_s() - 400;
+    let signature =
+        secret
+            .derive_agent_key("skewed")
+            .signature_header("k1", "skewed", late, body.as_bytes());
+    let late_text = late.to_string();
+    let headers = [
+        ("x-rollcall-agent", "skewed"),
+        ("x-rollcall-key-id", "k1"),
+        ("x-rollcall-timestamp", late_text.as_str()),
+        ("x-rollcall-signature", signature.as_str()),
+    ];
+    let rejection = keyring
+        .verify(
+            |name| {
+                headers
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.as_bytes())
+            },
+            body.as_bytes(),
+            late + 400,
+        )
+        .unwrap_err();
+    let answer = serde_json::json!({"error": rejection.to_string()}).to_string();
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&requests);
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            let mut buffer = [0u8; 65536];
+            let _ = stream.read(&mut buffer);
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    (addr, requests)
+}
+
+#[test]
+fn a_collector_with_a_skewed_clock_says_so_once_instead_of_retrying_silently() {
+    let stack = Stack::start();
+    let (addr, requests) = skew_refusing_ingest();
+    let service = stack
+        .collector("skewed")
+        .env("ROLLCALL_ENDPOINT", format!("http://{addr}"))
+        .args(["run", "--interval", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(3500));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc_kill(service.id() as i32, 15) };
+    let output = service.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let skew_lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("clock is off"))
+        .collect();
+    assert_eq!(
+        skew_lines.len(),
+        1,
+        "one clear line, not one per attempt:\n{stderr}"
+    );
+    assert!(
+        skew_lines[0].contains("ERROR") && skew_lines[0].contains("400s behind"),
+        "{}",
+        skew_lines[0]
+    );
+    // It keeps sending each interval (a fixed clock starts working at once), without retry storms.
+    let sent = requests.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        (3..=6).contains(&sent),
+        "{sent} requests in 3.5 s at a 1 s interval"
+    );
+}

@@ -97,6 +97,12 @@ impl Server {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// SIGKILL: no shutdown, no flush, as in a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Server {
@@ -118,6 +124,13 @@ pub struct Stack {
 impl Stack {
     pub fn start() -> Stack {
         Self::start_with(&[])
+    }
+
+    /// Both functions on the SQLite file `db`.
+    pub fn start_with_db(db: &Path) -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store_args: Vec<String> = vec!["--db".into(), db.display().to_string()];
+        Self::start_on(dir, &store_args, &[], &[])
     }
 
     pub fn start_with(ingest_args: &[&str]) -> Stack {

@@ -1,0 +1,126 @@
+//! Key rotation as SECURITY.md describes it: add the new fleet secret beside
+//! the old one, re-key collectors, retire the old one. Query tokens rotate the
+//! same way.
+
+use rollcall::signing::FleetSecret;
+use rollcall_tests::{Server, heartbeat, now_ms, now_s, request};
+
+fn ingest(db: &str, secrets: &str) -> Server {
+    Server::start(
+        "rollcall-ingest",
+        &["--db", db],
+        &[("ROLLCALL_FLEET_SECRETS", secrets)],
+    )
+}
+
+fn send(server: &Server, key_id: &str, secret: &FleetSecret, agent: &str) -> (u16, String) {
+    let body = heartbeat(agent, now_ms()).to_string();
+    let timestamp = now_s();
+    let signature =
+        secret
+            .derive_agent_key(agent)
+            .signature_header(key_id, agent, timestamp, body.as_bytes());
+    let timestamp = timestamp.to_string();
+    let response = request(
+        server.addr,
+        "POST",
+        "/v1/heartbeats",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Rollcall-Agent", agent),
+            ("X-Rollcall-Key-Id", key_id),
+            ("X-Rollcall-Timestamp", &timestamp),
+            ("X-Rollcall-Signature", &signature),
+        ],
+        body.as_bytes(),
+    );
+    let error = if response.status == 202 {
+        String::new()
+    } else {
+        response.error()
+    };
+    (response.status, error)
+}
+
+#[test]
+fn fleet_secrets_rotate_without_downtime_and_the_old_one_stops_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rotation.db").display().to_string();
+    let old = FleetSecret::from_bytes(vec![1; 32]).unwrap();
+    let new = FleetSecret::from_bytes(vec![2; 32]).unwrap();
+
+    // 1. Only A.
+    let server = ingest(&db, &format!("A={}", old.to_hex()));
+    assert_eq!(send(&server, "A", &old, "gpu-01").0, 202);
+    assert_eq!(send(&server, "B", &new, "gpu-01").0, 401);
+    drop(server);
+
+    // 2. A and B together: collectors move over one by one.
+    let server = ingest(&db, &format!("A={},B={}", old.to_hex(), new.to_hex()));
+    assert_eq!(send(&server, "A", &old, "gpu-01").0, 202);
+    assert_eq!(send(&server, "B", &new, "gpu-02").0, 202);
+    assert_eq!(send(&server, "B", &new, "gpu-01").0, 202);
+    drop(server);
+
+    // 3. A retired: its keys are refused, B's still work.
+    let server = ingest(&db, &format!("B={}", new.to_hex()));
+    let (status, error) = send(&server, "A", &old, "gpu-01");
+    assert_eq!(status, 401);
+    assert!(error.contains("unknown key id \"A\""), "{error}");
+    assert_eq!(send(&server, "B", &new, "gpu-01").0, 202);
+
+    // A key derived for one agent does not sign for another, under any key id.
+    let stolen = new.derive_agent_key("gpu-01");
+    let body = heartbeat("gpu-02", now_ms()).to_string();
+    let timestamp = now_s();
+    let signature = stolen.signature_header("B", "gpu-02", timestamp, body.as_bytes());
+    let timestamp = timestamp.to_string();
+    let response = request(
+        server.addr,
+        "POST",
+        "/v1/heartbeats",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Rollcall-Agent", "gpu-02"),
+            ("X-Rollcall-Key-Id", "B"),
+            ("X-Rollcall-Timestamp", &timestamp),
+            ("X-Rollcall-Signature", &signature),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(response.status, 401);
+}
+
+#[test]
+fn query_tokens_rotate_the_same_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tokens.db").display().to_string();
+    let (old, new) = ("old-token-0123456789abcdef", "new-token-0123456789abcdef");
+    let status = |server: &Server, token: &str| {
+        request(
+            server.addr,
+            "GET",
+            "/v1/agents",
+            &[("Authorization", &format!("Bearer {token}"))],
+            b"",
+        )
+        .status
+    };
+
+    let both = Server::start(
+        "rollcall-query",
+        &["--db", &db],
+        &[("ROLLCALL_QUERY_TOKENS", &format!("{old},{new}"))],
+    );
+    assert_eq!(status(&both, old), 200);
+    assert_eq!(status(&both, new), 200);
+    drop(both);
+
+    let only_new = Server::start(
+        "rollcall-query",
+        &["--db", &db],
+        &[("ROLLCALL_QUERY_TOKENS", new)],
+    );
+    assert_eq!(status(&only_new, old), 401);
+    assert_eq!(status(&only_new, new), 200);
+}

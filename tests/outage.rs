@@ -63,7 +63,6 @@ impl Emulator {
             .spawn()
             .expect("start ministack");
         self.child = Some(child);
-        let health = format!("/_ministack/health");
         let up = wait_until(Duration::from_secs(30), || {
             std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
                 && rollcall_tests::try_raw_request(

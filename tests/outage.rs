@@ -67,7 +67,7 @@ impl Emulator {
             std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
                 && rollcall_tests::try_raw_request(
                     ([127, 0, 0, 1], self.port).into(),
-                    format!("GET {health} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    "GET /_ministack/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
                         .as_bytes(),
                     Duration::from_secs(2),
                 )

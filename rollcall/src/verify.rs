@@ -119,6 +119,15 @@ impl Keyring {
         }
         let heartbeat = Heartbeat::parse(body)
             .map_err(|error| Rejection::BadRequest(format!("invalid body: {error}")))?;
+        // A key holder could otherwise park sent_at_ms far ahead and lock the
+        // real collector out with 409s until the record expires.
+        let latest_ms = now_s.saturating_add(MAX_SKEW_S).saturating_mul(1000);
+        if i64::try_from(heartbeat.sent_at_ms).unwrap_or(i64::MAX) > latest_ms {
+            return Err(Rejection::BadRequest(format!(
+                "sent_at_ms: {} is more than {MAX_SKEW_S}s ahead of the server clock",
+                heartbeat.sent_at_ms
+            )));
+        }
         if heartbeat.agent_id != headers.agent_id {
             return Err(Rejection::BadRequest(format!(
                 "agent_id: body says {:?} but X-Rollcall-Agent says {:?}",
@@ -302,6 +311,16 @@ mod tests {
             assert_eq!(error.status(), 401);
             assert!(error.to_string().contains(display), "{error}");
         }
+    }
+
+    #[test]
+    fn sent_at_ms_may_not_run_ahead_of_the_server_clock() {
+        let mut body = example();
+        body["sent_at_ms"] = serde_json::json!((NOW + 301) * 1000);
+        let body = body.to_string();
+        let error = check(&signed(body.as_bytes(), "lab-07", NOW), body.as_bytes(), NOW).unwrap_err();
+        assert_eq!(error.status(), 400);
+        assert!(error.to_string().starts_with("sent_at_ms:"), "{error}");
     }
 
     #[test]

@@ -263,7 +263,10 @@ fn body_checks_name_the_field() {
             "unsupported protocol version",
         ),
         (Box::new(|b| b["state"] = json!("sleeping")), "state"),
-        (Box::new(|b| b["sent_at_ms"] = json!(now_ms() + 3_600_000)), "sent_at_ms: "),
+        (
+            Box::new(|b| b["sent_at_ms"] = json!(now_ms() + 3_600_000)),
+            "sent_at_ms: ",
+        ),
     ];
     for (edit, expected) in cases {
         let mut body = victim.newer();

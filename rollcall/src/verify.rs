@@ -318,7 +318,12 @@ mod tests {
         let mut body = example();
         body["sent_at_ms"] = serde_json::json!((NOW + 301) * 1000);
         let body = body.to_string();
-        let error = check(&signed(body.as_bytes(), "lab-07", NOW), body.as_bytes(), NOW).unwrap_err();
+        let error = check(
+            &signed(body.as_bytes(), "lab-07", NOW),
+            body.as_bytes(),
+            NOW,
+        )
+        .unwrap_err();
         assert_eq!(error.status(), 400);
         assert!(error.to_string().starts_with("sent_at_ms:"), "{error}");
     }

@@ -21,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE = ROOT / "target" / "release"
+# The collector as shipped: built with the size-optimised `collector` profile.
+COLLECTOR = ROOT / "target" / "collector"
 SECRET = "ab" * 32
 TOKEN = "bench-token-0123456789abcdef"
 ENV = {**os.environ, "RUST_LOG": "warn"}
@@ -90,7 +92,7 @@ def loadgen(*args, target_url, query_url=None):
 
 
 def collector_env(stack, agent):
-    key = subprocess.run([RELEASE / "rollcall-collector", "keygen", "--agent-id", agent],
+    key = subprocess.run([COLLECTOR / "rollcall-collector", "keygen", "--agent-id", agent],
                          env={**ENV, "ROLLCALL_FLEET_SECRET": SECRET}, capture_output=True, text=True, check=True).stdout.strip()
     return {**ENV, "ROLLCALL_AGENT_KEY": key, "ROLLCALL_ENDPOINT": stack.ingest_url, "ROLLCALL_KEY_ID": "k1",
             "ROLLCALL_AGENT_ID": agent, "ROLLCALL_CONFIG": "/dev/null", "ROLLCALL_STATE_DIR": stack.dir}
@@ -100,7 +102,7 @@ def bench_collector(results, args):
     stack = Stack()
     try:
         log(f"collector in service mode: {args.heartbeats} heartbeats at a 1 s interval, {args.repeats} collectors at once")
-        services = [subprocess.Popen([RELEASE / "rollcall-collector", "run", "--interval", "1"],
+        services = [subprocess.Popen([COLLECTOR / "rollcall-collector", "run", "--interval", "1"],
                                      env=collector_env(stack, f"svc-{n}"), stderr=subprocess.DEVNULL)
                     for n in range(args.repeats)]
         time.sleep(args.heartbeats)
@@ -110,7 +112,7 @@ def bench_collector(results, args):
             service.wait()
 
         log("collector CPU per heartbeat (collect + serialise + sign)")
-        costs = [json.loads(subprocess.run([RELEASE / "collector-cost", "1000"], capture_output=True, text=True,
+        costs = [json.loads(subprocess.run([COLLECTOR / "collector-cost", "1000"], capture_output=True, text=True,
                                            check=True).stdout)["cpu_us_per_heartbeat"] for _ in range(args.repeats)]
         results["collector_cpu_us"] = median(costs)
 
@@ -120,10 +122,10 @@ def bench_collector(results, args):
             times = []
             for _ in range(max(args.repeats, 10)):
                 started = time.perf_counter()
-                subprocess.run([RELEASE / "rollcall-collector", "once", *extra], env=env, capture_output=True, check=True)
+                subprocess.run([COLLECTOR / "rollcall-collector", "once", *extra], env=env, capture_output=True, check=True)
                 times.append((time.perf_counter() - started) * 1000)
             results[label] = median(times)
-        results["collector_binary_bytes"] = (RELEASE / "rollcall-collector").stat().st_size
+        results["collector_binary_bytes"] = (COLLECTOR / "rollcall-collector").stat().st_size
     finally:
         stack.close()
 
@@ -245,6 +247,41 @@ def bench_lambda(results, args):
     results.update(lambda_cold_ms=median(colds), lambda_warm_ms=median(warms), lambda_warm_heartbeat_ms=median(beats))
 
 
+def bench_dynamodb(results, args):
+    """Write and read units on the AWS emulator (ministack, from .venv; scripts/test installs it)."""
+    ministack = ROOT / ".venv" / "bin" / "ministack"
+    if not ministack.exists():
+        log("DynamoDB units: skipped (run scripts/test once to install the emulator)")
+        return
+    log("DynamoDB write units per heartbeat and read units per query, 1,000 and 10,000 agents")
+    port = 14566
+    emulator = subprocess.Popen([ministack], env={**ENV, "BIND_HOST": "127.0.0.1", "GATEWAY_PORT": str(port), "LOG_LEVEL": "WARNING"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/_ministack/health", limit=60)
+        env = {**ENV, "ROLLCALL_TEST_AWS_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        test = ["cargo", "test", "-q", "--release", "-p", "rollcall-tests", "--test", "dynamodb"]
+        output = subprocess.run([*test, "one_write_unit", "--", "--nocapture"], cwd=ROOT, env=env, capture_output=True, text=True)
+        size = re.search(r"two-GPU item: (\d+) bytes", output.stdout)
+        units = re.search(r"table Some\(([\d.]+)\), total with the index Some\(([\d.]+)\)", output.stdout)
+        if size and units:
+            results.update(ddb_item_bytes=int(size.group(1)), ddb_table_write_units=float(units.group(1)),
+                           ddb_total_write_units=float(units.group(2)))
+        for fleet in (1000, 10000):
+            output = subprocess.run([*test, "read_units", "--", "--nocapture"], cwd=ROOT,
+                                    env={**env, "ROLLCALL_TEST_DDB_AGENTS": str(fleet)}, capture_output=True, text=True)
+            for label, key in (("5 % filter", "filtered"), ("no filter", "all")):
+                found = re.search(rf"{fleet} agents, {label}: (\d+) matches, (\d+) items evaluated in (\d+) requests, ~([\d.]+) read units",
+                                  output.stdout)
+                if found:
+                    results[f"ddb_{key}_{fleet}"] = {"matches": int(found.group(1)), "items_evaluated": int(found.group(2)),
+                                                     "requests": int(found.group(3)), "read_units": float(found.group(4))}
+    finally:
+        os.killpg(emulator.pid, signal.SIGTERM)
+        emulator.wait()
+
+
 def machine():
     model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                   if l.startswith("model name")), platform.processor())
@@ -266,7 +303,7 @@ def write_report(results, args):
          "≤ 0.25 ms"),
         ("`rollcall-collector once`, start to exit, POST included", f"{r['once_ms']:.0f} ms; {r['once_fast_ms']:.1f} ms with `--skip-cpu-usage`",
          "—", "≤ 250 ms / ≤ 30 ms"),
-        ("stripped collector binary", f"{r['collector_binary_bytes'] / 2**20:.1f} MiB", "—", "≤ 8 MB"),
+        ("stripped collector binary (`--profile collector`)", f"{r['collector_binary_bytes'] / 2**20:.1f} MiB", "—", "≤ 8 MB"),
         (f"local ingest, SQLite, fsync per commit: signed heartbeats per second ({args.connections} connections)",
          f"{r['ingest_per_s']:,.0f}/s", f"Pushgateway {r.get('pushgateway_per_s', 0):,.0f}/s ({ratio(r['ingest_per_s'], r.get('pushgateway_per_s'))})",
          "≥ 10,000/s and ≥ 20× the peer"),
@@ -276,6 +313,14 @@ def write_report(results, args):
          f"p99 {fleet.get('latency_ms', {}).get('p99', float('nan')):.1f} ms", "—", "zero loss, zero 5xx"),
         ("capacity query p50, 10,000 / 100,000 agents, ~6 % match", f"{r['query_p50_ms_10000']:.2f} ms / {r['query_p50_ms_100000']:.2f} ms",
          "—", "≤ 5 ms / ≤ 30 ms"),
+        ("DynamoDB write units per heartbeat, two GPUs (emulator)",
+         f"{r.get('ddb_table_write_units', '?')} table + {r.get('ddb_total_write_units', 0) - r.get('ddb_table_write_units', 0):g} index "
+         f"(item {r.get('ddb_item_bytes', '?')} bytes)", "—", "exactly 1"),
+        ("DynamoDB read units per capacity query, 5 % match, 1,000 / 10,000 agents",
+         f"{r.get('ddb_filtered_1000', {}).get('read_units', '?')} / {r.get('ddb_filtered_10000', {}).get('read_units', '?')} "
+         f"({r.get('ddb_filtered_1000', {}).get('items_evaluated', '?')} / {r.get('ddb_filtered_10000', {}).get('items_evaluated', '?')} items read; "
+         f"unfiltered: {r.get('ddb_all_1000', {}).get('read_units', '?')} / {r.get('ddb_all_10000', {}).get('read_units', '?')})",
+         "—", "proportional to matches"),
         ("Lambda cold-start proxy / warm invoke (Runtime API harness, /healthz)",
          f"{r['lambda_cold_ms']:.1f} ms / {r['lambda_warm_ms']:.2f} ms (a heartbeat: {r['lambda_warm_heartbeat_ms']:.2f} ms)", "—", "≤ 20 ms / ≤ 2 ms"),
     ]
@@ -346,6 +391,7 @@ def main():
     bench_ingest(results, args)
     bench_queries(results, args)
     bench_lambda(results, args)
+    bench_dynamodb(results, args)
     bench_fleet(results, args)
     write_report(results, args)
 

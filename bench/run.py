@@ -57,27 +57,43 @@ def wait_http(url, limit=20):
     raise RuntimeError(f"{url} did not come up")
 
 
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class Stack:
     """Release ingest and query on an embedded store in a fresh folder."""
 
-    def __init__(self, ingest_port=18180, query_port=18181, durability="full"):
+    def __init__(self, durability="full"):
         self.dir = tempfile.mkdtemp(prefix="rollcall-bench-")
         db = os.path.join(self.dir, "bench.db")
+        ingest_port, query_port = free_port(), free_port()
         self.ingest_url = f"http://127.0.0.1:{ingest_port}"
         self.query_url = f"http://127.0.0.1:{query_port}"
+        self.logs = [open(os.path.join(self.dir, name), "w") for name in ("ingest.log", "query.log")]
         self.ingest = subprocess.Popen([RELEASE / "rollcall-ingest", "--listen", f"127.0.0.1:{ingest_port}", "--db", db,
                                         "--durability", durability],
-                                       env={**ENV, "ROLLCALL_FLEET_SECRETS": f"k1={SECRET}"}, stderr=subprocess.DEVNULL)
+                                       env={**ENV, "ROLLCALL_FLEET_SECRETS": f"k1={SECRET}"}, stderr=self.logs[0])
         self.query = subprocess.Popen([RELEASE / "rollcall-query", "--listen", f"127.0.0.1:{query_port}", "--db", db],
-                                      env={**ENV, "ROLLCALL_QUERY_TOKENS": TOKEN}, stderr=subprocess.DEVNULL)
-        wait_http(f"{self.ingest_url}/healthz")
-        wait_http(f"{self.query_url}/healthz")
+                                      env={**ENV, "ROLLCALL_QUERY_TOKENS": TOKEN}, stderr=self.logs[1])
+        try:
+            wait_http(f"{self.ingest_url}/healthz")
+            wait_http(f"{self.query_url}/healthz")
+        except RuntimeError:
+            self.close(keep=True)
+            raise RuntimeError(f"the stack did not start; logs in {self.dir}")
 
-    def close(self):
+    def close(self, keep=False):
         for process in (self.ingest, self.query):
             process.terminate()
             process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        for handle in self.logs:
+            handle.close()
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def loadgen(*args, target_url, query_url=None):

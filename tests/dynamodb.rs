@@ -277,3 +277,42 @@ async fn an_unreachable_table_answers_503_with_retry_after() {
         200
     );
 }
+
+#[tokio::test]
+async fn a_five_minute_history_window_is_one_write_unit() {
+    use rollcall::heartbeat::{MinuteRollup, Spread};
+    use rollcall::store::dynamodb::{encode_history, history_key};
+    let spread = Spread {
+        min: 0.52,
+        avg: 1.734,
+        max: 3.96,
+    };
+    let memory = Spread {
+        min: 40_961.0,
+        avg: 41_234.5,
+        max: 41_777.0,
+    };
+    let minutes: Vec<MinuteRollup> = (0..5)
+        .map(|m| MinuteRollup {
+            minute: 29_402_000 + m,
+            load_1m: spread,
+            memory_available_mb: memory,
+            gpu_free_mb_min: vec![20_110, 19_876],
+        })
+        .collect();
+    let size = item_size(
+        &encode_history(
+            &history_key("render-node-0042", 5_880_400),
+            &minutes,
+            1_795_700_000,
+        )
+        .unwrap(),
+    );
+    let heartbeat_units = 2.5;
+    println!(
+        "history: a five-minute window with two GPUs is {size} bytes (1 write unit); against ten heartbeats at \
+         {heartbeat_units} units each it adds {:.0} % to an agent's write units, and 10 % to its write requests",
+        100.0 / (10.0 * heartbeat_units)
+    );
+    assert!(size <= 1024, "{size}");
+}

@@ -398,3 +398,47 @@ fn a_collector_with_a_skewed_clock_says_so_once_instead_of_retrying_silently() {
         "{sent} requests in 3.5 s at a 1 s interval"
     );
 }
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let Ok(analyze) = which("systemd-analyze") else {
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    };
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../collector/dist/rollcall-collector.service"
+    ))
+    .unwrap();
+    let collector = rollcall_tests::binary("rollcall-collector");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rollcall-collector.service");
+    // The unit names the installed path; point it at the built binary to verify.
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/local/bin/rollcall-collector",
+            &collector.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let output = Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let complaints = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && complaints.trim().is_empty(),
+        "{complaints}"
+    );
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or(())
+}

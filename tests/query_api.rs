@@ -218,3 +218,87 @@ fn authentication_and_single_agents() {
     assert_eq!(post.status, 404);
     assert!(post.error().contains("no such endpoint"));
 }
+
+#[test]
+fn metrics_expose_the_fleet_to_prometheus_behind_the_token() {
+    let stack = Stack::start();
+    seed(&stack);
+    let addr = stack.query.addr;
+    assert_eq!(request(addr, "GET", "/metrics", &[], b"").status, 401);
+    let response = stack.get("/metrics");
+    assert_eq!(response.status, 200);
+    assert!(
+        response
+            .header("content-type")
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = response.text();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    for line in [
+        "rollcall_agents{status=\"online\",pool=\"default\"} 4",
+        "rollcall_agent_online{agent_id=\"big\",pool=\"default\"} 1",
+        "rollcall_agent_cores_available{agent_id=\"radeon\",pool=\"default\"} 12",
+        "rollcall_gpu_memory_free_bytes{agent_id=\"big\",gpu=\"0\",vendor=\"nvidia\"} 83886080000.0",
+        "rollcall_gpu_memory_total_bytes{agent_id=\"twin12\",gpu=\"1\",vendor=\"nvidia\"} 17179869184.0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(
+        text.contains("# TYPE rollcall_agent_since_heartbeat_seconds gauge"),
+        "{text}"
+    );
+}
+
+#[test]
+fn history_comes_back_per_minute_and_stays_out_of_the_record() {
+    let stack = Stack::start();
+    let now = now_ms();
+    let minute = now / 60_000;
+    let spread = json!({"min": 0.5, "avg": 1.0, "max": 1.5});
+    let mut body = heartbeat("hist", now);
+    body["history"] = json!((1..=5u64).rev().map(|back| json!({
+        "minute": minute - back, "load_1m": spread, "memory_available_mb": spread, "gpu_free_mb_min": [20_000]
+    })).collect::<Vec<_>>());
+    assert_eq!(stack.post_heartbeat(&body).status, 202);
+
+    let answer = stack.get("/v1/agents/hist/history?minutes=3").json();
+    let minutes: Vec<u64> = answer["minutes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["minute"].as_u64().unwrap())
+        .collect();
+    assert_eq!(minutes, [minute - 2, minute - 1]);
+    assert_eq!(
+        stack.get("/v1/agents/hist/history").json()["minutes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    assert!(stack.agent("hist").unwrap().get("history").is_none());
+
+    for (query, param) in [
+        ("minutes=0", "minutes"),
+        ("minutes=1441", "minutes"),
+        ("minutes=5&minutes=6", "minutes"),
+        ("since=1", "since"),
+    ] {
+        let response = stack.get(&format!("/v1/agents/hist/history?{query}"));
+        assert_eq!(response.status, 400, "{query}");
+        assert!(
+            response.error().starts_with(&format!("parameter {param}")),
+            "{query}: {}",
+            response.error()
+        );
+    }
+    assert_eq!(stack.get("/v1/agents/nobody/history").status, 404);
+    assert_eq!(
+        request(stack.query.addr, "GET", "/v1/agents/hist/history", &[], b"").status,
+        401
+    );
+}

@@ -11,6 +11,7 @@ use rollcall::heartbeat::AgentState;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
 
+use crate::sample::history::{History, WINDOW_MINUTES};
 use crate::sample::{Identity, Sampler};
 use crate::send::{SendError, Sender, backoff};
 
@@ -29,13 +30,16 @@ pub async fn run(
     // Retries stop well before the next sample so that it goes out on time.
     let retry_cap = RETRY_CAP.min(interval / 2);
     let mut outage = Outage::default();
+    let mut history = History::default();
     let mut next_due = Instant::now();
     'samples: loop {
         tokio::select! {
             _ = sleep_until(next_due) => {}
             _ = shutdown.wait_for(|stop| *stop) => break 'samples,
         }
-        let heartbeat = sampler.sample(&identity, AgentState::Up, true).await;
+        let mut heartbeat = sampler.sample(&identity, AgentState::Up, true).await;
+        history.record(&heartbeat);
+        heartbeat.history = history.due(heartbeat.sent_at_ms / 60_000);
         next_due = Instant::now() + interval.mul_f64(0.9 + 0.2 * fastrand::f64());
         let mut attempt = 0;
         loop {
@@ -45,11 +49,14 @@ pub async fn run(
             };
             match result {
                 Ok(accepted) => {
+                    history.acknowledge(&heartbeat.history);
                     outage.recovered();
                     tracing::debug!(online_until = %accepted.online_until, "heartbeat accepted");
                     break;
                 }
                 Err(error) if error.is_stale() => {
+                    // Ingest stores history before the newer-only check, so it has it.
+                    history.acknowledge(&heartbeat.history);
                     tracing::debug!(%error, "a newer heartbeat is already stored");
                     break;
                 }
@@ -77,11 +84,19 @@ pub async fn run(
             }
         }
     }
-    send_leaving(&mut sampler, &identity, &sender).await;
+    send_leaving(&mut sampler, &identity, &sender, &mut history).await;
 }
 
-async fn send_leaving(sampler: &mut Sampler, identity: &Identity, sender: &Sender) {
-    let heartbeat = sampler.sample(identity, AgentState::Leaving, false).await;
+async fn send_leaving(
+    sampler: &mut Sampler,
+    identity: &Identity,
+    sender: &Sender,
+    history: &mut History,
+) {
+    let mut heartbeat = sampler.sample(identity, AgentState::Leaving, false).await;
+    history.record(&heartbeat);
+    // Whatever is rolled up so far goes out with the last heartbeat.
+    heartbeat.history = history.due(heartbeat.sent_at_ms / 60_000 + WINDOW_MINUTES);
     match tokio::time::timeout(LEAVING_TIMEOUT, sender.send(&heartbeat)).await {
         Ok(Ok(_)) => tracing::info!("sent the leaving heartbeat; this agent is now offline"),
         Ok(Err(error)) => {

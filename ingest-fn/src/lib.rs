@@ -21,6 +21,8 @@ use serde_json::json;
 pub struct Ingest {
     pub keyring: Keyring,
     pub deadlines: Deadlines,
+    /// How long per-minute history is kept.
+    pub history_retention_s: i64,
     pub store: Arc<dyn Store>,
 }
 
@@ -77,7 +79,7 @@ async fn heartbeat(
         })?;
 
     let received_at_ms = now_ms();
-    let heartbeat = ingest
+    let mut heartbeat = ingest
         .keyring
         .verify(
             |name| headers.get(name).map(|value| value.as_bytes()),
@@ -86,6 +88,16 @@ async fn heartbeat(
         )
         .map_err(reject)?;
     let sent_at_ms = heartbeat.sent_at_ms;
+    // History is kept apart from the agent record, so the record stays small.
+    let history = std::mem::take(&mut heartbeat.history);
+    if !history.is_empty() {
+        // Written first and idempotently: a retry after a failed upsert writes the same minutes.
+        let expires_at_s = received_at_ms.div_euclid(1000) + ingest.history_retention_s;
+        ingest
+            .store
+            .put_history(&heartbeat.agent_id, history, expires_at_s)
+            .await?;
+    }
     let agent = StoredAgent::accept(heartbeat, received_at_ms, ingest.deadlines);
     let online_until_ms = agent.online_until_ms;
     let agent_id = agent.agent_id().to_owned();

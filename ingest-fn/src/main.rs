@@ -4,7 +4,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use rollcall::record::{DEFAULT_GRACE_MULTIPLIER, DEFAULT_RETENTION_S, Deadlines};
-use rollcall::store::StoreArgs;
+use rollcall::store::{DEFAULT_HISTORY_RETENTION_S, StoreArgs};
 use rollcall::verify::Keyring;
 use rollcall_ingest::{Ingest, router};
 
@@ -30,6 +30,9 @@ struct Args {
     /// Seconds an offline agent stays on record before it is removed.
     #[arg(long, env = "ROLLCALL_RETENTION_S", default_value_t = DEFAULT_RETENTION_S, value_parser = clap::value_parser!(i64).range(0..=31_536_000))]
     retention_s: i64,
+    /// Seconds per-minute history is kept.
+    #[arg(long, env = "ROLLCALL_HISTORY_RETENTION_S", default_value_t = DEFAULT_HISTORY_RETENTION_S, value_parser = clap::value_parser!(i64).range(60..=2_678_400))]
+    history_retention_s: i64,
 }
 
 #[tokio::main]
@@ -53,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
             grace_multiplier: args.grace_multiplier,
             retention_s: args.retention_s,
         },
+        history_retention_s: args.history_retention_s,
         store,
     };
     rollcall::api::serve(router(Arc::new(ingest)), args.listen, "ingest").await?;

@@ -1,15 +1,17 @@
 //! The query function: the capacity API of PROTOCOL.md §2.
 //!
-//! `GET /v1/agents` and `GET /v1/agents/{agent_id}` behind bearer tokens, and
-//! `/healthz` without. The handlers parse, ask the store, and shape the answer;
+//! `GET /v1/agents`, `GET /v1/agents/{agent_id}` and `GET /metrics` (see
+//! [`metrics`]) behind bearer tokens, and `/healthz` without. The handlers parse, ask the store, and shape the answer;
 //! the match rule and answer order live in `rollcall::capacity`.
+
+pub mod metrics;
 
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use rollcall::api::{self, ApiError};
@@ -92,6 +94,8 @@ pub fn router(api: Arc<QueryApi>) -> Router {
     let protected = Router::new()
         .route("/v1/agents", get(list_agents))
         .route("/v1/agents/{agent_id}", get(get_agent))
+        .route("/v1/agents/{agent_id}/history", get(agent_history))
+        .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&api),
             require_token,
@@ -153,6 +157,70 @@ async fn list_agents(
             .map(|position| api.cursors.seal(position)),
         as_of: rfc3339(now),
     }))
+}
+
+/// Most history one call returns: the default retention, 24 h.
+const MAX_HISTORY_MINUTES: u64 = 1440;
+
+#[derive(Serialize)]
+struct History {
+    agent_id: String,
+    minutes: Vec<rollcall::heartbeat::MinuteRollup>,
+    as_of: String,
+}
+
+/// `GET /v1/agents/{id}/history?minutes=N`: the agent's per-minute roll-ups
+/// for the last N minutes (default 60, at most 1440), oldest first.
+async fn agent_history(
+    State(api): State<Arc<QueryApi>>,
+    Path(agent_id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<History>, ApiError> {
+    if !is_valid_agent_id(&agent_id) {
+        return Err(ApiError::bad_request(format!("agent id {AGENT_ID_RULE}")));
+    }
+    let mut minutes = 60u64;
+    let mut seen = false;
+    for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match name.as_ref() {
+            "minutes" if !seen => {
+                seen = true;
+                minutes = value.parse::<u64>().ok().filter(|m| (1..=MAX_HISTORY_MINUTES).contains(m)).ok_or_else(|| {
+                    ApiError::bad_request(format!("parameter minutes: must be a whole number from 1 to {MAX_HISTORY_MINUTES}, got {value:?}"))
+                })?;
+            }
+            "minutes" => {
+                return Err(ApiError::bad_request(
+                    "parameter minutes: given more than once",
+                ));
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "parameter {other}: unknown parameter"
+                )));
+            }
+        }
+    }
+    let now = now_ms();
+    if api.store.get(&agent_id, now).await?.is_none() {
+        return Err(ApiError::not_found(format!("unknown agent {agent_id:?}")));
+    }
+    let now_minute = u64::try_from(now.div_euclid(60_000)).unwrap_or(0);
+    let since = now_minute.saturating_sub(minutes - 1);
+    let rollups = api.store.history(&agent_id, since, now).await?;
+    Ok(Json(History {
+        agent_id,
+        minutes: rollups,
+        as_of: rfc3339(now),
+    }))
+}
+
+/// The content type `prometheus-client` encodes.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+async fn prometheus(State(api): State<Arc<QueryApi>>) -> Result<Response, ApiError> {
+    let text = metrics::render(api.store.as_ref(), now_ms()).await?;
+    Ok(([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response())
 }
 
 async fn get_agent(

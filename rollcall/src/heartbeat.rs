@@ -46,7 +46,37 @@ pub struct Heartbeat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<Disk>,
     pub gpus: Vec<Gpu>,
+    /// Per-minute roll-ups of recent samples, sent every few minutes
+    /// (an addition to v1: older ingests ignore it).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub history: Vec<MinuteRollup>,
 }
+
+/// One minute of an agent's samples, rolled up by its collector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MinuteRollup {
+    /// Unix time in whole minutes.
+    pub minute: u64,
+    pub load_1m: Spread,
+    pub memory_available_mb: Spread,
+    /// The least free VRAM each GPU had in the minute, by GPU position.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_free_mb_min: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub min: f64,
+    pub avg: f64,
+    pub max: f64,
+}
+
+/// Most minutes one heartbeat may carry: a backlog after a short outage.
+pub const MAX_HISTORY_MINUTES: usize = 30;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -299,6 +329,7 @@ impl Heartbeat {
             }
         }
 
+        self.validate_history()?;
         if self.gpus.len() > MAX_GPUS {
             return Err(BodyError::new(
                 "gpus",
@@ -329,6 +360,64 @@ impl Heartbeat {
                 return Err(BodyError::new(
                     field("index"),
                     format!("duplicate GPU index {}", gpu.index),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_history(&self) -> Result<(), BodyError> {
+        if self.history.len() > MAX_HISTORY_MINUTES {
+            return Err(BodyError::new(
+                "history",
+                format!(
+                    "at most {MAX_HISTORY_MINUTES} minutes, got {}",
+                    self.history.len()
+                ),
+            ));
+        }
+        let sent_minute = self.sent_at_ms / 60_000;
+        for (position, rollup) in self.history.iter().enumerate() {
+            let field = |name: &str| format!("history[{position}].{name}");
+            if rollup.minute > sent_minute {
+                return Err(BodyError::new(field("minute"), "is after sent_at_ms"));
+            }
+            if position > 0 && rollup.minute <= self.history[position - 1].minute {
+                return Err(BodyError::new(
+                    field("minute"),
+                    "minutes must be strictly increasing",
+                ));
+            }
+            for (name, spread) in [
+                ("load_1m", rollup.load_1m),
+                ("memory_available_mb", rollup.memory_available_mb),
+            ] {
+                for value in [spread.min, spread.avg, spread.max] {
+                    non_negative(&field(name), value)?;
+                }
+                // Averages of floats may round a hair past their bounds.
+                let slack = 1e-9 * spread.max.abs().max(1.0);
+                if spread.min > spread.avg + slack || spread.avg > spread.max + slack {
+                    return Err(BodyError::new(
+                        field(name),
+                        "must satisfy min <= avg <= max",
+                    ));
+                }
+            }
+            if rollup.gpu_free_mb_min.len() > MAX_GPUS {
+                return Err(BodyError::new(
+                    field("gpu_free_mb_min"),
+                    format!("at most {MAX_GPUS} GPUs"),
+                ));
+            }
+            if let Some(value) = rollup
+                .gpu_free_mb_min
+                .iter()
+                .find(|value| **value > MAX_SAFE_INTEGER)
+            {
+                return Err(BodyError::new(
+                    field("gpu_free_mb_min"),
+                    format!("{value} is out of range"),
                 ));
             }
         }
@@ -613,6 +702,30 @@ pub(crate) mod tests {
         let at = invalid.windows(6).position(|w| w == b"lab-07").unwrap();
         invalid[at] = 0xff;
         assert!(Heartbeat::parse(&invalid).is_err());
+    }
+
+    #[test]
+    fn history_is_optional_and_checked() {
+        let mut body = example();
+        let minute = 1764132000123u64 / 60_000;
+        let spread = json!({"min": 0.5, "avg": 1.0, "max": 2.0});
+        body["history"] = json!([
+            {"minute": minute - 1, "load_1m": spread, "memory_available_mb": spread, "gpu_free_mb_min": [100]},
+            {"minute": minute, "load_1m": spread, "memory_available_mb": spread}
+        ]);
+        assert_eq!(parse(&body).unwrap().history.len(), 2);
+        let mut reordered = body.clone();
+        reordered["history"][1]["minute"] = json!(minute - 2);
+        assert_eq!(parse(&reordered).unwrap_err().field, "history[1].minute");
+        let mut future = body.clone();
+        future["history"][1]["minute"] = json!(minute + 5);
+        assert_eq!(parse(&future).unwrap_err().field, "history[1].minute");
+        let mut inverted = body.clone();
+        inverted["history"][0]["load_1m"] = json!({"min": 3.0, "avg": 1.0, "max": 2.0});
+        assert_eq!(parse(&inverted).unwrap_err().field, "history[0].load_1m");
+        let mut too_many = body;
+        too_many["history"] = json!((0..31).map(|i| json!({"minute": minute - 40 + i, "load_1m": spread, "memory_available_mb": spread})).collect::<Vec<_>>());
+        assert_eq!(parse(&too_many).unwrap_err().field, "history");
     }
 
     #[test]

@@ -376,6 +376,101 @@ pub async fn retention_pruning(backend: &Backend) {
     assert_eq!(ids(store, "", now).await, ["old", "young"]);
 }
 
+fn rollup(minute: u64, load: f64) -> rollcall::heartbeat::MinuteRollup {
+    let spread = rollcall::heartbeat::Spread {
+        min: load,
+        avg: load,
+        max: load,
+    };
+    rollcall::heartbeat::MinuteRollup {
+        minute,
+        load_1m: spread,
+        memory_available_mb: spread,
+        gpu_free_mb_min: vec![100, 200],
+    }
+}
+
+pub async fn history_round_trip(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    let now_s = now.div_euclid(1000);
+    let this_minute = (now / 60_000) as u64;
+    // Twelve minutes in two writes that overlap by one minute: the later write wins it.
+    let first: Vec<_> = (this_minute - 12..this_minute - 5)
+        .map(|m| rollup(m, 1.0))
+        .collect();
+    let second: Vec<_> = (this_minute - 6..this_minute)
+        .map(|m| rollup(m, 2.0))
+        .collect();
+    store
+        .put_history("hist", first, now_s + 3600)
+        .await
+        .unwrap();
+    store
+        .put_history("hist", second, now_s + 3600)
+        .await
+        .unwrap();
+
+    let recent = store.history("hist", this_minute - 10, now).await.unwrap();
+    let minutes: Vec<u64> = recent.iter().map(|r| r.minute).collect();
+    assert_eq!(
+        minutes,
+        (this_minute - 10..this_minute).collect::<Vec<_>>(),
+        "{} store",
+        backend.name
+    );
+    let loads: Vec<f64> = recent.iter().map(|r| r.load_1m.avg).collect();
+    assert_eq!(
+        loads,
+        [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+        "{} store",
+        backend.name
+    );
+    assert_eq!(recent[0].gpu_free_mb_min, [100, 200]);
+    // Writing the same minutes again changes nothing (retries are harmless).
+    store
+        .put_history(
+            "hist",
+            (this_minute - 6..this_minute)
+                .map(|m| rollup(m, 2.0))
+                .collect(),
+            now_s + 3600,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.history("hist", this_minute - 10, now).await.unwrap(),
+        recent
+    );
+
+    assert!(
+        store
+            .history("nobody", this_minute - 10, now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store
+        .put_history("expired", vec![rollup(this_minute - 1, 1.0)], now_s - 1)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .history("expired", this_minute - 10, now)
+            .await
+            .unwrap()
+            .is_empty(),
+        "{} store",
+        backend.name
+    );
+    // History is not an agent.
+    assert!(
+        ids(store, "status=all", now).await.is_empty(),
+        "{} store",
+        backend.name
+    );
+}
+
 /// Every case, by name, for the macro in `tests/store_conformance.rs`.
 #[macro_export]
 macro_rules! conformance_cases {
@@ -383,7 +478,7 @@ macro_rules! conformance_cases {
         $crate::conformance_cases!(@cases $backend;
             upsert_then_get, unknown_agent, newer_only, concurrent_writers_keep_the_newest,
             status_at_the_deadline, leaving_is_offline_at_once, every_filter,
-            pagination_over_260_agents, retention_pruning);
+            pagination_over_260_agents, retention_pruning, history_round_trip);
     };
     (@cases $backend:expr; $($case:ident),*) => {
         $(

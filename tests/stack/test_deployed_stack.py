@@ -275,3 +275,20 @@ def test_each_function_role_can_do_its_job_and_nothing_more(stack):
             forbidden()
         assert denied.value.response["Error"]["Code"] in ("AccessDeniedException", "AccessDenied")
     client("dynamodb").delete_item(TableName=stack["table"], Key=key)
+
+
+def test_metrics_parse_as_openmetrics(stack):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    collector(stack, "metrics-agent", "once", "--skip-cpu-usage")
+    request = urllib.request.Request(loopback_only(f"{stack['query']}/metrics"),
+                                     headers={"Authorization": f"Bearer {stack['token']}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = response.read().decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    for name in ("rollcall_agents", "rollcall_agent_online", "rollcall_agent_cores_available",
+                 "rollcall_agent_memory_available_bytes", "rollcall_agent_since_heartbeat_seconds"):
+        assert name in families, sorted(families)
+    online = {s.labels["agent_id"]: s.value for s in families["rollcall_agent_online"].samples}
+    assert online["metrics-agent"] == 1

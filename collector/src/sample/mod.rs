@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod cpu;
 pub mod disk;
 pub mod gpu;
+pub mod history;
 pub mod host;
 pub mod memory;
 
@@ -70,6 +71,7 @@ impl Sampler {
             memory: self.memory.sample(),
             disk: disk::sample(&self.disk_path),
             gpus,
+            history: Vec::new(),
         }
     }
 

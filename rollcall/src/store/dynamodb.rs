@@ -36,6 +36,7 @@ use aws_sdk_dynamodb::types::{
 
 use super::{Page, Store, StoreError, Upsert};
 use crate::capacity::{CapacityQuery, Position, StatusFilter, answer_order};
+use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
 
 pub const INDEX_NAME: &str = "by_free_vram";
@@ -422,6 +423,152 @@ impl Store for DynamoStore {
     /// DynamoDB's TTL deletes expired items itself; reads already hide them.
     async fn prune(&self, _now_ms: i64) -> Result<u64, StoreError> {
         Ok(0)
+    }
+
+    /// One item per aligned five-minute window (`<agent>#h#<window>`), so that
+    /// a history costs one write per window, not per minute, and a read knows
+    /// its keys from the time range alone. The items carry no index keys, so
+    /// capacity queries never see them.
+    async fn put_history(
+        &self,
+        agent_id: &str,
+        minutes: Vec<MinuteRollup>,
+        expires_at_s: i64,
+    ) -> Result<(), StoreError> {
+        let mut windows: std::collections::BTreeMap<u64, Vec<MinuteRollup>> =
+            std::collections::BTreeMap::new();
+        for rollup in minutes {
+            windows
+                .entry(rollup.minute / HISTORY_WINDOW_MINUTES)
+                .or_default()
+                .push(rollup);
+        }
+        for (window, rollups) in windows {
+            let key = history_key(agent_id, window);
+            // A window may arrive in parts (a collector restarted inside it): merge with what is stored.
+            let mut merged = self.history_window(&key).await?.unwrap_or_default();
+            merged.retain(|stored| !rollups.iter().any(|new| new.minute == stored.minute));
+            merged.extend(rollups);
+            merged.sort_by_key(|rollup| rollup.minute);
+            self.client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(encode_history(&key, &merged, expires_at_s)?))
+                .send()
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        agent_id: &str,
+        since_minute: u64,
+        now_ms: i64,
+    ) -> Result<Vec<MinuteRollup>, StoreError> {
+        let now_minute = u64::try_from(now_ms.div_euclid(60_000)).unwrap_or(0);
+        let keys: Vec<String> = (since_minute / HISTORY_WINDOW_MINUTES
+            ..=now_minute / HISTORY_WINDOW_MINUTES)
+            .map(|window| history_key(agent_id, window))
+            .collect();
+        let now_s = now_ms.div_euclid(1000);
+        let mut minutes = Vec::new();
+        for chunk in keys.chunks(100) {
+            let mut request = aws_sdk_dynamodb::types::KeysAndAttributes::builder();
+            for key in chunk {
+                request = request.keys(HashMap::from([(
+                    A_AGENT.to_owned(),
+                    AttributeValue::S(key.clone()),
+                )]));
+            }
+            let mut pending = Some(HashMap::from([(
+                self.table.clone(),
+                request.build().map_err(build_error)?,
+            )]));
+            while let Some(items) = pending.take().filter(|items| !items.is_empty()) {
+                let output = self
+                    .client
+                    .batch_get_item()
+                    .set_request_items(Some(items))
+                    .send()
+                    .await
+                    .map_err(unavailable)?;
+                for item in output
+                    .responses()
+                    .and_then(|tables| tables.get(&self.table))
+                    .into_iter()
+                    .flatten()
+                {
+                    let expired = item
+                        .get(TTL_ATTRIBUTE)
+                        .and_then(|v| v.as_n().ok())
+                        .and_then(|n| n.parse::<i64>().ok())
+                        .is_none_or(|at| at <= now_s);
+                    if !expired {
+                        minutes.extend(
+                            decode_history(item)?
+                                .into_iter()
+                                .filter(|rollup| rollup.minute >= since_minute),
+                        );
+                    }
+                }
+                pending = output.unprocessed_keys().cloned();
+            }
+        }
+        minutes.sort_by_key(|rollup| rollup.minute);
+        Ok(minutes)
+    }
+}
+
+/// Minutes per history item.
+const HISTORY_WINDOW_MINUTES: u64 = 5;
+
+/// `#` cannot appear in an agent id, so these keys never collide with agents.
+pub fn history_key(agent_id: &str, window: u64) -> String {
+    format!("{agent_id}#h#{window}")
+}
+
+/// The item for one window of history.
+pub fn encode_history(
+    key: &str,
+    minutes: &[MinuteRollup],
+    expires_at_s: i64,
+) -> Result<HashMap<String, AttributeValue>, StoreError> {
+    let json = serde_json::to_vec(minutes)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode history: {e}")))?;
+    Ok(HashMap::from([
+        (A_AGENT.to_owned(), AttributeValue::S(key.to_owned())),
+        (TTL_ATTRIBUTE.to_owned(), number(expires_at_s)),
+        (
+            A_RECORD.to_owned(),
+            AttributeValue::B(Blob::new(miniz_oxide::deflate::compress_to_vec(&json, 6))),
+        ),
+    ]))
+}
+
+fn decode_history(item: &HashMap<String, AttributeValue>) -> Result<Vec<MinuteRollup>, StoreError> {
+    let blob = item
+        .get(A_RECORD)
+        .and_then(|value| value.as_b().ok())
+        .ok_or_else(|| StoreError::Corrupt("history item without rec".into()))?;
+    let json = miniz_oxide::inflate::decompress_to_vec_with_limit(blob.as_ref(), 1 << 20)
+        .map_err(|_| StoreError::Corrupt("history rec does not inflate".into()))?;
+    serde_json::from_slice(&json)
+        .map_err(|e| StoreError::Corrupt(format!("unreadable history: {e}")))
+}
+
+impl DynamoStore {
+    async fn history_window(&self, key: &str) -> Result<Option<Vec<MinuteRollup>>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(A_AGENT, AttributeValue::S(key.to_owned()))
+            .send()
+            .await
+            .map_err(unavailable)?;
+        output.item().map(decode_history).transpose()
     }
 }
 

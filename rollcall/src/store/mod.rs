@@ -11,6 +11,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::capacity::{CapacityQuery, Position};
+use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
 
 use std::path::PathBuf;
@@ -60,7 +61,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes records past their expiry; returns how many went.
     async fn prune(&self, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// Keeps an agent's per-minute roll-ups until `expires_at_s`. Writing the
+    /// same minutes again replaces them, so retries are harmless.
+    async fn put_history(
+        &self,
+        agent_id: &str,
+        minutes: Vec<MinuteRollup>,
+        expires_at_s: i64,
+    ) -> Result<(), StoreError>;
+
+    /// The agent's roll-ups from `since_minute` on, oldest first, unexpired.
+    async fn history(
+        &self,
+        agent_id: &str,
+        since_minute: u64,
+        now_ms: i64,
+    ) -> Result<Vec<MinuteRollup>, StoreError>;
 }
+
+/// How long per-minute history is kept by default.
+pub const DEFAULT_HISTORY_RETENTION_S: i64 = 24 * 3600;
 
 /// Which store a function uses, from its flags and environment.
 #[derive(Debug, Clone)]

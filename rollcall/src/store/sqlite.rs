@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use super::{Page, Store, StoreError, Upsert};
 use crate::capacity::{CapacityQuery, Position, StatusFilter};
+use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
 
 /// Most heartbeats committed in one transaction.
@@ -48,6 +49,14 @@ CREATE TABLE IF NOT EXISTS agents (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS agents_by_gpu_free ON agents (gpu_free_max_mb DESC, agent_id);
 CREATE INDEX IF NOT EXISTS agents_by_expiry ON agents (expires_at_s);
+CREATE TABLE IF NOT EXISTS agent_history (
+    agent_id TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    expires_at_s INTEGER NOT NULL,
+    rollup TEXT NOT NULL,
+    PRIMARY KEY (agent_id, minute)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_by_expiry ON agent_history (expires_at_s);
 ";
 
 const UPSERT: &str = "
@@ -82,7 +91,18 @@ enum Command {
         oneshot::Sender<Result<Upsert, StoreError>>,
     ),
     Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
+    History(HistoryWrite, oneshot::Sender<Result<u64, StoreError>>),
 }
+
+struct HistoryWrite {
+    agent_id: String,
+    minutes: Vec<MinuteRollup>,
+    expires_at_s: i64,
+}
+
+const PRUNE: &str = "DELETE FROM agents WHERE expires_at_s <= ?1";
+const PRUNE_HISTORY: &str = "DELETE FROM agent_history WHERE expires_at_s <= ?1";
+const PUT_HISTORY: &str = "INSERT OR REPLACE INTO agent_history (agent_id, minute, expires_at_s, rollup) VALUES (?1, ?2, ?3, ?4)";
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -243,6 +263,47 @@ impl Store for SqliteStore {
     async fn prune(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.send(|reply| Command::Prune(now_ms, reply)).await
     }
+
+    async fn put_history(
+        &self,
+        agent_id: &str,
+        minutes: Vec<MinuteRollup>,
+        expires_at_s: i64,
+    ) -> Result<(), StoreError> {
+        let write = HistoryWrite {
+            agent_id: agent_id.to_owned(),
+            minutes,
+            expires_at_s,
+        };
+        self.send(|reply| Command::History(write, reply))
+            .await
+            .map(|_| ())
+    }
+
+    async fn history(
+        &self,
+        agent_id: &str,
+        since_minute: u64,
+        now_ms: i64,
+    ) -> Result<Vec<MinuteRollup>, StoreError> {
+        let agent_id = agent_id.to_owned();
+        self.read(move |connection| {
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT rollup FROM agent_history WHERE agent_id = ?1 AND minute >= ?2 AND expires_at_s > ?3 ORDER BY minute",
+                )
+                .map_err(unavailable)?;
+            let since = i64::try_from(since_minute).unwrap_or(i64::MAX);
+            let rows: Vec<String> = statement
+                .query_map(params![agent_id, since, now_ms.div_euclid(1000)], |row| row.get(0))
+                .and_then(Iterator::collect)
+                .map_err(unavailable)?;
+            rows.iter()
+                .map(|text| serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("unreadable history: {e}"))))
+                .collect()
+        })
+        .await
+    }
 }
 
 fn open_connection(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
@@ -315,10 +376,27 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
                         ])? as u64),
                         Err(message) => Err(message),
                     },
-                    Command::Prune(now_ms, _) => Ok(transaction.execute(
-                        "DELETE FROM agents WHERE expires_at_s <= ?1",
-                        params![now_ms.div_euclid(1000)],
-                    )? as u64),
+                    Command::Prune(now_ms, _) => {
+                        let now_s = now_ms.div_euclid(1000);
+                        let agents = transaction.execute(PRUNE, params![now_s])?;
+                        transaction.execute(PRUNE_HISTORY, params![now_s])?;
+                        Ok(agents as u64)
+                    }
+                    Command::History(write, _) => {
+                        let mut put = transaction.prepare_cached(PUT_HISTORY)?;
+                        for rollup in &write.minutes {
+                            let text = serde_json::to_string(rollup).map_err(|e| {
+                                rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+                            })?;
+                            put.execute(params![
+                                write.agent_id,
+                                i64::try_from(rollup.minute).unwrap_or(i64::MAX),
+                                write.expires_at_s,
+                                text
+                            ])?;
+                        }
+                        Ok(write.minutes.len() as u64)
+                    }
                 });
             }
         }
@@ -346,7 +424,7 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
                         .map_err(StoreError::Unavailable),
                 );
             }
-            Command::Prune(_, reply) => {
+            Command::Prune(_, reply) | Command::History(_, reply) => {
                 let _ = reply.send(outcome.map_err(StoreError::Unavailable));
             }
         }
@@ -355,13 +433,13 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
 
 fn prune_expired(connection: &Connection) {
     let now_s = crate::record::now_ms().div_euclid(1000);
-    match connection.execute(
-        "DELETE FROM agents WHERE expires_at_s <= ?1",
-        params![now_s],
-    ) {
-        Ok(0) => {}
-        Ok(count) => tracing::info!(count, "pruned agents past their retention"),
-        Err(error) => tracing::warn!(%error, "could not prune expired agents"),
+    let pruned = connection
+        .execute(PRUNE, params![now_s])
+        .and_then(|agents| Ok((agents, connection.execute(PRUNE_HISTORY, params![now_s])?)));
+    match pruned {
+        Ok((0, _)) => {}
+        Ok((count, _)) => tracing::info!(count, "pruned agents past their retention"),
+        Err(error) => tracing::warn!(%error, "could not prune expired records"),
     }
 }
 

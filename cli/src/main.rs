@@ -1,0 +1,380 @@
+//! `rollcall`: the capacity API from a shell.
+//!
+//! Exit codes are for scripts: 0 when something matched, 1 when nothing did
+//! (or the agent is unknown), 2 on any error, with a one-line reason on stderr.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use rollcall::record::{AgentView, parse_rfc3339};
+use serde::Deserialize;
+
+/// Ask rollcall which machines are online and what they have free.
+///
+/// The API's URL and token come from --url/--token, else ROLLCALL_URL and
+/// ROLLCALL_TOKEN, else ~/.config/rollcall/cli.toml (`url = "..."`,
+/// `token = "..."`). Prefer the environment or the file for the token: flags
+/// show in `ps`.
+///
+/// Exit codes: 0 found, 1 nothing matched (or unknown agent), 2 error.
+#[derive(Parser, Debug)]
+#[command(name = "rollcall", version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Connection {
+    /// The query API's base URL, e.g. http://127.0.0.1:8081
+    #[arg(long, global = true, env = "ROLLCALL_URL")]
+    url: Option<String>,
+    /// Bearer token for the query API.
+    #[arg(long, global = true, env = "ROLLCALL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Config file [default: ~/.config/rollcall/cli.toml]
+    #[arg(long, global = true, env = "ROLLCALL_CLI_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List agents that match, most free single-GPU VRAM first.
+    Agents(Filters),
+    /// Show one agent, in any status.
+    Agent {
+        agent_id: String,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct Filters {
+    /// At least --min-gpus GPUs with this much free VRAM (GB) each.
+    #[arg(long, value_name = "GB")]
+    min_gpu_vram: Option<f64>,
+    /// How many such GPUs [default: 1 with --min-gpu-vram]
+    #[arg(long, value_name = "N")]
+    min_gpus: Option<u32>,
+    /// Free CPU cores at least.
+    #[arg(long, value_name = "N")]
+    min_cores: Option<f64>,
+    /// Available memory at least (GB).
+    #[arg(long, value_name = "GB")]
+    min_memory: Option<f64>,
+    /// Count only GPUs of this vendor: nvidia, amd, intel or other.
+    #[arg(long)]
+    gpu_vendor: Option<String>,
+    #[arg(long)]
+    pool: Option<String>,
+    /// key=value; repeat for more (all must match).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// online, offline or all.
+    #[arg(long, default_value = "online")]
+    status: String,
+    /// Stop after this many agents [default: all]
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print the agents as a JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Deserialize, Default)]
+struct FileConfig {
+    url: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Page {
+    agents: Vec<serde_json::Value>,
+    next_cursor: Option<String>,
+    as_of: String,
+}
+
+struct Api {
+    client: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl Api {
+    fn new(connection: &Connection) -> anyhow::Result<Api> {
+        let path = connection.config.clone().or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| PathBuf::from(home).join(".config/rollcall/cli.toml"))
+        });
+        let file: FileConfig = match path.filter(|path| path.is_file()) {
+            Some(path) => toml::from_str(
+                &std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("{} is not valid TOML with url and token", path.display()))?,
+            None => FileConfig::default(),
+        };
+        let url = connection
+            .url
+            .clone()
+            .or(file.url)
+            .context("no API URL: set --url, ROLLCALL_URL or url in the config file")?;
+        let token = connection
+            .token
+            .clone()
+            .or(file.token)
+            .context("no token: set ROLLCALL_TOKEN or token in the config file")?;
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .user_agent(concat!("rollcall-cli/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Api {
+            client,
+            url: url.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    /// GET a path; `Ok(None)` on 404.
+    async fn get(&self, path_and_query: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        let url = format!("{}{path_and_query}", self.url);
+        let response = self
+            .client
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.url))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let body: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        if status == reqwest::StatusCode::NOT_FOUND && path_and_query.starts_with("/v1/agents/") {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            let reason = body["error"].as_str().unwrap_or("no reason given");
+            bail!("the API answered {}: {reason}", status.as_u16());
+        }
+        Ok(Some(body))
+    }
+}
+
+fn query_string(filters: &Filters) -> String {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut add = |name: &str, value: String| pairs.push((name.to_owned(), value));
+    if let Some(gb) = filters.min_gpu_vram {
+        add("min_gpu_vram_gb", gb.to_string());
+    }
+    if let Some(count) = filters.min_gpus {
+        add("min_gpus", count.to_string());
+    }
+    if let Some(cores) = filters.min_cores {
+        add("min_cpu_cores", cores.to_string());
+    }
+    if let Some(gb) = filters.min_memory {
+        add("min_memory_gb", gb.to_string());
+    }
+    if let Some(vendor) = &filters.gpu_vendor {
+        add("gpu_vendor", vendor.clone());
+    }
+    if let Some(pool) = &filters.pool {
+        add("pool", pool.clone());
+    }
+    for label in &filters.labels {
+        add("label", label.clone());
+    }
+    add("status", filters.status.clone());
+    add("limit", filters.limit.unwrap_or(1000).min(1000).to_string());
+    pairs
+        .iter()
+        .map(|(name, value)| format!("{name}={}", encode(value)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters pass).
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
+}
+
+async fn list(api: &Api, filters: &Filters) -> anyhow::Result<bool> {
+    let query = query_string(filters);
+    let wanted = filters.limit.unwrap_or(usize::MAX);
+    let mut agents = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut as_of;
+    loop {
+        let path = match &cursor {
+            Some(cursor) => format!("/v1/agents?{query}&cursor={}", encode(cursor)),
+            None => format!("/v1/agents?{query}"),
+        };
+        let page: Page = serde_json::from_value(api.get(&path).await?.unwrap_or_default())
+            .context("the API answered something that is not a page of agents")?;
+        as_of = page.as_of;
+        agents.extend(page.agents);
+        match page.next_cursor {
+            Some(next) if agents.len() < wanted => cursor = Some(next),
+            _ => break,
+        }
+    }
+    agents.truncate(wanted);
+    let found = !agents.is_empty();
+    if filters.json {
+        println!("{}", serde_json::to_string_pretty(&agents)?);
+    } else if found {
+        let views: Vec<AgentView> = agents
+            .into_iter()
+            .map(serde_json::from_value)
+            .collect::<Result<_, _>>()
+            .context("the API answered an agent record this CLI cannot read")?;
+        print!("{}", table(&views, parse_rfc3339(&as_of)));
+    }
+    if !found {
+        eprintln!("rollcall: no agent matches");
+    }
+    Ok(found)
+}
+
+fn table(agents: &[AgentView], now_ms: Option<i64>) -> String {
+    let mut rows = vec![
+        [
+            "AGENT",
+            "STATUS",
+            "LAST SEEN",
+            "CORES FREE",
+            "MEM FREE",
+            "GPUS (FREE/TOTAL GB)",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for agent in agents {
+        let seen = match (now_ms, parse_rfc3339(&agent.last_heartbeat_at)) {
+            (Some(now), Some(then)) => ago((now - then).max(0) / 1000),
+            _ => agent.last_heartbeat_at.clone(),
+        };
+        let gpus = if agent.gpus.is_empty() {
+            "-".to_owned()
+        } else {
+            agent
+                .gpus
+                .iter()
+                .map(|gpu| format!("{:.1}/{:.1}", gpu.memory_free_gb, gpu.memory_total_gb))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        rows.push(vec![
+            agent.agent_id.clone(),
+            format!("{:?}", agent.status).to_lowercase(),
+            seen,
+            format!("{}/{}", agent.cpu_cores_available, agent.cpu_cores_physical),
+            format!("{:.1} GB", agent.memory_available_gb),
+            gpus,
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|column| {
+            rows.iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    rows.iter()
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, width)| format!("{cell:<width$}"))
+                .collect();
+            format!("{}\n", cells.join("  ").trim_end())
+        })
+        .collect()
+}
+
+/// "12 s ago", "4 min ago", "3 h ago", "2 d ago".
+fn ago(seconds: i64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s if s < 172_800 => format!("{} h ago", s / 3600),
+        s => format!("{} d ago", s / 86_400),
+    }
+}
+
+async fn show(api: &Api, agent_id: &str, json: bool) -> anyhow::Result<bool> {
+    let Some(agent) = api.get(&format!("/v1/agents/{}", encode(agent_id))).await? else {
+        eprintln!("rollcall: no agent {agent_id:?}");
+        return Ok(false);
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&agent)?);
+        return Ok(true);
+    }
+    let view: AgentView = serde_json::from_value(agent)
+        .context("the API answered an agent record this CLI cannot read")?;
+    let now = rollcall::record::now_ms();
+    print!("{}", table(std::slice::from_ref(&view), Some(now)));
+    println!(
+        "\npool {}  labels {:?}  state {:?}  online until {}",
+        view.pool, view.labels, view.state, view.online_until
+    );
+    for gpu in &view.gpus {
+        println!(
+            "gpu {}: {} {}  {:.1} of {:.1} GB free  {}",
+            gpu.index,
+            gpu.vendor.as_str(),
+            gpu.name.as_deref().unwrap_or("(unnamed)"),
+            gpu.memory_free_gb,
+            gpu.memory_total_gb,
+            gpu.utilization_percent
+                .map(|u| format!("{u:.0}% busy"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(true)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("rollcall: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async {
+        let api = Api::new(&cli.connection)?;
+        match &cli.command {
+            Command::Agents(filters) => list(&api, filters).await,
+            Command::Agent { agent_id, json } => show(&api, agent_id, *json).await,
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("rollcall: {}", format!("{error:#}").replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The `rollcall` CLI against a running query function: tables, JSON, and
+//! exit codes a script can rely on (0 found, 1 none, 2 error).
+
+use std::process::{Command, Output};
+
+use rollcall_tests::{Stack, binary, heartbeat, now_ms};
+use serde_json::json;
+
+fn cli(stack: &Stack, args: &[&str]) -> Output {
+    Command::new(binary("rollcall"))
+        .args(args)
+        .env("ROLLCALL_URL", stack.query.url())
+        .env("ROLLCALL_TOKEN", &stack.token)
+        .env(
+            "ROLLCALL_CLI_CONFIG",
+            stack.dir.path().join("no-such-cli.toml"),
+        )
+        .output()
+        .expect("run rollcall")
+}
+
+fn seeded() -> Stack {
+    let stack = Stack::start();
+    for (id, free_mb) in [("big-gpu", 80_000u64), ("small-gpu", 8_000)] {
+        let mut body = heartbeat(id, now_ms());
+        body["gpus"] = json!([{"index": 0, "vendor": "nvidia", "memory_total_mb": 81_920, "memory_free_mb": free_mb}]);
+        assert_eq!(stack.post_heartbeat(&body).status, 202);
+    }
+    stack
+}
+
+#[test]
+fn agents_prints_an_aligned_table_and_exits_0() {
+    let stack = seeded();
+    let output = cli(&stack, &["agents", "--min-gpu-vram", "16"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("AGENT") && lines[0].contains("LAST SEEN"),
+        "{text}"
+    );
+    assert!(lines[1].starts_with("big-gpu "), "{text}");
+    assert!(
+        lines[1].contains("online")
+            && lines[1].contains(" s ago")
+            && lines[1].contains("78.1/80.0"),
+        "{text}"
+    );
+    // Columns line up: each header starts where its values start.
+    let column = lines[0].find("STATUS").unwrap();
+    assert_eq!(&lines[1][column..column + 6], "online");
+}
+
+#[test]
+fn json_output_and_no_match_exit_codes() {
+    let stack = seeded();
+    let output = cli(&stack, &["agents", "--json", "--status", "all"]);
+    assert_eq!(output.status.code(), Some(0));
+    let agents: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(agents.as_array().unwrap().len(), 2);
+    assert_eq!(agents[0]["agent_id"], "big-gpu");
+
+    let none = cli(&stack, &["agents", "--min-gpu-vram", "100"]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(none.stdout.is_empty());
+}
+
+#[test]
+fn one_agent_and_errors() {
+    let stack = seeded();
+    let found = cli(&stack, &["agent", "small-gpu"]);
+    assert_eq!(found.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&found.stdout).contains("small-gpu"));
+    assert_eq!(cli(&stack, &["agent", "nobody"]).status.code(), Some(1));
+
+    let refused = cli(&stack, &["agents", "--gpu-vendor", "3dfx"]);
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("rollcall: the API answered 400: parameter gpu_vendor"),
+        "{stderr}"
+    );
+
+    let unreachable = Command::new(binary("rollcall"))
+        .args(["agents", "--url", "http://127.0.0.1:9"])
+        .env("ROLLCALL_TOKEN", "x")
+        .env("ROLLCALL_CLI_CONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach"));
+
+    let wrong_token = Command::new(binary("rollcall"))
+        .args(["agents"])
+        .env("ROLLCALL_URL", stack.query.url())
+        .env("ROLLCALL_TOKEN", "not-the-token-at-all")
+        .env("ROLLCALL_CLI_CONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(wrong_token.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&wrong_token.stderr).contains("401"));
+}
+
+#[test]
+fn url_and_token_can_come_from_a_config_file() {
+    let stack = seeded();
+    let config = stack.dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "url = \"{}\"\ntoken = \"{}\"\n",
+            stack.query.url(),
+            stack.token
+        ),
+    )
+    .unwrap();
+    let output = Command::new(binary("rollcall"))
+        .args(["agents"])
+        .env_remove("ROLLCALL_URL")
+        .env_remove("ROLLCALL_TOKEN")
+        .env("ROLLCALL_CLI_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

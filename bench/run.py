@@ -279,6 +279,9 @@ def bench_dynamodb(results, args):
                "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
         test = ["cargo", "test", "-q", "--release", "-p", "rollcall-tests", "--test", "dynamodb"]
         output = subprocess.run([*test, "one_write_unit", "--", "--nocapture"], cwd=ROOT, env=env, capture_output=True, text=True)
+        window = re.search(r"five-minute window with two GPUs is (\d+) bytes", output.stdout)
+        if window:
+            results["ddb_history_window_bytes"] = int(window.group(1))
         size = re.search(r"two-GPU item: (\d+) bytes", output.stdout)
         units = re.search(r"table Some\(([\d.]+)\), total with the index Some\(([\d.]+)\)", output.stdout)
         if size and units:
@@ -379,8 +382,30 @@ million write units, $0.20 per million requests, $0.0000166667 per GB-second.
 | Lambda compute | ${cost['compute']:.5f} |
 | **total** | **${sum(cost.values()):.3f}** |
 
-Capacity queries are billed by the reader: about 2–4 read units ($0.125 per million) per query at 1,000 agents. See
-`docs/dynamodb.md`.
+Capacity queries are billed by the reader, at $0.125 per million read units. A query matching 5 % costs about
+{r.get('ddb_filtered_1000', {}).get('read_units', '?')} read units at 1,000 agents and
+{r.get('ddb_filtered_10000', {}).get('read_units', '?')} at 10,000 (see the table). History adds one write of
+{r.get('ddb_history_window_bytes', '?')} bytes (1 unit) per agent every five minutes: +10 % write requests and +4 %
+write units at a 30 s interval.
+
+## Where a target is missed, and why
+
+- **DynamoDB write units per heartbeat: the target is exactly 1.** The table write is exactly 1 unit (a two-GPU item is
+  {r.get('ddb_item_bytes', '?')} bytes). The capacity index adds 1 more, and 2 on AWS when the agent's largest free VRAM
+  changes (delete + put of the index entry). Three alternatives were weighed and rejected:
+  - A `KEYS_ONLY` index still pays for every change of its sort key.
+  - Coarse VRAM buckets as the sort key would change it less often, but would break the contract's exact
+    most-free-first order, or make each page read a whole bucket.
+  - No index would make every query read the whole fleet, which the read target forbids.
+
+  The choice is reads that follow the matches, at 2–3 write units a heartbeat ($0.11–0.16 per agent-month).
+- **Collector memory on a GPU host.** The figure above is for a host without an NVIDIA driver. Where one is present,
+  `libnvidia-ml` is mapped into the process: on an H200 host `rollcall-collector print` peaked at 24 MB resident,
+  most of it that library's pages. node_exporter does not read GPUs at all, and a psutil agent with pynvml loads the
+  same library.
+- **Paging a whole large fleet over DynamoDB reads items more than once.** Each page re-reads every shard from the
+  cursor. Listing all 10,000 agents in pages of 1,000 read 18,999 items. Filtered queries, which read at most one
+  batch per shard, are not affected.
 
 ## Raw figures
 

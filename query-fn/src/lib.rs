@@ -1,7 +1,8 @@
 //! The query function: the capacity API of PROTOCOL.md §2.
 //!
-//! `GET /v1/agents`, `GET /v1/agents/{agent_id}` and `GET /metrics` (see
-//! [`metrics`]) behind bearer tokens, and `/healthz` without. The handlers parse, ask the store, and shape the answer;
+//! `GET /v1/agents`, `GET /v1/agents/{agent_id}`, its `/history`, and
+//! `GET /metrics` (see [`metrics`]) behind bearer tokens; `/healthz` and the
+//! live fleet page at `/` without. The handlers parse, ask the store, and shape the answer;
 //! the match rule and answer order live in `rollcall::capacity`.
 
 pub mod metrics;
@@ -103,6 +104,7 @@ pub fn router(api: Arc<QueryApi>) -> Router {
     Router::new()
         .merge(protected)
         .route("/healthz", get(api::healthz))
+        .route("/", get(fleet_page))
         .method_not_allowed_fallback(|| async { api::method_not_allowed("GET") })
         .fallback(api::not_found)
         .with_state(api)
@@ -213,6 +215,25 @@ async fn agent_history(
         minutes: rollups,
         as_of: rfc3339(now),
     }))
+}
+
+/// The live fleet page: self-contained (no build step, nothing fetched from
+/// elsewhere), so it is served without a token; its data calls need one.
+const FLEET_PAGE: &str = include_str!("fleet.html");
+
+async fn fleet_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        FLEET_PAGE,
+    )
+        .into_response()
 }
 
 /// The content type `prometheus-client` encodes.

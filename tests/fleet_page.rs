@@ -1,0 +1,120 @@
+//! The live fleet page in a real browser: Debian's Chromium, headless, driven
+//! by playwright-core (tests/browser/fleet_page.mjs) against a local stack
+//! with three agents, one of them offline. The screenshot lands in
+//! target/test-output/fleet-page.png.
+//!
+//! scripts/test installs Chromium and playwright-core and sets
+//! ROLLCALL_BROWSER_TESTS=1, which makes their absence a failure; elsewhere
+//! the test is skipped when they are missing.
+
+use std::path::Path;
+use std::process::Command;
+
+use rollcall_tests::{Stack, heartbeat, now_ms};
+use serde_json::{Value, json};
+
+fn seed(stack: &Stack) {
+    let now = now_ms();
+    let minute = now / 60_000;
+    let mut alpha = heartbeat("alpha", now);
+    alpha["gpus"] = json!([
+        {"index": 0, "vendor": "nvidia", "name": "A100", "memory_total_mb": 81_920, "memory_free_mb": 40_960},
+        {"index": 1, "vendor": "nvidia", "name": "A100", "memory_total_mb": 81_920, "memory_free_mb": 8_192}
+    ]);
+    alpha["history"] =
+        json!((1..=20u64).rev().map(|back| {
+        let load = 1.0 + (back % 5) as f64;
+        let spread = json!({"min": load, "avg": load, "max": load});
+        json!({"minute": minute - back, "load_1m": spread, "memory_available_mb": spread})
+    }).collect::<Vec<_>>());
+    assert_eq!(stack.post_heartbeat(&alpha).status, 202);
+    assert_eq!(stack.post_heartbeat(&heartbeat("beta", now)).status, 202);
+    let mut gamma = heartbeat("gamma", now);
+    gamma["state"] = json!("leaving");
+    assert_eq!(stack.post_heartbeat(&gamma).status, 202);
+}
+
+#[test]
+fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
+    let required = std::env::var("ROLLCALL_BROWSER_TESTS").as_deref() == Ok("1");
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    let ready = Path::new("/usr/bin/chromium").exists()
+        && browser_dir.join("node_modules/playwright-core").exists();
+    if !ready {
+        assert!(
+            !required,
+            "Chromium or playwright-core is missing; scripts/test installs them"
+        );
+        eprintln!(
+            "skipped: Chromium or playwright-core is not installed (scripts/test installs them)"
+        );
+        return;
+    }
+    let stack = Stack::start();
+    seed(&stack);
+    let output_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-output");
+    std::fs::create_dir_all(&output_dir).unwrap();
+    let screenshot = output_dir.join("fleet-page.png");
+    let _ = std::fs::remove_file(&screenshot);
+
+    let output = Command::new("node")
+        .arg(browser_dir.join("fleet_page.mjs"))
+        .args([&stack.query.url(), &stack.token])
+        .arg(&screenshot)
+        .output()
+        .expect("run node");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: Value = serde_json::from_slice(output.stdout.trim_ascii()).expect("one JSON line");
+    println!("{seen}");
+
+    let rows = seen["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{seen}");
+    let row = |agent: &str| {
+        rows.iter()
+            .find(|row| row["agent"] == agent)
+            .unwrap_or_else(|| panic!("no row for {agent}: {seen}"))
+    };
+    assert_eq!(row("alpha")["status"], "online");
+    assert_eq!(row("gamma")["status"], "offline");
+    assert_eq!(row("gamma")["className"], "offline");
+    assert_ne!(
+        row("gamma")["offlineColour"],
+        row("alpha")["offlineColour"],
+        "offline rows must look different"
+    );
+    assert_eq!(row("alpha")["bars"], 2);
+    assert_eq!(row("alpha")["barWidths"], json!(["50.0%", "10.0%"]));
+    assert!(
+        row("alpha")["sparkPoints"].as_u64().unwrap() >= 2,
+        "alpha has history: {seen}"
+    );
+    assert!(
+        row("alpha")["lastSeen"]
+            .as_str()
+            .unwrap()
+            .ends_with("s ago")
+    );
+    assert!(
+        seen["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("3 agents, 2 online, 1 offline"),
+        "{seen}"
+    );
+    assert_eq!(seen["filtered"], json!(["alpha"]));
+    assert_eq!(seen["token_kept"], true);
+    assert_eq!(
+        seen["outside"],
+        json!([]),
+        "the page fetched something from elsewhere"
+    );
+    assert!(
+        std::fs::metadata(&screenshot).unwrap().len() > 10_000,
+        "screenshot missing or empty"
+    );
+}

@@ -88,7 +88,7 @@ fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
         "offline rows must look different"
     );
     assert_eq!(row("alpha")["bars"], 2);
-    assert_eq!(row("alpha")["barWidths"], json!(["50.0%", "10.0%"]));
+    assert_eq!(row("alpha")["barWidths"], json!(["50%", "10%"]));
     assert!(
         row("alpha")["sparkPoints"].as_u64().unwrap() >= 2,
         "alpha has history: {seen}"

@@ -442,3 +442,33 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         .find(|candidate| candidate.is_file())
         .ok_or(())
 }
+
+#[test]
+fn a_running_collector_delivers_its_recent_history() {
+    // A one-minute window so that the test waits one minute, not five.
+    let stack = Stack::start();
+    let mut service = stack
+        .collector("with-history")
+        .args(["run", "--interval", "2", "--history-window", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let delivered = wait_until(Duration::from_secs(75), || {
+        let response = stack.get("/v1/agents/with-history/history?minutes=5");
+        response.status == 200 && !response.json()["minutes"].as_array().unwrap().is_empty()
+    });
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc_kill(service.id() as i32, 15) };
+    service.wait().unwrap();
+    assert!(delivered.is_some(), "no history arrived within 75 s");
+    let history = stack
+        .get("/v1/agents/with-history/history?minutes=5")
+        .json();
+    let first = &history["minutes"][0];
+    let load = &first["load_1m"];
+    assert!(load["min"].as_f64().unwrap() <= load["avg"].as_f64().unwrap());
+    assert!(load["avg"].as_f64().unwrap() <= load["max"].as_f64().unwrap());
+    let memory = first["memory_available_mb"]["avg"].as_f64().unwrap();
+    assert!(memory > 0.0, "{history}");
+}

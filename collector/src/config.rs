@@ -16,6 +16,7 @@ use serde::Deserialize;
 pub const SYSTEM_CONFIG: &str = "/etc/rollcall/collector.toml";
 pub const DEFAULT_INTERVAL_S: u32 = 30;
 pub const DEFAULT_GPU_TIMEOUT_S: f64 = 5.0;
+pub const DEFAULT_HISTORY_WINDOW_MINUTES: u64 = 5;
 
 /// The TOML file, every key optional.
 #[derive(Debug, Default, Deserialize)]
@@ -29,6 +30,7 @@ pub struct FileConfig {
     pub labels: Option<BTreeMap<String, String>>,
     pub interval_s: Option<u32>,
     pub gpu_timeout_s: Option<f64>,
+    pub history_window_minutes: Option<u64>,
     pub disk_path: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
 }
@@ -45,6 +47,7 @@ pub struct Overrides {
     pub labels: Option<Vec<String>>,
     pub interval_s: Option<u32>,
     pub gpu_timeout_s: Option<f64>,
+    pub history_window_minutes: Option<u64>,
     pub disk_path: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
 }
@@ -59,6 +62,8 @@ pub struct Settings {
     pub labels: BTreeMap<String, String>,
     pub interval_s: u32,
     pub gpu_timeout: Duration,
+    /// History is sent once per window of this many minutes.
+    pub history_window_minutes: u64,
     pub disk_path: PathBuf,
     pub state_dir: PathBuf,
 }
@@ -179,7 +184,17 @@ impl Settings {
                 "GPU timeout {gpu_timeout_s}s must be more than 0 and at most 60 seconds"
             )));
         }
+        let history_window_minutes = overrides
+            .history_window_minutes
+            .or(file.history_window_minutes)
+            .unwrap_or(DEFAULT_HISTORY_WINDOW_MINUTES);
+        if !(1..=30).contains(&history_window_minutes) {
+            return Err(ConfigError::Invalid(format!(
+                "history window {history_window_minutes} min must be 1-30 minutes"
+            )));
+        }
         Ok(Settings {
+            history_window_minutes,
             endpoint,
             key_id,
             agent_key,

@@ -85,6 +85,9 @@ struct Common {
     /// Seconds one GPU read may take before it is abandoned [default: 5]
     #[arg(long = "gpu-timeout", env = "ROLLCALL_GPU_TIMEOUT_S")]
     gpu_timeout_s: Option<f64>,
+    /// Minutes of per-minute history sent together [default: 5]
+    #[arg(long = "history-window", env = "ROLLCALL_HISTORY_WINDOW_MINUTES")]
+    history_window_minutes: Option<u64>,
     /// Path whose file system is reported as the disk [default: /]
     #[arg(long, env = "ROLLCALL_DISK_PATH")]
     disk_path: Option<PathBuf>,
@@ -114,6 +117,7 @@ impl Common {
             labels: self.labels.clone(),
             interval_s: self.interval_s,
             gpu_timeout_s: self.gpu_timeout_s,
+            history_window_minutes: self.history_window_minutes,
             disk_path: self.disk_path.clone(),
             state_dir: self.state_dir.clone(),
         };
@@ -232,6 +236,7 @@ fn identity(settings: &Settings, must_keep_id: bool) -> anyhow::Result<Identity>
         pool: settings.pool.clone(),
         labels: settings.labels.clone(),
         interval_s: settings.interval_s,
+        history_window_minutes: settings.history_window_minutes,
     })
 }
 

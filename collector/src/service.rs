@@ -11,7 +11,7 @@ use rollcall::heartbeat::AgentState;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
 
-use crate::sample::history::{History, WINDOW_MINUTES};
+use crate::sample::history::History;
 use crate::sample::{Identity, Sampler};
 use crate::send::{SendError, Sender, backoff};
 
@@ -30,7 +30,7 @@ pub async fn run(
     // Retries stop well before the next sample so that it goes out on time.
     let retry_cap = RETRY_CAP.min(interval / 2);
     let mut outage = Outage::default();
-    let mut history = History::default();
+    let mut history = History::new(identity.history_window_minutes);
     let mut next_due = Instant::now();
     'samples: loop {
         tokio::select! {
@@ -96,7 +96,7 @@ async fn send_leaving(
     let mut heartbeat = sampler.sample(identity, AgentState::Leaving, false).await;
     history.record(&heartbeat);
     // Whatever is rolled up so far goes out with the last heartbeat.
-    heartbeat.history = history.due(heartbeat.sent_at_ms / 60_000 + WINDOW_MINUTES);
+    heartbeat.history = history.due(heartbeat.sent_at_ms / 60_000 + history.window_minutes());
     match tokio::time::timeout(LEAVING_TIMEOUT, sender.send(&heartbeat)).await {
         Ok(Ok(_)) => tracing::info!("sent the leaving heartbeat; this agent is now offline"),
         Ok(Err(error)) => {

@@ -35,6 +35,7 @@ fn main() {
         pool: "default".into(),
         labels: Default::default(),
         interval_s: 30,
+        history_window_minutes: 5,
     };
     let mut sampler = Sampler::new(
         PathBuf::from("/"),

@@ -7,7 +7,8 @@
 
 use rollcall::heartbeat::{Heartbeat, MAX_HISTORY_MINUTES, MinuteRollup, Spread};
 
-/// Minutes per roll-up window; ingest's DynamoDB store keeps one item per window.
+/// Minutes per roll-up window by default; ingest's DynamoDB store keeps one
+/// item per five minutes, so that is also the cheapest window to send.
 pub const WINDOW_MINUTES: u64 = 5;
 
 struct Sample {
@@ -17,13 +18,31 @@ struct Sample {
     gpu_free_mb: Vec<u64>,
 }
 
-#[derive(Default)]
 pub struct History {
+    window_minutes: u64,
     samples: Vec<Sample>,
     pending: Vec<MinuteRollup>,
 }
 
+impl Default for History {
+    fn default() -> Self {
+        Self::new(WINDOW_MINUTES)
+    }
+}
+
 impl History {
+    pub fn new(window_minutes: u64) -> Self {
+        Self {
+            window_minutes: window_minutes.max(1),
+            samples: Vec::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn window_minutes(&self) -> u64 {
+        self.window_minutes
+    }
+
     pub fn record(&mut self, heartbeat: &Heartbeat) {
         self.samples.push(Sample {
             minute: heartbeat.sent_at_ms / 60_000,
@@ -39,10 +58,11 @@ impl History {
 
     /// Roll-ups to send now: every closed window not yet acknowledged.
     pub fn due(&mut self, now_minute: u64) -> Vec<MinuteRollup> {
-        let open_window = now_minute / WINDOW_MINUTES;
+        let window = self.window_minutes;
+        let open_window = now_minute / window;
         let (closed, open): (Vec<Sample>, Vec<Sample>) = std::mem::take(&mut self.samples)
             .into_iter()
-            .partition(|sample| sample.minute / WINDOW_MINUTES < open_window);
+            .partition(|sample| sample.minute / window < open_window);
         self.samples = open;
         let mut minutes: Vec<u64> = closed.iter().map(|sample| sample.minute).collect();
         minutes.dedup();

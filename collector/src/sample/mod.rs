@@ -23,6 +23,8 @@ pub struct Identity {
     pub pool: String,
     pub labels: BTreeMap<String, String>,
     pub interval_s: u32,
+    /// Minutes of history sent together.
+    pub history_window_minutes: u64,
 }
 
 pub struct Sampler {

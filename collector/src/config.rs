@@ -274,6 +274,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let file: FileConfig = toml::from_str(include_str!("../dist/collector.toml")).unwrap();
+        let settings = Settings::resolve(file, Overrides::default()).unwrap();
+        assert_eq!(settings.key_id.as_deref(), Some("k1"));
+        assert_eq!(settings.history_window_minutes, 5);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused_with_a_reason() {
         assert!(toml::from_str::<FileConfig>("intervall_s = 3").is_err());
         let bad = |overrides: Overrides| {

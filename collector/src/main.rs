@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use rollcall::heartbeat::AgentState;
+use rollcall::heartbeat::{AgentState, Heartbeat};
 use rollcall::signing::{AGENT_ID_RULE, FleetSecret, is_valid_agent_id};
 use rollcall_collector::config::{self, Overrides, Settings};
 use rollcall_collector::sample::{GpuReaders, Identity, Sampler};
@@ -126,7 +126,7 @@ impl Common {
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    rollcall::logging::init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -160,14 +160,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         } => {
             let settings = common.settings()?;
             let identity = identity(&settings, false)?;
-            let mut sampler = Sampler::new(
-                settings.disk_path.clone(),
-                GpuReaders::detect(),
-                settings.gpu_timeout,
-            );
-            let heartbeat = sampler
-                .sample(&identity, AgentState::Up, !skip_cpu_usage)
-                .await;
+            let heartbeat = sample_once(&settings, &identity, skip_cpu_usage).await;
             println!("{}", serde_json::to_string_pretty(&heartbeat)?);
             Ok(())
         }
@@ -178,14 +171,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let settings = common.settings()?;
             let identity = identity(&settings, true)?;
             let sender = sender(&settings)?;
-            let mut sampler = Sampler::new(
-                settings.disk_path.clone(),
-                GpuReaders::detect(),
-                settings.gpu_timeout,
-            );
-            let heartbeat = sampler
-                .sample(&identity, AgentState::Up, !skip_cpu_usage)
-                .await;
+            let heartbeat = sample_once(&settings, &identity, skip_cpu_usage).await;
             let accepted = sender.send(&heartbeat).await?;
             println!(
                 "heartbeat accepted: agent {} online until {}",
@@ -205,12 +191,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 pool = %identity.pool,
                 "collector starting"
             );
-            let sampler = Sampler::new(
-                settings.disk_path.clone(),
-                GpuReaders::detect(),
-                settings.gpu_timeout,
-            );
-            service::run(sampler, identity, sender, shutdown).await;
+            service::run(sampler(&settings), identity, sender, shutdown).await;
             Ok(())
         }
     }
@@ -238,6 +219,21 @@ fn identity(settings: &Settings, must_keep_id: bool) -> anyhow::Result<Identity>
         interval_s: settings.interval_s,
         history_window_minutes: settings.history_window_minutes,
     })
+}
+
+fn sampler(settings: &Settings) -> Sampler {
+    Sampler::new(
+        settings.disk_path.clone(),
+        GpuReaders::detect(),
+        settings.gpu_timeout,
+    )
+}
+
+/// One sample for `print` and `once`, optionally without the CPU-usage window.
+async fn sample_once(settings: &Settings, identity: &Identity, skip_cpu_usage: bool) -> Heartbeat {
+    sampler(settings)
+        .sample(identity, AgentState::Up, !skip_cpu_usage)
+        .await
 }
 
 fn sender(settings: &Settings) -> anyhow::Result<Sender> {
@@ -276,17 +272,4 @@ fn keygen(agent_id: &str) -> anyhow::Result<()> {
     let secret = FleetSecret::from_hex(secret_text.trim()).context("fleet secret")?;
     println!("{}", secret.derive_agent_key(agent_id).to_hex());
     Ok(())
-}
-
-fn init_logging() {
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
 }

@@ -37,7 +37,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
+    rollcall::logging::init();
     let args = Args::parse();
     let secrets = std::env::var("ROLLCALL_FLEET_SECRETS")
         .context("ROLLCALL_FLEET_SECRETS is not set (expected kid=hex[,kid2=hex]; generate one with `openssl rand -hex 32`)")?;
@@ -61,17 +61,4 @@ async fn main() -> anyhow::Result<()> {
     };
     rollcall::api::serve(router(Arc::new(ingest)), args.listen, "ingest").await?;
     Ok(())
-}
-
-fn init_logging() {
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
 }

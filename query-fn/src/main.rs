@@ -26,7 +26,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
+    rollcall::logging::init();
     let args = Args::parse();
     let tokens = std::env::var("ROLLCALL_QUERY_TOKENS")
         .context("ROLLCALL_QUERY_TOKENS is not set (expected token[,token2]; generate one with `openssl rand -hex 24`)")?;
@@ -41,17 +41,4 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(store = %store_config.describe(), "query starting");
     rollcall::api::serve(router(Arc::new(api)), args.listen, "query").await?;
     Ok(())
-}
-
-fn init_logging() {
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
 }

@@ -9,6 +9,7 @@
 //! - [`record`]: what is stored per agent, its deadlines, and the API's agent record.
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
 //! - [`store`] (feature `server`): the store trait and the embedded SQLite store.
+//! - [`logging`] (feature `logging`): the log format every binary shares.
 //! - [`api`] (feature `server`): JSON errors, `/healthz`, and serving one router
 //!   through Lambda or plain HTTP.
 //!
@@ -23,5 +24,7 @@ pub mod verify;
 
 #[cfg(feature = "server")]
 pub mod api;
+#[cfg(feature = "logging")]
+pub mod logging;
 #[cfg(feature = "server")]
 pub mod store;

@@ -46,15 +46,7 @@ pub struct FleetSecret(Vec<u8>);
 
 impl FleetSecret {
     pub fn from_hex(text: &str) -> Result<Self, KeyError> {
-        let bytes = decode_lower_hex(text.trim(), "fleet secret")?;
-        if bytes.len() < MIN_FLEET_SECRET_LEN {
-            return Err(KeyError::TooShort {
-                what: "fleet secret",
-                min: MIN_FLEET_SECRET_LEN,
-                got: bytes.len(),
-            });
-        }
-        Ok(Self(bytes))
+        Self::from_bytes(decode_lower_hex(text.trim(), "fleet secret")?)
     }
 
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, KeyError> {

@@ -122,10 +122,12 @@ fn reject(rejection: Rejection) -> ApiError {
     ApiError::new(status, rejection.to_string())
 }
 
+/// `to_bytes` reports its limit as `LengthLimitError` somewhere in the chain;
+/// anything else is a broken body, not an oversized one.
 fn is_length_limit(error: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = source {
-        if current.to_string().contains("length limit exceeded") {
+        if current.is::<http_body_util::LengthLimitError>() {
             return true;
         }
         source = current.source();

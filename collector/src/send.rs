@@ -16,12 +16,7 @@ pub struct Sender {
     agent_key: AgentKey,
 }
 
-/// Ingest's 202 answer.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct Accepted {
-    pub agent_id: String,
-    pub online_until: String,
-}
+pub use rollcall::wire::Accepted;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {

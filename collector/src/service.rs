@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use rollcall::heartbeat::AgentState;
+use rollcall::wire::EXTENSION_HISTORY;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
 
@@ -49,14 +50,19 @@ pub async fn run(
             };
             match result {
                 Ok(accepted) => {
-                    history.acknowledge(&heartbeat.history);
+                    // History is optional on ingest's side (PROTOCOL.md §3):
+                    // what it could not store now rides along again.
+                    if accepted.stored(EXTENSION_HISTORY) {
+                        history.acknowledge(&heartbeat.history);
+                    } else if !heartbeat.history.is_empty() {
+                        tracing::debug!(minutes = heartbeat.history.len(), "ingest did not store the history this time; it goes out again");
+                    }
                     outage.recovered();
                     tracing::debug!(online_until = %accepted.online_until, "heartbeat accepted");
                     break;
                 }
                 Err(error) if error.is_stale() => {
-                    // Ingest stores history before the newer-only check, so it has it.
-                    history.acknowledge(&heartbeat.history);
+                    // A stale heartbeat stores nothing, history included: it goes out again.
                     tracing::debug!(%error, "a newer heartbeat is already stored");
                     break;
                 }

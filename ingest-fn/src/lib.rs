@@ -1,7 +1,10 @@
 //! The ingest function: `POST /v1/heartbeats` (PROTOCOL.md §1) and `/healthz`.
 //!
 //! The handler is thin: it runs the protocol's checks (in `rollcall::verify`),
-//! asks the store for the newer-only write, and shapes the answer.
+//! asks the store for the newer-only write, then stores the optional history
+//! (PROTOCOL.md §3: an extension never blocks liveness), and shapes the answer.
+
+pub mod keys;
 
 use std::sync::Arc;
 
@@ -12,14 +15,17 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use rollcall::api::{self, ApiError};
-use rollcall::heartbeat::MAX_BODY_BYTES;
+use rollcall::heartbeat::{MAX_BODY_BYTES, MinuteRollup};
 use rollcall::record::{Deadlines, StoredAgent, now_ms, rfc3339};
 use rollcall::store::{Store, Upsert};
-use rollcall::verify::{Keyring, Rejection, is_json_content_type};
-use serde_json::json;
+use rollcall::verify::{Rejection, is_json_content_type};
+use rollcall::wire::{Accepted, EXTENSION_HISTORY};
+
+use crate::keys::KeySource;
 
 pub struct Ingest {
-    pub keyring: Keyring,
+    /// The fleet secrets: fixed locally, fetched and refreshed in AWS.
+    pub keyring: KeySource,
     pub deadlines: Deadlines,
     /// How long per-minute history is kept.
     pub history_retention_s: i64,
@@ -42,6 +48,70 @@ async fn heartbeat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let body = read_body(&headers, body).await?;
+    let received_at_ms = now_ms();
+    let mut heartbeat = ingest
+        .keyring
+        .verify(
+            |name| headers.get(name).map(|value| value.as_bytes()),
+            &body,
+            received_at_ms.div_euclid(1000),
+        )
+        .await
+        .map_err(reject)?;
+    let sent_at_ms = heartbeat.sent_at_ms;
+    // History is kept apart from the agent record, so the record stays small.
+    let history = std::mem::take(&mut heartbeat.history);
+    let agent = StoredAgent::accept(heartbeat, received_at_ms, ingest.deadlines);
+    let online_until_ms = agent.online_until_ms;
+    let agent_id = agent.agent_id().to_owned();
+    // PROTOCOL.md §3: the record first, under the newer-only check; a stale
+    // or replayed heartbeat stores nothing at all.
+    if ingest.store.upsert(agent).await? == Upsert::Stale {
+        return Err(reject(Rejection::Stale { sent_at_ms }));
+    }
+    let mut not_stored = Vec::new();
+    if !ingest.store_history(&agent_id, history, received_at_ms).await {
+        not_stored.push(EXTENSION_HISTORY.to_owned());
+    }
+    tracing::debug!(agent_id, sent_at_ms, ?not_stored, "heartbeat accepted");
+    let accepted = Accepted {
+        agent_id,
+        online_until: rfc3339(online_until_ms),
+        not_stored,
+    };
+    Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response())
+}
+
+impl Ingest {
+    /// Stores an accepted heartbeat's history; false when it could not be
+    /// stored now. History is optional: its failure never fails the heartbeat.
+    async fn store_history(
+        &self,
+        agent_id: &str,
+        mut minutes: Vec<MinuteRollup>,
+        received_at_ms: i64,
+    ) -> bool {
+        // Minutes already past retention would be kept as if they were new.
+        let oldest_kept = (received_at_ms.div_euclid(1000) - self.history_retention_s).div_euclid(60);
+        minutes.retain(|rollup| i64::try_from(rollup.minute).is_ok_and(|m| m > oldest_kept));
+        if minutes.is_empty() {
+            return true;
+        }
+        let expires_at_s = received_at_ms.div_euclid(1000) + self.history_retention_s;
+        match self.store.put_history(agent_id, minutes, expires_at_s).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(agent_id, %error, "history not stored; the heartbeat was, and the collector will send the history again");
+                false
+            }
+        }
+    }
+}
+
+/// Checks 1 of PROTOCOL.md §1 that need no signature: content type and size,
+/// and a body that arrives in time.
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .map(|value| value.as_bytes());
@@ -62,8 +132,7 @@ async fn heartbeat(
         api::BODY_READ_TIMEOUT,
         axum::body::to_bytes(body, MAX_BODY_BYTES),
     );
-    let body = read
-        .await
+    read.await
         .map_err(|_| {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
@@ -76,49 +145,14 @@ async fn heartbeat(
             } else {
                 ApiError::bad_request(format!("could not read the request body: {error}"))
             }
-        })?;
-
-    let received_at_ms = now_ms();
-    let mut heartbeat = ingest
-        .keyring
-        .verify(
-            |name| headers.get(name).map(|value| value.as_bytes()),
-            &body,
-            received_at_ms.div_euclid(1000),
-        )
-        .map_err(reject)?;
-    let sent_at_ms = heartbeat.sent_at_ms;
-    // History is kept apart from the agent record, so the record stays small.
-    let history = std::mem::take(&mut heartbeat.history);
-    if !history.is_empty() {
-        // Written first and idempotently: a retry after a failed upsert writes the same minutes.
-        let expires_at_s = received_at_ms.div_euclid(1000) + ingest.history_retention_s;
-        ingest
-            .store
-            .put_history(&heartbeat.agent_id, history, expires_at_s)
-            .await?;
-    }
-    let agent = StoredAgent::accept(heartbeat, received_at_ms, ingest.deadlines);
-    let online_until_ms = agent.online_until_ms;
-    let agent_id = agent.agent_id().to_owned();
-    match ingest.store.upsert(agent).await? {
-        Upsert::Written => {
-            tracing::debug!(agent_id, sent_at_ms, "heartbeat accepted");
-            Ok((
-                StatusCode::ACCEPTED,
-                axum::Json(
-                    json!({ "agent_id": agent_id, "online_until": rfc3339(online_until_ms) }),
-                ),
-            )
-                .into_response())
-        }
-        Upsert::Stale => Err(reject(Rejection::Stale { sent_at_ms })),
-    }
+        })
 }
 
 fn reject(rejection: Rejection) -> ApiError {
     let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
-    tracing::info!(status = status.as_u16(), reason = %rejection, "heartbeat refused");
+    // Debug, not info: a flood of refused requests must not become a flood of
+    // billed log lines. The reason is an escaped field, never raw text.
+    tracing::debug!(status = status.as_u16(), reason = ?rejection.to_string(), "heartbeat refused");
     ApiError::new(status, rejection.to_string())
 }
 

@@ -5,14 +5,20 @@ use anyhow::Context;
 use clap::Parser;
 use rollcall::record::{DEFAULT_GRACE_MULTIPLIER, DEFAULT_RETENTION_S, Deadlines};
 use rollcall::store::{DEFAULT_HISTORY_RETENTION_S, StoreArgs};
+use rollcall::secrets::SecretsFromEnv;
 use rollcall::verify::Keyring;
+use rollcall_ingest::keys::KeySource;
 use rollcall_ingest::{Ingest, router};
 
 /// rollcall ingest: accepts signed heartbeats and records each agent's deadline.
 ///
 /// Fleet secrets are read from the environment only (never from flags, which
 /// `ps` shows): ROLLCALL_FLEET_SECRETS="kid=hex[,kid2=hex]". Two key ids at
-/// once let a fleet rotate secrets without downtime.
+/// once let a fleet rotate secrets without downtime. In AWS, set
+/// ROLLCALL_FLEET_SECRETS_SECRET_ID to a Secrets Manager secret holding that
+/// text instead: it is read at start and again once older than
+/// ROLLCALL_SECRETS_MAX_AGE_S (default 300; an unknown key id triggers an
+/// early refresh at most once per ROLLCALL_SECRETS_MIN_REFRESH_S, default 30).
 ///
 /// Inside AWS Lambda (AWS_LAMBDA_RUNTIME_API set) it serves the Runtime API
 /// and ignores --listen.
@@ -39,16 +45,19 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     rollcall::logging::init();
     let args = Args::parse();
-    let secrets = std::env::var("ROLLCALL_FLEET_SECRETS")
-        .context("ROLLCALL_FLEET_SECRETS is not set (expected kid=hex[,kid2=hex]; generate one with `openssl rand -hex 32`)")?;
-    let keyring = Keyring::parse(&secrets).context("ROLLCALL_FLEET_SECRETS")?;
+    let keyring = SecretsFromEnv::default()
+        .load("ROLLCALL_FLEET_SECRETS", |text| {
+            Keyring::parse(text).map_err(|error| error.to_string())
+        })
+        .await?
+        .context("neither ROLLCALL_FLEET_SECRETS (kid=hex[,kid2=hex]; generate one with `openssl rand -hex 32`) nor ROLLCALL_FLEET_SECRETS_SECRET_ID is set")?;
+    let keyring = KeySource::new(keyring);
     let store_config = args.store.config();
     let store = store_config
         .open()
         .await
         .with_context(|| format!("opening {}", store_config.describe()))?;
-    let mut key_ids: Vec<&str> = keyring.key_ids().collect();
-    key_ids.sort_unstable();
+    let key_ids = keyring.key_ids().await;
     tracing::info!(store = %store_config.describe(), key_ids = ?key_ids, grace_multiplier = args.grace_multiplier, retention_s = args.retention_s, "ingest starting");
     let ingest = Ingest {
         keyring,

@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use rollcall::api::{self, ApiError};
 use rollcall::capacity::{CapacityQuery, CursorSealer};
 use rollcall::record::{AgentView, now_ms, rfc3339};
+use rollcall::secrets::Secret;
 use rollcall::signing::{AGENT_ID_RULE, is_valid_agent_id};
 use rollcall::store::Store;
 use serde::Serialize;
@@ -28,7 +29,7 @@ use subtle::ConstantTimeEq;
 pub const MIN_TOKEN_LEN: usize = 16;
 
 pub struct QueryApi {
-    token_digests: Vec<[u8; 32]>,
+    tokens: Secret<Tokens>,
     cursors: CursorSealer,
     store: Arc<dyn Store>,
 }
@@ -41,15 +42,17 @@ pub enum TokenError {
     Weak,
 }
 
-impl QueryApi {
-    /// `tokens` is `token[,token2]`: two at once while rotating. Cursors are
-    /// sealed with `cursor_key`, or with a key derived from the tokens.
-    pub fn new(
-        tokens: &str,
-        cursor_key: Option<&[u8]>,
-        store: Arc<dyn Store>,
-    ) -> Result<Self, TokenError> {
-        let mut tokens: Vec<&str> = tokens
+/// The bearer tokens the API accepts: `token[,token2]`, two at once while
+/// rotating. Only their digests are kept.
+pub struct Tokens {
+    digests: Vec<[u8; 32]>,
+    /// A key derived from the tokens, for cursors when no cursor key is set.
+    derived_cursor_key: [u8; 32],
+}
+
+impl Tokens {
+    pub fn parse(text: &str) -> Result<Self, TokenError> {
+        let mut tokens: Vec<&str> = text
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty())
@@ -64,17 +67,16 @@ impl QueryApi {
             return Err(TokenError::Weak);
         }
         tokens.sort_unstable();
-        let derived = Sha256::new()
-            .chain_update("rollcall-cursor\n")
-            .chain_update(tokens.join("\n"))
-            .finalize();
         Ok(Self {
-            token_digests: tokens
+            digests: tokens
                 .iter()
                 .map(|token| Sha256::digest(token.as_bytes()).into())
                 .collect(),
-            cursors: CursorSealer::new(cursor_key.unwrap_or(&derived)),
-            store,
+            derived_cursor_key: Sha256::new()
+                .chain_update("rollcall-cursor\n")
+                .chain_update(tokens.join("\n"))
+                .finalize()
+                .into(),
         })
     }
 
@@ -82,12 +84,34 @@ impl QueryApi {
     /// leaks through timing, and checks every token without stopping early.
     fn authorised(&self, presented: &[u8]) -> bool {
         let digest: [u8; 32] = Sha256::digest(presented).into();
-        self.token_digests
+        self.digests
             .iter()
             .fold(subtle::Choice::from(0), |any, known| {
                 any | known.ct_eq(&digest)
             })
             .into()
+    }
+}
+
+impl QueryApi {
+    /// Cursors are sealed with `cursor_key`, or with a key derived from the
+    /// tokens in hand at start.
+    pub async fn new(tokens: Secret<Tokens>, cursor_key: Option<&[u8]>, store: Arc<dyn Store>) -> Self {
+        let derived = tokens.current().await.derived_cursor_key;
+        Self {
+            cursors: CursorSealer::new(cursor_key.unwrap_or(&derived)),
+            tokens,
+            store,
+        }
+    }
+
+    /// An unknown token may be one rotated in since the tokens were fetched:
+    /// one early refresh (rate-limited inside [`Secret`]) and one more look.
+    async fn authorised(&self, presented: &[u8]) -> bool {
+        if self.tokens.current().await.authorised(presented) {
+            return true;
+        }
+        self.tokens.refresh_early().await && self.tokens.current().await.authorised(presented)
     }
 }
 
@@ -124,7 +148,7 @@ async fn require_token(
         .as_bytes()
         .strip_prefix(b"Bearer ")
         .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <token>"))?;
-    if !api.authorised(token) {
+    if !api.authorised(token).await {
         return Err(ApiError::unauthorized("unknown bearer token"));
     }
     Ok(next.run(request).await)
@@ -239,8 +263,26 @@ async fn fleet_page() -> Response {
 /// The content type `prometheus-client` encodes.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-async fn prometheus(State(api): State<Arc<QueryApi>>) -> Result<Response, ApiError> {
-    let text = metrics::render(api.store.as_ref(), now_ms()).await?;
+/// `GET /metrics[?<capacity query>]`: fleet aggregates, and per-agent series
+/// for the selection the parameters name (see [`metrics`]).
+async fn prometheus(
+    State(api): State<Arc<QueryApi>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let selection = match query.as_deref().filter(|q| !q.is_empty()) {
+        Some(query) => {
+            let selection = CapacityQuery::from_query_string(query)
+                .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
+            if selection.cursor.is_some() {
+                return Err(ApiError::bad_request(
+                    "parameter cursor: /metrics takes one page; narrow the selection instead",
+                ));
+            }
+            Some(selection)
+        }
+        None => None,
+    };
+    let text = metrics::render(api.store.as_ref(), selection.as_ref(), now_ms()).await?;
     Ok(([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response())
 }
 

@@ -4,13 +4,17 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use rollcall::store::StoreArgs;
-use rollcall_query::{QueryApi, router};
+use rollcall::secrets::SecretsFromEnv;
+use rollcall_query::{QueryApi, Tokens, router};
 
 /// rollcall query: the capacity API a scheduler calls to pick a machine.
 ///
 /// Bearer tokens are read from the environment only (never from flags, which
 /// `ps` shows): ROLLCALL_QUERY_TOKENS="token[,token2]". Pagination cursors are
 /// sealed with ROLLCALL_CURSOR_KEY if set, else with a key derived from the tokens.
+/// In AWS, set ROLLCALL_QUERY_TOKENS_SECRET_ID (and ROLLCALL_CURSOR_KEY_SECRET_ID)
+/// to Secrets Manager secrets holding the same text instead: they are read at
+/// start and again once older than ROLLCALL_SECRETS_MAX_AGE_S (default 300).
 ///
 /// Inside AWS Lambda (AWS_LAMBDA_RUNTIME_API set) it serves the Runtime API
 /// and ignores --listen.
@@ -28,16 +32,26 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     rollcall::logging::init();
     let args = Args::parse();
-    let tokens = std::env::var("ROLLCALL_QUERY_TOKENS")
-        .context("ROLLCALL_QUERY_TOKENS is not set (expected token[,token2]; generate one with `openssl rand -hex 24`)")?;
-    let cursor_key = std::env::var("ROLLCALL_CURSOR_KEY").ok();
+    let secrets = SecretsFromEnv::default();
+    let tokens = secrets
+        .load("ROLLCALL_QUERY_TOKENS", |text| {
+            Tokens::parse(text).map_err(|error| error.to_string())
+        })
+        .await?
+        .context("neither ROLLCALL_QUERY_TOKENS (token[,token2]; generate one with `openssl rand -hex 24`) nor ROLLCALL_QUERY_TOKENS_SECRET_ID is set")?;
+    let cursor_key = secrets
+        .load("ROLLCALL_CURSOR_KEY", |text| Ok(text.trim().as_bytes().to_vec()))
+        .await?;
+    let cursor_key = match &cursor_key {
+        Some(key) => Some(key.current().await),
+        None => None,
+    };
     let store_config = args.store.config();
     let store = store_config
         .open()
         .await
         .with_context(|| format!("opening {}", store_config.describe()))?;
-    let api = QueryApi::new(&tokens, cursor_key.as_deref().map(str::as_bytes), store)
-        .context("ROLLCALL_QUERY_TOKENS")?;
+    let api = QueryApi::new(tokens, cursor_key.as_deref().map(Vec::as_slice), store).await;
     tracing::info!(store = %store_config.describe(), "query starting");
     rollcall::api::serve(router(Arc::new(api)), args.listen, "query").await?;
     Ok(())

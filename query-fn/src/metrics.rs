@@ -1,6 +1,13 @@
 //! `GET /metrics`: the fleet in Prometheus' OpenMetrics text format, for
 //! Grafana. Encoded by `prometheus-client`, from a fresh registry per scrape,
 //! so that agents that expire disappear from the exposition with them.
+//!
+//! A function URL answer is capped at 6 MB, and a scrape of 100,000 agents'
+//! own series would pass that. So a plain scrape carries fleet aggregates
+//! only (by status and pool: a few lines whatever the fleet size), and
+//! per-agent and per-GPU series come only for a selection the scrape names
+//! with the capacity API's parameters (`?pool=render&status=all&limit=500`):
+//! one page of at most `MAX_LIMIT` agents.
 
 use std::sync::atomic::AtomicU64;
 
@@ -9,11 +16,17 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use rollcall::capacity::{CapacityQuery, MAX_LIMIT, StatusFilter};
+use rollcall::record::StoredAgent;
 use rollcall::store::{Store, StoreError};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     status: String,
+    pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
     pool: String,
 }
 
@@ -32,118 +45,129 @@ struct GpuLabels {
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
-/// Every agent on record (any status, not expired), as one exposition.
-pub async fn render(store: &dyn Store, now_ms: i64) -> Result<String, StoreError> {
-    let agents_by_status = Family::<StatusLabels, Gauge>::default();
-    let online = Family::<AgentLabels, Gauge>::default();
-    let cores = Family::<AgentLabels, Gauge>::default();
-    let memory = Family::<AgentLabels, FloatGauge>::default();
-    let since = Family::<AgentLabels, FloatGauge>::default();
-    let gpu_free = Family::<GpuLabels, FloatGauge>::default();
-    let gpu_total = Family::<GpuLabels, FloatGauge>::default();
-    let gpu_busy = Family::<GpuLabels, FloatGauge>::default();
+const MIB: f64 = 1024.0 * 1024.0;
 
-    let query = CapacityQuery {
+/// Fleet-wide figures, summed over every agent on record.
+#[derive(Default)]
+struct Fleet {
+    agents: Family<StatusLabels, Gauge>,
+    cores_available: Family<PoolLabels, Gauge>,
+    gpus: Family<PoolLabels, Gauge>,
+    gpu_free: Family<PoolLabels, FloatGauge>,
+    gpu_total: Family<PoolLabels, FloatGauge>,
+}
+
+impl Fleet {
+    fn add(&self, agent: &StoredAgent, now_ms: i64) {
+        let pool = agent.heartbeat.pool.clone();
+        let online = agent.is_online(now_ms);
+        let status = if online { "online" } else { "offline" };
+        self.agents
+            .get_or_create(&StatusLabels { status: status.into(), pool: pool.clone() })
+            .inc();
+        if !online {
+            return;
+        }
+        let labels = PoolLabels { pool };
+        self.cores_available
+            .get_or_create(&labels)
+            .inc_by(i64::from(agent.heartbeat.cpu.cores_available));
+        for gpu in &agent.heartbeat.gpus {
+            self.gpus.get_or_create(&labels).inc();
+            self.gpu_free.get_or_create(&labels).inc_by(gpu.memory_free_mb as f64 * MIB);
+            self.gpu_total.get_or_create(&labels).inc_by(gpu.memory_total_mb as f64 * MIB);
+        }
+    }
+
+    fn register(self, registry: &mut Registry) {
+        registry.register("agents", "Agents on record, by status and pool", self.agents);
+        registry.register("pool_cores_available", "Free cores of the online agents, by pool", self.cores_available);
+        registry.register("pool_gpus", "GPUs of the online agents, by pool", self.gpus);
+        registry.register_with_unit("pool_gpu_memory_free", "Free VRAM of the online agents, by pool", Unit::Bytes, self.gpu_free);
+        registry.register_with_unit("pool_gpu_memory_total", "Total VRAM of the online agents, by pool", Unit::Bytes, self.gpu_total);
+    }
+}
+
+/// One series per selected agent and per GPU of it.
+#[derive(Default)]
+struct PerAgent {
+    online: Family<AgentLabels, Gauge>,
+    cores: Family<AgentLabels, Gauge>,
+    memory: Family<AgentLabels, FloatGauge>,
+    since: Family<AgentLabels, FloatGauge>,
+    gpu_free: Family<GpuLabels, FloatGauge>,
+    gpu_total: Family<GpuLabels, FloatGauge>,
+    gpu_busy: Family<GpuLabels, FloatGauge>,
+}
+
+impl PerAgent {
+    fn add(&self, agent: &StoredAgent, now_ms: i64) {
+        let heartbeat = &agent.heartbeat;
+        let labels = AgentLabels {
+            agent_id: heartbeat.agent_id.clone(),
+            pool: heartbeat.pool.clone(),
+        };
+        self.online.get_or_create(&labels).set(i64::from(agent.is_online(now_ms)));
+        self.cores.get_or_create(&labels).set(i64::from(heartbeat.cpu.cores_available));
+        self.memory.get_or_create(&labels).set(heartbeat.memory.available_mb as f64 * MIB);
+        self.since
+            .get_or_create(&labels)
+            .set((now_ms - agent.received_at_ms).max(0) as f64 / 1000.0);
+        for gpu in &heartbeat.gpus {
+            let gpu_labels = GpuLabels {
+                agent_id: heartbeat.agent_id.clone(),
+                gpu: gpu.index.to_string(),
+                vendor: gpu.vendor.as_str().to_owned(),
+            };
+            self.gpu_free.get_or_create(&gpu_labels).set(gpu.memory_free_mb as f64 * MIB);
+            self.gpu_total.get_or_create(&gpu_labels).set(gpu.memory_total_mb as f64 * MIB);
+            if let Some(percent) = gpu.utilization_percent {
+                self.gpu_busy.get_or_create(&gpu_labels).set(percent / 100.0);
+            }
+        }
+    }
+
+    fn register(self, registry: &mut Registry) {
+        registry.register("agent_online", "1 while the agent is online (now < online_until), else 0", self.online);
+        registry.register("agent_cores_available", "Cores free for new work: floor(cores - load_1m)", self.cores);
+        registry.register_with_unit("agent_memory_available", "Memory available", Unit::Bytes, self.memory);
+        registry.register_with_unit("agent_since_heartbeat", "Time since the agent's last accepted heartbeat", Unit::Seconds, self.since);
+        registry.register_with_unit("gpu_memory_free", "Free VRAM per GPU", Unit::Bytes, self.gpu_free);
+        registry.register_with_unit("gpu_memory_total", "Total VRAM per GPU", Unit::Bytes, self.gpu_total);
+        registry.register("gpu_utilization_ratio", "GPU utilisation, 0 to 1, where the collector reports it", self.gpu_busy);
+    }
+}
+
+/// The exposition: fleet aggregates over every agent on record, plus
+/// per-agent series for the first page of `selection` when one is given.
+pub async fn render(
+    store: &dyn Store,
+    selection: Option<&CapacityQuery>,
+    now_ms: i64,
+) -> Result<String, StoreError> {
+    let fleet = Fleet::default();
+    let everyone = CapacityQuery {
         status: StatusFilter::All,
         limit: MAX_LIMIT,
         ..CapacityQuery::default()
     };
     let mut after = None;
     loop {
-        let page = store.query(&query, after.as_ref(), now_ms).await?;
-        for agent in &page.agents {
-            let view = agent.view(now_ms);
-            let status = format!("{:?}", view.status).to_lowercase();
-            agents_by_status
-                .get_or_create(&StatusLabels {
-                    status,
-                    pool: view.pool.clone(),
-                })
-                .inc();
-            let labels = AgentLabels {
-                agent_id: view.agent_id.clone(),
-                pool: view.pool.clone(),
-            };
-            online
-                .get_or_create(&labels)
-                .set(i64::from(agent.is_online(now_ms)));
-            cores
-                .get_or_create(&labels)
-                .set(i64::from(view.cpu_cores_available));
-            memory
-                .get_or_create(&labels)
-                .set(view.memory_available_gb * 1024.0 * 1024.0 * 1024.0);
-            since
-                .get_or_create(&labels)
-                .set((now_ms - agent.received_at_ms).max(0) as f64 / 1000.0);
-            for gpu in &agent.heartbeat.gpus {
-                let gpu_labels = GpuLabels {
-                    agent_id: view.agent_id.clone(),
-                    gpu: gpu.index.to_string(),
-                    vendor: gpu.vendor.as_str().to_owned(),
-                };
-                gpu_free
-                    .get_or_create(&gpu_labels)
-                    .set(gpu.memory_free_mb as f64 * 1024.0 * 1024.0);
-                gpu_total
-                    .get_or_create(&gpu_labels)
-                    .set(gpu.memory_total_mb as f64 * 1024.0 * 1024.0);
-                if let Some(percent) = gpu.utilization_percent {
-                    gpu_busy.get_or_create(&gpu_labels).set(percent / 100.0);
-                }
-            }
-        }
+        let page = store.query(&everyone, after.as_ref(), now_ms).await?;
+        page.agents.iter().for_each(|agent| fleet.add(agent, now_ms));
         match page.next {
             Some(next) => after = Some(next),
             None => break,
         }
     }
-
     let mut registry = Registry::with_prefix("rollcall");
-    registry.register(
-        "agents",
-        "Agents on record, by status and pool",
-        agents_by_status,
-    );
-    registry.register(
-        "agent_online",
-        "1 while the agent is online (now < online_until), else 0",
-        online,
-    );
-    registry.register(
-        "agent_cores_available",
-        "Cores free for new work: floor(cores - load_1m)",
-        cores,
-    );
-    registry.register_with_unit(
-        "agent_memory_available",
-        "Memory available",
-        Unit::Bytes,
-        memory,
-    );
-    registry.register_with_unit(
-        "agent_since_heartbeat",
-        "Time since the agent's last accepted heartbeat",
-        Unit::Seconds,
-        since,
-    );
-    registry.register_with_unit(
-        "gpu_memory_free",
-        "Free VRAM per GPU",
-        Unit::Bytes,
-        gpu_free,
-    );
-    registry.register_with_unit(
-        "gpu_memory_total",
-        "Total VRAM per GPU",
-        Unit::Bytes,
-        gpu_total,
-    );
-    registry.register(
-        "gpu_utilization_ratio",
-        "GPU utilisation, 0 to 1, where the collector reports it",
-        gpu_busy,
-    );
+    fleet.register(&mut registry);
+    if let Some(selection) = selection {
+        let per_agent = PerAgent::default();
+        let page = store.query(selection, None, now_ms).await?;
+        page.agents.iter().for_each(|agent| per_agent.add(agent, now_ms));
+        per_agent.register(&mut registry);
+    }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)
         .map_err(|error| StoreError::Corrupt(format!("cannot encode metrics: {error}")))?;

@@ -8,7 +8,10 @@
 //! - [`verify`]: ingest's request checks, in the protocol's order.
 //! - [`record`]: what is stored per agent, its deadlines, and the API's agent record.
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
+//! - [`wire`]: answers both ends of the wire share (ingest's 202).
 //! - [`store`] (feature `server`): the store trait and the embedded SQLite store.
+//! - [`secrets`] (feature `dynamodb`): secrets from the environment, or from
+//!   Secrets Manager with a bounded refresh.
 //! - [`logging`] (feature `logging`): the log format every binary shares.
 //! - [`api`] (feature `server`): JSON errors, `/healthz`, and serving one router
 //!   through Lambda or plain HTTP.
@@ -21,10 +24,13 @@ pub mod heartbeat;
 pub mod record;
 pub mod signing;
 pub mod verify;
+pub mod wire;
 
 #[cfg(feature = "server")]
 pub mod api;
 #[cfg(feature = "logging")]
 pub mod logging;
+#[cfg(feature = "dynamodb")]
+pub mod secrets;
 #[cfg(feature = "server")]
 pub mod store;

@@ -78,6 +78,10 @@ impl Keyring {
         self.secrets.insert(key_id.to_owned(), secret);
     }
 
+    pub fn knows(&self, key_id: &str) -> bool {
+        self.secrets.contains_key(key_id)
+    }
+
     pub fn key_ids(&self) -> impl Iterator<Item = &str> {
         self.secrets.keys().map(String::as_str)
     }

@@ -427,7 +427,9 @@ impl Store for DynamoStore {
 
     /// One item per aligned five-minute window (`<agent>#h#<window>`), so that
     /// a history costs one write per window, not per minute, and a read knows
-    /// its keys from the time range alone. The items carry no index keys, so
+    /// its keys from the time range alone. Each minute is its own attribute
+    /// (`m<minute>`), so one `UpdateItem` merges a window that arrives in
+    /// parts without reading it first. The items carry no index keys, so
     /// capacity queries never see them.
     async fn put_history(
         &self,
@@ -444,16 +446,23 @@ impl Store for DynamoStore {
                 .push(rollup);
         }
         for (window, rollups) in windows {
-            let key = history_key(agent_id, window);
-            // A window may arrive in parts (a collector restarted inside it): merge with what is stored.
-            let mut merged = self.history_window(&key).await?.unwrap_or_default();
-            merged.retain(|stored| !rollups.iter().any(|new| new.minute == stored.minute));
-            merged.extend(rollups);
-            merged.sort_by_key(|rollup| rollup.minute);
+            let mut assignments = vec!["#expires = :expires".to_owned()];
+            let mut names = HashMap::from([("#expires".to_owned(), TTL_ATTRIBUTE.to_owned())]);
+            let mut values = HashMap::from([(":expires".to_owned(), number(expires_at_s))]);
+            for (position, rollup) in rollups.iter().enumerate() {
+                let json = serde_json::to_string(rollup)
+                    .map_err(|e| StoreError::Corrupt(format!("cannot encode history: {e}")))?;
+                assignments.push(format!("#m{position} = :m{position}"));
+                names.insert(format!("#m{position}"), minute_attribute(rollup.minute));
+                values.insert(format!(":m{position}"), AttributeValue::S(json));
+            }
             self.client
-                .put_item()
+                .update_item()
                 .table_name(&self.table)
-                .set_item(Some(encode_history(&key, &merged, expires_at_s)?))
+                .key(A_AGENT, AttributeValue::S(history_key(agent_id, window)))
+                .update_expression(format!("SET {}", assignments.join(", ")))
+                .set_expression_attribute_names(Some(names))
+                .set_expression_attribute_values(Some(values))
                 .send()
                 .await
                 .map_err(unavailable)?;
@@ -529,47 +538,44 @@ pub fn history_key(agent_id: &str, window: u64) -> String {
     format!("{agent_id}#h#{window}")
 }
 
-/// The item for one window of history.
+/// The item a window of history becomes once `put_history` wrote `minutes`
+/// into it (for sizing: the write itself is an `UpdateItem`).
 pub fn encode_history(
     key: &str,
     minutes: &[MinuteRollup],
     expires_at_s: i64,
 ) -> Result<HashMap<String, AttributeValue>, StoreError> {
-    let json = serde_json::to_vec(minutes)
-        .map_err(|e| StoreError::Corrupt(format!("cannot encode history: {e}")))?;
-    Ok(HashMap::from([
+    let mut item = HashMap::from([
         (A_AGENT.to_owned(), AttributeValue::S(key.to_owned())),
         (TTL_ATTRIBUTE.to_owned(), number(expires_at_s)),
-        (
-            A_RECORD.to_owned(),
-            AttributeValue::B(Blob::new(miniz_oxide::deflate::compress_to_vec(&json, 6))),
-        ),
-    ]))
+    ]);
+    for rollup in minutes {
+        let json = serde_json::to_string(rollup)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode history: {e}")))?;
+        item.insert(minute_attribute(rollup.minute), AttributeValue::S(json));
+    }
+    Ok(item)
+}
+
+/// The attribute that holds one minute of a history window.
+fn minute_attribute(minute: u64) -> String {
+    format!("m{minute}")
 }
 
 fn decode_history(item: &HashMap<String, AttributeValue>) -> Result<Vec<MinuteRollup>, StoreError> {
-    let blob = item
-        .get(A_RECORD)
-        .and_then(|value| value.as_b().ok())
-        .ok_or_else(|| StoreError::Corrupt("history item without rec".into()))?;
-    let json = miniz_oxide::inflate::decompress_to_vec_with_limit(blob.as_ref(), 1 << 20)
-        .map_err(|_| StoreError::Corrupt("history rec does not inflate".into()))?;
-    serde_json::from_slice(&json)
-        .map_err(|e| StoreError::Corrupt(format!("unreadable history: {e}")))
-}
-
-impl DynamoStore {
-    async fn history_window(&self, key: &str) -> Result<Option<Vec<MinuteRollup>>, StoreError> {
-        let output = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key(A_AGENT, AttributeValue::S(key.to_owned()))
-            .send()
-            .await
-            .map_err(unavailable)?;
-        output.item().map(decode_history).transpose()
-    }
+    item.iter()
+        .filter(|(name, _)| {
+            name.strip_prefix('m')
+                .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|(_, value)| {
+            let text = value
+                .as_s()
+                .map_err(|_| StoreError::Corrupt("history minute is not a string".into()))?;
+            serde_json::from_str(text)
+                .map_err(|e| StoreError::Corrupt(format!("unreadable history: {e}")))
+        })
+        .collect()
 }
 
 /// The `rank` interval one query reads in every shard.

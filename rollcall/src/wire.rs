@@ -1,0 +1,49 @@
+//! Answers that cross the wire, shared by the side that writes them and the
+//! side that reads them, so that the two cannot drift apart.
+
+use serde::{Deserialize, Serialize};
+
+/// An extension of the heartbeat that is stored apart from the agent record
+/// (PROTOCOL.md §3). Its wire name is what `not_stored` lists.
+pub const EXTENSION_HISTORY: &str = "history";
+
+/// Ingest's `202` answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub agent_id: String,
+    /// RFC 3339: the agent is online until then unless it reports again.
+    pub online_until: String,
+    /// Extensions the heartbeat carried that were not stored this time (the
+    /// agent record was). The collector sends them again later. Empty, and
+    /// left out of the body, when everything was stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_stored: Vec<String>,
+}
+
+impl Accepted {
+    /// True when ingest stored `extension` (or it was not sent at all).
+    pub fn stored(&self, extension: &str) -> bool {
+        !self.not_stored.iter().any(|name| name == extension)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_stored_is_optional_both_ways() {
+        let v1: Accepted =
+            serde_json::from_str(r#"{"agent_id":"a","online_until":"2026-01-01T00:00:00Z"}"#)
+                .unwrap();
+        assert!(v1.stored(EXTENSION_HISTORY));
+        assert!(!serde_json::to_string(&v1).unwrap().contains("not_stored"));
+        let partial = Accepted {
+            not_stored: vec![EXTENSION_HISTORY.into()],
+            ..v1
+        };
+        let text = serde_json::to_string(&partial).unwrap();
+        assert!(text.contains(r#""not_stored":["history"]"#), "{text}");
+        assert!(!serde_json::from_str::<Accepted>(&text).unwrap().stored(EXTENSION_HISTORY));
+    }
+}

@@ -55,7 +55,10 @@ pub async fn run(
                     if accepted.stored(EXTENSION_HISTORY) {
                         history.acknowledge(&heartbeat.history);
                     } else if !heartbeat.history.is_empty() {
-                        tracing::debug!(minutes = heartbeat.history.len(), "ingest did not store the history this time; it goes out again");
+                        tracing::debug!(
+                            minutes = heartbeat.history.len(),
+                            "ingest did not store the history this time; it goes out again"
+                        );
                     }
                     outage.recovered();
                     tracing::debug!(online_until = %accepted.online_until, "heartbeat accepted");

@@ -71,7 +71,10 @@ async fn heartbeat(
         return Err(reject(Rejection::Stale { sent_at_ms }));
     }
     let mut not_stored = Vec::new();
-    if !ingest.store_history(&agent_id, history, received_at_ms).await {
+    if !ingest
+        .store_history(&agent_id, history, received_at_ms)
+        .await
+    {
         not_stored.push(EXTENSION_HISTORY.to_owned());
     }
     tracing::debug!(agent_id, sent_at_ms, ?not_stored, "heartbeat accepted");
@@ -93,13 +96,18 @@ impl Ingest {
         received_at_ms: i64,
     ) -> bool {
         // Minutes already past retention would be kept as if they were new.
-        let oldest_kept = (received_at_ms.div_euclid(1000) - self.history_retention_s).div_euclid(60);
+        let oldest_kept =
+            (received_at_ms.div_euclid(1000) - self.history_retention_s).div_euclid(60);
         minutes.retain(|rollup| i64::try_from(rollup.minute).is_ok_and(|m| m > oldest_kept));
         if minutes.is_empty() {
             return true;
         }
         let expires_at_s = received_at_ms.div_euclid(1000) + self.history_retention_s;
-        match self.store.put_history(agent_id, minutes, expires_at_s).await {
+        match self
+            .store
+            .put_history(agent_id, minutes, expires_at_s)
+            .await
+        {
             Ok(()) => true,
             Err(error) => {
                 tracing::warn!(agent_id, %error, "history not stored; the heartbeat was, and the collector will send the history again");

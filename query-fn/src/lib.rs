@@ -96,7 +96,11 @@ impl Tokens {
 impl QueryApi {
     /// Cursors are sealed with `cursor_key`, or with a key derived from the
     /// tokens in hand at start.
-    pub async fn new(tokens: Secret<Tokens>, cursor_key: Option<&[u8]>, store: Arc<dyn Store>) -> Self {
+    pub async fn new(
+        tokens: Secret<Tokens>,
+        cursor_key: Option<&[u8]>,
+        store: Arc<dyn Store>,
+    ) -> Self {
         let derived = tokens.current().await.derived_cursor_key;
         Self {
             cursors: CursorSealer::new(cursor_key.unwrap_or(&derived)),

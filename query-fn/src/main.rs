@@ -3,8 +3,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use rollcall::store::StoreArgs;
 use rollcall::secrets::SecretsFromEnv;
+use rollcall::store::StoreArgs;
 use rollcall_query::{QueryApi, Tokens, router};
 
 /// rollcall query: the capacity API a scheduler calls to pick a machine.
@@ -40,7 +40,9 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .context("neither ROLLCALL_QUERY_TOKENS (token[,token2]; generate one with `openssl rand -hex 24`) nor ROLLCALL_QUERY_TOKENS_SECRET_ID is set")?;
     let cursor_key = secrets
-        .load("ROLLCALL_CURSOR_KEY", |text| Ok(text.trim().as_bytes().to_vec()))
+        .load("ROLLCALL_CURSOR_KEY", |text| {
+            Ok(text.trim().as_bytes().to_vec())
+        })
         .await?;
     let cursor_key = match &cursor_key {
         Some(key) => Some(key.current().await),

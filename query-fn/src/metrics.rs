@@ -63,7 +63,10 @@ impl Fleet {
         let online = agent.is_online(now_ms);
         let status = if online { "online" } else { "offline" };
         self.agents
-            .get_or_create(&StatusLabels { status: status.into(), pool: pool.clone() })
+            .get_or_create(&StatusLabels {
+                status: status.into(),
+                pool: pool.clone(),
+            })
             .inc();
         if !online {
             return;
@@ -74,17 +77,39 @@ impl Fleet {
             .inc_by(i64::from(agent.heartbeat.cpu.cores_available));
         for gpu in &agent.heartbeat.gpus {
             self.gpus.get_or_create(&labels).inc();
-            self.gpu_free.get_or_create(&labels).inc_by(gpu.memory_free_mb as f64 * MIB);
-            self.gpu_total.get_or_create(&labels).inc_by(gpu.memory_total_mb as f64 * MIB);
+            self.gpu_free
+                .get_or_create(&labels)
+                .inc_by(gpu.memory_free_mb as f64 * MIB);
+            self.gpu_total
+                .get_or_create(&labels)
+                .inc_by(gpu.memory_total_mb as f64 * MIB);
         }
     }
 
     fn register(self, registry: &mut Registry) {
-        registry.register("agents", "Agents on record, by status and pool", self.agents);
-        registry.register("pool_cores_available", "Free cores of the online agents, by pool", self.cores_available);
+        registry.register(
+            "agents",
+            "Agents on record, by status and pool",
+            self.agents,
+        );
+        registry.register(
+            "pool_cores_available",
+            "Free cores of the online agents, by pool",
+            self.cores_available,
+        );
         registry.register("pool_gpus", "GPUs of the online agents, by pool", self.gpus);
-        registry.register_with_unit("pool_gpu_memory_free", "Free VRAM of the online agents, by pool", Unit::Bytes, self.gpu_free);
-        registry.register_with_unit("pool_gpu_memory_total", "Total VRAM of the online agents, by pool", Unit::Bytes, self.gpu_total);
+        registry.register_with_unit(
+            "pool_gpu_memory_free",
+            "Free VRAM of the online agents, by pool",
+            Unit::Bytes,
+            self.gpu_free,
+        );
+        registry.register_with_unit(
+            "pool_gpu_memory_total",
+            "Total VRAM of the online agents, by pool",
+            Unit::Bytes,
+            self.gpu_total,
+        );
     }
 }
 
@@ -107,9 +132,15 @@ impl PerAgent {
             agent_id: heartbeat.agent_id.clone(),
             pool: heartbeat.pool.clone(),
         };
-        self.online.get_or_create(&labels).set(i64::from(agent.is_online(now_ms)));
-        self.cores.get_or_create(&labels).set(i64::from(heartbeat.cpu.cores_available));
-        self.memory.get_or_create(&labels).set(heartbeat.memory.available_mb as f64 * MIB);
+        self.online
+            .get_or_create(&labels)
+            .set(i64::from(agent.is_online(now_ms)));
+        self.cores
+            .get_or_create(&labels)
+            .set(i64::from(heartbeat.cpu.cores_available));
+        self.memory
+            .get_or_create(&labels)
+            .set(heartbeat.memory.available_mb as f64 * MIB);
         self.since
             .get_or_create(&labels)
             .set((now_ms - agent.received_at_ms).max(0) as f64 / 1000.0);
@@ -119,22 +150,60 @@ impl PerAgent {
                 gpu: gpu.index.to_string(),
                 vendor: gpu.vendor.as_str().to_owned(),
             };
-            self.gpu_free.get_or_create(&gpu_labels).set(gpu.memory_free_mb as f64 * MIB);
-            self.gpu_total.get_or_create(&gpu_labels).set(gpu.memory_total_mb as f64 * MIB);
+            self.gpu_free
+                .get_or_create(&gpu_labels)
+                .set(gpu.memory_free_mb as f64 * MIB);
+            self.gpu_total
+                .get_or_create(&gpu_labels)
+                .set(gpu.memory_total_mb as f64 * MIB);
             if let Some(percent) = gpu.utilization_percent {
-                self.gpu_busy.get_or_create(&gpu_labels).set(percent / 100.0);
+                self.gpu_busy
+                    .get_or_create(&gpu_labels)
+                    .set(percent / 100.0);
             }
         }
     }
 
     fn register(self, registry: &mut Registry) {
-        registry.register("agent_online", "1 while the agent is online (now < online_until), else 0", self.online);
-        registry.register("agent_cores_available", "Cores free for new work: floor(cores - load_1m)", self.cores);
-        registry.register_with_unit("agent_memory_available", "Memory available", Unit::Bytes, self.memory);
-        registry.register_with_unit("agent_since_heartbeat", "Time since the agent's last accepted heartbeat", Unit::Seconds, self.since);
-        registry.register_with_unit("gpu_memory_free", "Free VRAM per GPU", Unit::Bytes, self.gpu_free);
-        registry.register_with_unit("gpu_memory_total", "Total VRAM per GPU", Unit::Bytes, self.gpu_total);
-        registry.register("gpu_utilization_ratio", "GPU utilisation, 0 to 1, where the collector reports it", self.gpu_busy);
+        registry.register(
+            "agent_online",
+            "1 while the agent is online (now < online_until), else 0",
+            self.online,
+        );
+        registry.register(
+            "agent_cores_available",
+            "Cores free for new work: floor(cores - load_1m)",
+            self.cores,
+        );
+        registry.register_with_unit(
+            "agent_memory_available",
+            "Memory available",
+            Unit::Bytes,
+            self.memory,
+        );
+        registry.register_with_unit(
+            "agent_since_heartbeat",
+            "Time since the agent's last accepted heartbeat",
+            Unit::Seconds,
+            self.since,
+        );
+        registry.register_with_unit(
+            "gpu_memory_free",
+            "Free VRAM per GPU",
+            Unit::Bytes,
+            self.gpu_free,
+        );
+        registry.register_with_unit(
+            "gpu_memory_total",
+            "Total VRAM per GPU",
+            Unit::Bytes,
+            self.gpu_total,
+        );
+        registry.register(
+            "gpu_utilization_ratio",
+            "GPU utilisation, 0 to 1, where the collector reports it",
+            self.gpu_busy,
+        );
     }
 }
 
@@ -154,7 +223,9 @@ pub async fn render(
     let mut after = None;
     loop {
         let page = store.query(&everyone, after.as_ref(), now_ms).await?;
-        page.agents.iter().for_each(|agent| fleet.add(agent, now_ms));
+        page.agents
+            .iter()
+            .for_each(|agent| fleet.add(agent, now_ms));
         match page.next {
             Some(next) => after = Some(next),
             None => break,
@@ -165,7 +236,9 @@ pub async fn render(
     if let Some(selection) = selection {
         let per_agent = PerAgent::default();
         let page = store.query(selection, None, now_ms).await?;
-        page.agents.iter().for_each(|agent| per_agent.add(agent, now_ms));
+        page.agents
+            .iter()
+            .for_each(|agent| per_agent.add(agent, now_ms));
         per_agent.register(&mut registry);
     }
     let mut text = String::new();

@@ -144,7 +144,11 @@ fn lock(mutex: &std::sync::Mutex<Instant>) -> std::sync::MutexGuard<'_, Instant>
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn fetch_parsed<T>(client: &Client, secret_id: &str, parse: Parse<T>) -> Result<T, SecretError> {
+async fn fetch_parsed<T>(
+    client: &Client,
+    secret_id: &str,
+    parse: Parse<T>,
+) -> Result<T, SecretError> {
     let output = client
         .get_secret_value()
         .secret_id(secret_id)

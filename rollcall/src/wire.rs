@@ -44,6 +44,10 @@ mod tests {
         };
         let text = serde_json::to_string(&partial).unwrap();
         assert!(text.contains(r#""not_stored":["history"]"#), "{text}");
-        assert!(!serde_json::from_str::<Accepted>(&text).unwrap().stored(EXTENSION_HISTORY));
+        assert!(
+            !serde_json::from_str::<Accepted>(&text)
+                .unwrap()
+                .stored(EXTENSION_HISTORY)
+        );
     }
 }

@@ -471,7 +471,7 @@ pub async fn history_round_trip(backend: &Backend) {
     );
 }
 
-/// Every case, by name, for the macro in `tests/store_conformance.rs`.
+/// Every case, by name, for the macro in `tests/tests/store_conformance.rs`.
 #[macro_export]
 macro_rules! conformance_cases {
     ($backend:expr) => {

@@ -443,6 +443,9 @@ pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Du
 }
 
 pub mod conformance;
+pub mod faults;
+pub mod iam;
+pub mod inprocess;
 pub mod runtime_api;
 
 /// The AWS emulator the tests use: `ROLLCALL_TEST_AWS_ENDPOINT`, else ministack

@@ -477,6 +477,10 @@ impl Store for DynamoStore {
         now_ms: i64,
     ) -> Result<Vec<MinuteRollup>, StoreError> {
         let now_minute = u64::try_from(now_ms.div_euclid(60_000)).unwrap_or(0);
+        // Nothing older than the longest history retention can still be
+        // stored, so a far-back `since` never turns into millions of keys.
+        let since_minute =
+            since_minute.max(now_minute.saturating_sub(MAX_HISTORY_RETENTION_MINUTES));
         let keys: Vec<String> = (since_minute / HISTORY_WINDOW_MINUTES
             ..=now_minute / HISTORY_WINDOW_MINUTES)
             .map(|window| history_key(agent_id, window))
@@ -532,6 +536,8 @@ impl Store for DynamoStore {
 
 /// Minutes per history item.
 const HISTORY_WINDOW_MINUTES: u64 = 5;
+/// The longest history retention ingest accepts (`--history-retention-s`, 31 days).
+const MAX_HISTORY_RETENTION_MINUTES: u64 = 31 * 24 * 60;
 
 /// `#` cannot appear in an agent id, so these keys never collide with agents.
 pub fn history_key(agent_id: &str, window: u64) -> String {
@@ -565,8 +571,9 @@ fn minute_attribute(minute: u64) -> String {
 fn decode_history(item: &HashMap<String, AttributeValue>) -> Result<Vec<MinuteRollup>, StoreError> {
     item.iter()
         .filter(|(name, _)| {
-            name.strip_prefix('m')
-                .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            name.strip_prefix('m').is_some_and(|digits| {
+                !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+            })
         })
         .map(|(_, value)| {
             let text = value

@@ -1,0 +1,78 @@
+//! Faults injected into real stores, for what must survive them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use rollcall::capacity::{CapacityQuery, Position};
+use rollcall::heartbeat::MinuteRollup;
+use rollcall::record::StoredAgent;
+use rollcall::store::{Page, Store, StoreError, Upsert};
+
+/// A real store whose history writes fail while `failing` is set; every
+/// other call goes straight through. PROTOCOL.md §3's rule under test: an
+/// extension that cannot be stored never blocks the agent record.
+pub struct HistoryOutage {
+    inner: Arc<dyn Store>,
+    failing: AtomicBool,
+}
+
+impl HistoryOutage {
+    pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Store for HistoryOutage {
+    async fn upsert(&self, agent: StoredAgent) -> Result<Upsert, StoreError> {
+        self.inner.upsert(agent).await
+    }
+
+    async fn get(&self, agent_id: &str, now_ms: i64) -> Result<Option<StoredAgent>, StoreError> {
+        self.inner.get(agent_id, now_ms).await
+    }
+
+    async fn query(
+        &self,
+        query: &CapacityQuery,
+        after: Option<&Position>,
+        now_ms: i64,
+    ) -> Result<Page, StoreError> {
+        self.inner.query(query, after, now_ms).await
+    }
+
+    async fn prune(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.inner.prune(now_ms).await
+    }
+
+    async fn put_history(
+        &self,
+        agent_id: &str,
+        minutes: Vec<MinuteRollup>,
+        expires_at_s: i64,
+    ) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected history outage".into()));
+        }
+        self.inner
+            .put_history(agent_id, minutes, expires_at_s)
+            .await
+    }
+
+    async fn history(
+        &self,
+        agent_id: &str,
+        since_minute: u64,
+        now_ms: i64,
+    ) -> Result<Vec<MinuteRollup>, StoreError> {
+        self.inner.history(agent_id, since_minute, now_ms).await
+    }
+}

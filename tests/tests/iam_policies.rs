@@ -1,0 +1,261 @@
+//! Each function's IAM policy in infra/template.yaml grants exactly what its
+//! code calls: the SDK operations are recorded (tests/src/iam.rs) while every
+//! route of each function runs against the emulator, and the template's
+//! statements must name the same (action, resource) pairs, no fewer and no
+//! more. Removing a needed grant or adding an unneeded one fails this test.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rollcall::record::Deadlines;
+use rollcall::secrets::Secret;
+use rollcall::signing::FleetSecret;
+use rollcall::store::dynamodb::DynamoStore;
+use rollcall::verify::Keyring;
+use rollcall_tests::iam::{Call, CallRecorder, recorded_dynamodb_client, secrets_client};
+use rollcall_tests::inprocess::{InProcess, request};
+use rollcall_tests::{KEY_ID, heartbeat, now_ms, now_s, unique_table};
+use serde_json::json;
+use serde_yaml::Value;
+
+const TOKEN: &str = "iam-test-token-0123456789";
+
+async fn create_secret(name: &str, value: &str) {
+    secrets_client(None)
+        .create_secret()
+        .name(name)
+        .secret_string(value)
+        .send()
+        .await
+        .expect("create a secret on the emulator");
+}
+
+async fn fetch<T: Send + Sync + 'static>(
+    recorder: &CallRecorder,
+    label: &str,
+    name: &str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Secret<T> {
+    let client = secrets_client(Some(&recorder.labelled(label)));
+    // A zero refresh window: every unknown key id or token refreshes, so the
+    // refresh path is exercised too.
+    Secret::fetch(
+        client,
+        name,
+        parse,
+        Duration::from_secs(300),
+        Duration::ZERO,
+    )
+    .await
+    .expect("fetch secret")
+}
+
+fn signed(
+    secret: &FleetSecret,
+    key_id: &str,
+    body: &serde_json::Value,
+) -> (Vec<(String, String)>, Vec<u8>) {
+    let agent_id = body["agent_id"].as_str().unwrap();
+    let bytes = body.to_string().into_bytes();
+    let timestamp = now_s();
+    let signature = secret
+        .derive_agent_key(agent_id)
+        .signature_header(key_id, agent_id, timestamp, &bytes);
+    let headers = [
+        ("Content-Type", "application/json".to_owned()),
+        ("X-Rollcall-Agent", agent_id.to_owned()),
+        ("X-Rollcall-Key-Id", key_id.to_owned()),
+        ("X-Rollcall-Timestamp", timestamp.to_string()),
+        ("X-Rollcall-Signature", signature),
+    ];
+    (headers.map(|(n, v)| (n.to_owned(), v)).to_vec(), bytes)
+}
+
+/// Every ingest path: fresh heartbeat with history, a stale one, an unknown key id.
+async fn drive_ingest(
+    recorder: &CallRecorder,
+    table: &str,
+    secret_name: &str,
+    secret: &FleetSecret,
+) {
+    let store = DynamoStore::new(
+        recorded_dynamodb_client(&recorder.labelled("table")),
+        table,
+        4,
+    );
+    let keyring = fetch(recorder, "secret:fleet", secret_name, |text| {
+        Keyring::parse(text).map_err(|e| e.to_string())
+    })
+    .await;
+    let ingest = rollcall_ingest::Ingest {
+        keyring: rollcall_ingest::keys::KeySource::new(keyring),
+        deadlines: Deadlines::default(),
+        history_retention_s: 24 * 3600,
+        store: Arc::new(store),
+    };
+    let server = InProcess::serve(rollcall_ingest::router(Arc::new(ingest))).await;
+    let now = now_ms();
+    let mut body = heartbeat("iam-agent", now);
+    let spread = json!({"min": 0.5, "avg": 1.0, "max": 1.5});
+    body["history"] =
+        json!([{"minute": now / 60_000 - 1, "load_1m": spread, "memory_available_mb": spread}]);
+    let (headers, bytes) = signed(secret, KEY_ID, &body);
+    let accepted = request(
+        server.addr,
+        "POST",
+        "/v1/heartbeats".into(),
+        headers.clone(),
+        bytes.clone(),
+    )
+    .await;
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    assert!(
+        accepted.json().get("not_stored").is_none(),
+        "{}",
+        accepted.text()
+    );
+    let replay = request(server.addr, "POST", "/v1/heartbeats".into(), headers, bytes).await;
+    assert_eq!(replay.status, 409, "{}", replay.text());
+    let (headers, bytes) = signed(secret, "unknown-kid", &heartbeat("iam-agent", now + 1));
+    let unknown = request(server.addr, "POST", "/v1/heartbeats".into(), headers, bytes).await;
+    assert_eq!(unknown.status, 401, "{}", unknown.text());
+    server.stop().await;
+}
+
+/// Every query route, paging included.
+async fn drive_query(recorder: &CallRecorder, table: &str, tokens_name: &str, cursor_name: &str) {
+    let store = DynamoStore::new(
+        recorded_dynamodb_client(&recorder.labelled("table")),
+        table,
+        4,
+    );
+    let tokens = fetch(recorder, "secret:tokens", tokens_name, |text| {
+        rollcall_query::Tokens::parse(text).map_err(|e| e.to_string())
+    })
+    .await;
+    let cursor_key = fetch(recorder, "secret:cursor", cursor_name, |text| {
+        Ok(text.as_bytes().to_vec())
+    })
+    .await;
+    let api =
+        rollcall_query::QueryApi::new(tokens, Some(&cursor_key.current().await), Arc::new(store))
+            .await;
+    let server = InProcess::serve(rollcall_query::router(Arc::new(api))).await;
+    let auth = vec![("Authorization".to_owned(), format!("Bearer {TOKEN}"))];
+    for path in [
+        "/v1/agents?status=all&limit=1",
+        "/v1/agents?min_gpu_vram_gb=1&min_cpu_cores=1&pool=default",
+        "/v1/agents/iam-agent",
+        "/v1/agents/iam-agent/history?minutes=10",
+        "/metrics",
+        "/metrics?status=all",
+        "/healthz",
+        "/",
+    ] {
+        let answer = request(server.addr, "GET", path.into(), auth.clone(), Vec::new()).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+    }
+    let unknown = vec![(
+        "Authorization".to_owned(),
+        "Bearer not-a-known-token-at-all".to_owned(),
+    )];
+    assert_eq!(
+        request(server.addr, "GET", "/v1/agents".into(), unknown, Vec::new())
+            .await
+            .status,
+        401
+    );
+    server.stop().await;
+}
+
+/// (action, resource label) pairs one function's policy grants.
+fn granted(template: &Value, function: &str) -> BTreeSet<Call> {
+    let statements = &template["Resources"][function]["Properties"]["Policies"][0]["Statement"];
+    let as_list = |value: &Value| match value {
+        Value::Sequence(items) => items.clone(),
+        other => vec![other.clone()],
+    };
+    let mut calls = BTreeSet::new();
+    for statement in statements.as_sequence().expect("Statement list") {
+        assert_eq!(statement["Effect"].as_str(), Some("Allow"));
+        for action in as_list(&statement["Action"]) {
+            for resource in as_list(&statement["Resource"]) {
+                calls.insert(Call {
+                    action: action.as_str().expect("action text").to_owned(),
+                    resource: resource_label(&resource),
+                });
+            }
+        }
+    }
+    calls
+}
+
+/// The template's resource expressions, named as the recorder names them.
+fn resource_label(resource: &Value) -> String {
+    let text = serde_yaml::to_string(resource).unwrap();
+    let labels = [
+        ("${AgentsTable.Arn}/index/", "index/"),
+        ("AgentsTable.Arn", "table"),
+        ("${FleetSecretsSecretName}-??????", "secret:fleet"),
+        ("${QueryTokensSecretName}-??????", "secret:tokens"),
+        ("!Ref CursorKeySecret", "secret:cursor"),
+    ];
+    for (pattern, label) in labels {
+        if let Some(position) = text.find(pattern) {
+            if label == "index/" {
+                let rest = &text[position + pattern.len()..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                return format!("index/{name}");
+            }
+            return label.to_owned();
+        }
+    }
+    panic!("a resource this test cannot name: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
+async fn each_function_is_granted_exactly_what_its_code_calls() {
+    let table = unique_table("rollcall-iam");
+    let admin = DynamoStore::new(rollcall_tests::dynamodb_client(), &table, 4);
+    admin.create_table().await.expect("create table");
+    let secret = FleetSecret::from_bytes(vec![9; 32]).unwrap();
+    let names = [&table, "tokens", "cursor"].map(|part| format!("{table}/{part}"));
+    create_secret(&names[0], &format!("{KEY_ID}={}", secret.to_hex())).await;
+    create_secret(&names[1], TOKEN).await;
+    create_secret(
+        &names[2],
+        "a-cursor-key-of-sixty-four-characters-0123456789abcdefghijklmn",
+    )
+    .await;
+
+    let ingest = CallRecorder::default();
+    drive_ingest(&ingest, &table, &names[0], &secret).await;
+    let query = CallRecorder::default();
+    drive_query(&query, &table, &names[1], &names[2]).await;
+
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../infra/template.yaml"
+    ))
+    .unwrap();
+    let template: Value = serde_yaml::from_str(&text).expect("template parses");
+    for (function, recorder) in [("IngestFunction", &ingest), ("QueryFunction", &query)] {
+        let called = recorder.calls();
+        println!("{function} calls:");
+        for call in &called {
+            println!("  {} on {}", call.action, call.resource);
+        }
+        let granted = granted(&template, function);
+        let missing: Vec<_> = called.difference(&granted).collect();
+        let unneeded: Vec<_> = granted.difference(&called).collect();
+        assert!(
+            missing.is_empty() && unneeded.is_empty(),
+            "{function}: the template must grant exactly what the code calls\n  not granted but called: {missing:?}\n  granted but never called: {unneeded:?}"
+        );
+    }
+}

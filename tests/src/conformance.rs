@@ -472,21 +472,33 @@ pub async fn history_round_trip(backend: &Backend) {
 }
 
 /// Every case, by name, for the macro in `tests/tests/store_conformance.rs`.
+/// `store_conformance.rs` checks that this list names every case function
+/// of this file, so that none can be left out silently.
 #[macro_export]
 macro_rules! conformance_cases {
-    ($backend:expr) => {
-        $crate::conformance_cases!(@cases $backend;
+    (@each $metas:tt $backend:expr; $($case:ident),*) => {
+        /// The cases this module runs.
+        pub const CASES: &[&str] = &[$(stringify!($case)),*];
+        $( $crate::conformance_cases!(@case $metas $backend; $case); )*
+    };
+    (@case [$($meta:tt)*] $backend:expr; $case:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $($meta)*
+        async fn $case() {
+            let backend = $backend.await;
+            $crate::conformance::$case(&backend).await;
+        }
+    };
+    (#[ignore = $reason:literal] $backend:expr) => {
+        $crate::conformance_cases!(@list [#[ignore = $reason]] $backend);
+    };
+    (@list $metas:tt $backend:expr) => {
+        $crate::conformance_cases!(@each $metas $backend;
             upsert_then_get, unknown_agent, newer_only, concurrent_writers_keep_the_newest,
             status_at_the_deadline, leaving_is_offline_at_once, every_filter,
             pagination_over_260_agents, retention_pruning, history_round_trip);
     };
-    (@cases $backend:expr; $($case:ident),*) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let backend = $backend.await;
-                $crate::conformance::$case(&backend).await;
-            }
-        )*
+    ($backend:expr) => {
+        $crate::conformance_cases!(@list [] $backend);
     };
 }

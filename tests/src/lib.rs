@@ -2,8 +2,9 @@
 //! loopback with a throwaway data folder, speaks raw HTTP/1.1 to them, and
 //! signs heartbeats the way any collector would.
 //!
-//! Binaries are found next to the test executable (`target/<profile>/`);
-//! `cargo build --workspace --bins` must have run first (scripts/test does).
+//! Binaries are found next to the test executable (`target/<profile>/`) and
+//! built first if needed (see [`binary`]). Tests of the routers alone serve
+//! them in-process instead ([`inprocess`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -18,26 +19,47 @@ use serde_json::{Value, json};
 pub const KEY_ID: &str = "k1";
 
 /// A built binary of this workspace: from `ROLLCALL_TEST_BIN_DIR` if set (to
-/// measure release builds), else next to the test executable.
+/// measure release builds), else next to the test executable, built first
+/// by `cargo build --workspace --bins` (once per test process; a no-op when
+/// up to date), so that a fresh clone's `cargo test` never runs a missing or
+/// stale binary.
 pub fn binary(name: &str) -> PathBuf {
     let dir = match std::env::var_os("ROLLCALL_TEST_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {
             let exe = std::env::current_exe().expect("test executable path");
             // target/<profile>/deps/<test> -> target/<profile>/<name>
-            exe.parent()
+            let dir = exe
+                .parent()
                 .and_then(Path::parent)
                 .expect("target folder")
-                .to_owned()
+                .to_owned();
+            build_workspace_binaries(&dir);
+            dir
         }
     };
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing", path.display());
     path
+}
+
+fn build_workspace_binaries(profile_dir: &Path) {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut command = Command::new(cargo);
+        command
+            .args(["build", "--workspace", "--bins", "--quiet"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        if profile_dir
+            .file_name()
+            .is_some_and(|name| name == "release")
+        {
+            command.arg("--release");
+        }
+        let status = command.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
 }
 
 /// A running server process whose log is captured for diagnostics.

@@ -1,12 +1,15 @@
-"""The deployed shape, end to end, on the AWS emulator.
+"""The deployed shape, end to end, on the AWS emulator with IAM enforced.
 
 Packages the x86_64 Lambda zips (scripts/package ran before this), uploads
 them to the emulator's S3, deploys infra/template.yaml through its
-CloudFormation with the SAM transform, and drives the stack through its
-function URLs the way users do: the real collector binary sends signed
-heartbeats, the capacity API shows the agent online, a forged heartbeat is
-refused. It also checks TTL on the table and that each function's role can do
-its own job and nothing more.
+CloudFormation with the SAM transform, and drives every route and client
+through the function URLs the way users do: a real collector in `run` mode
+for several history windows (no 5xx), its history read back, the `rollcall`
+CLI and the fleet page (in Chromium) from the query URL, /metrics, `leaving`
+taking the agent offline at once, and a fleet secret rotated in Secrets
+Manager without a redeploy. It also checks TTL on the table, that no secret
+is in the Lambda configuration, and that each function's role can do its own
+job and nothing more.
 
 Only the emulator's loopback endpoint is ever contacted: function URLs the
 stack reports (https://<id>.lambda-url.<region>.on.aws/) are reached through
@@ -29,6 +32,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+# One-minute history windows: the running collector must deliver at least
+# this many through the deployed stack.
+HISTORY_WINDOWS = 3
+# How stale a secret the functions may hold (the template's SecretMaxAgeSeconds).
+SECRET_MAX_AGE_S = 5
 ENDPOINT = os.environ.get("ROLLCALL_TEST_AWS_ENDPOINT", "http://127.0.0.1:4566")
 RUN = f"{os.getpid()}-{int(time.time())}"
 
@@ -124,7 +132,7 @@ def stack():
         Parameters=[
             {"ParameterKey": "FleetSecretsSecretName", "ParameterValue": names["fleet"]},
             {"ParameterKey": "QueryTokensSecretName", "ParameterValue": names["tokens"]},
-            {"ParameterKey": "Architecture", "ParameterValue": "x86_64"},
+            {"ParameterKey": "SecretMaxAgeSeconds", "ParameterValue": str(SECRET_MAX_AGE_S)},
         ],
     )
     while True:
@@ -145,7 +153,7 @@ def stack():
         r["LogicalResourceId"]: r["PhysicalResourceId"]
         for r in cloudformation.describe_stack_resources(StackName=stack_name)["StackResources"]
     }
-    yield {
+    deployed = {
         "ingest": local_url(outputs["IngestUrl"]),
         "query": local_url(outputs["QueryUrl"]),
         "table": outputs["TableName"],
@@ -153,28 +161,63 @@ def stack():
         "token": token,
         "resources": resources,
         "deploy_s": deploy_s,
+        "names": names,
     }
-    cloudformation.delete_stack(StackName=stack_name)
+    # A collector as users run it, for the whole module: short interval,
+    # one-minute history windows, its log kept for the 5xx check.
+    log_path = ROOT / "target" / f"stack-collector-{RUN}.log"
+    log = open(log_path, "w")
+    runner = subprocess.Popen(
+        [binary("rollcall-collector"), "run", "--interval", "5", "--history-window", "1", "--skip-cpu-usage"],
+        env={**collector_env(deployed, "stack-runner"), "RUST_LOG": "debug"},
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    deployed.update(runner=runner, runner_log=log_path, runner_started=time.monotonic())
+    try:
+        yield deployed
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        log.close()
+        cloudformation.delete_stack(StackName=stack_name)
 
 
-def collector(stack, agent_id, *args, agent_key=None):
-    if agent_key is None:
-        agent_key = subprocess.run(
-            [binary("rollcall-collector"), "keygen", "--agent-id", agent_id],
-            env={**os.environ, "ROLLCALL_FLEET_SECRET": stack["secret"]},
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
+def agent_key_for(fleet_secret, agent_id):
+    return subprocess.run(
+        [binary("rollcall-collector"), "keygen", "--agent-id", agent_id],
+        env={**os.environ, "ROLLCALL_FLEET_SECRET": fleet_secret},
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+
+
+def collector_env(stack, agent_id, agent_key=None, key_id="k1"):
     env = {
         **os.environ,
         "ROLLCALL_ENDPOINT": stack["ingest"],
-        "ROLLCALL_KEY_ID": "k1",
-        "ROLLCALL_AGENT_KEY": agent_key,
+        "ROLLCALL_KEY_ID": key_id,
+        "ROLLCALL_AGENT_KEY": agent_key or agent_key_for(stack["secret"], agent_id),
         "ROLLCALL_AGENT_ID": agent_id,
         "ROLLCALL_CONFIG": "/dev/null",
-        "ROLLCALL_STATE_DIR": f"/tmp/rollcall-stack-test-{RUN}",
+        "ROLLCALL_STATE_DIR": f"/tmp/rollcall-stack-test-{RUN}-{agent_id}",
     }
     env.pop("ROLLCALL_FAKE_GPUS", None)
+    return env
+
+
+def collector(stack, agent_id, *args, agent_key=None, key_id="k1"):
+    env = collector_env(stack, agent_id, agent_key, key_id)
     return subprocess.run([binary("rollcall-collector"), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def wait_for(what, check, limit_s):
+    """Polls `check` until it returns something truthy; fails after limit_s."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{what}: not within {limit_s} s"
+        time.sleep(1)
 
 
 def test_template_declares_what_the_emulator_may_ignore():
@@ -182,12 +225,21 @@ def test_template_declares_what_the_emulator_may_ignore():
     table = template["Resources"]["AgentsTable"]["Properties"]
     assert table["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
     assert table["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
-    assert table["SSESpecification"] == {"SSEEnabled": True}
+    # The AWS-owned key unless the operator names a KMS key: no KMS charges by default.
+    assert table["SSESpecification"][0] == "CustomerKey"
+    assert template["Parameters"]["KmsKeyArn"]["Default"] == ""
     assert table["BillingMode"] == "PAY_PER_REQUEST"
+    # One architecture story: the default is what scripts/package builds.
+    assert template["Parameters"]["Architecture"]["Default"] == "x86_64"
+    assert template["Globals"]["Function"]["LoggingConfig"]["LogFormat"] == "JSON"
     for name, variable in (("IngestFunction", "ROLLCALL_FLEET_SECRETS"), ("QueryFunction", "ROLLCALL_QUERY_TOKENS")):
         function = template["Resources"][name]["Properties"]
         assert function["FunctionUrlConfig"]["AuthType"] == "NONE"
-        assert function["Environment"]["Variables"][variable].startswith("{{resolve:secretsmanager:"), name
+        assert "ReservedConcurrentExecutions" in function, name
+        variables = function["Environment"]["Variables"]
+        # The secret's name is configured, never its value.
+        assert variable not in variables and f"{variable}_SECRET_ID" in variables, name
+        assert "resolve:secretsmanager" not in json.dumps(variables), name
     # No secret in any parameter default.
     for name, parameter in template["Parameters"].items():
         assert not re.fullmatch(r"[0-9a-f]{32,}", str(parameter.get("Default", ""))), name
@@ -256,8 +308,7 @@ def emulator_enforces_iam():
 
 
 def test_each_function_role_can_do_its_job_and_nothing_more(stack):
-    if not emulator_enforces_iam():
-        pytest.skip("the emulator does not enforce IAM (start it with AUTH=true)")
+    assert emulator_enforces_iam(), "the emulator must enforce IAM (scripts/test starts it with AUTH=true)"
     key = {"agent_id": {"S": "privilege-probe"}}
     item = {**key, "sent": {"N": "1"}}
     query_role = role_client(stack, "QueryFunctionRole")
@@ -281,14 +332,120 @@ def test_metrics_parse_as_openmetrics(stack):
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
     collector(stack, "metrics-agent", "once", "--skip-cpu-usage")
-    request = urllib.request.Request(loopback_only(f"{stack['query']}/metrics"),
-                                     headers={"Authorization": f"Bearer {stack['token']}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
-        text = response.read().decode()
-    families = {family.name: family for family in text_string_to_metric_families(text)}
-    for name in ("rollcall_agents", "rollcall_agent_online", "rollcall_agent_cores_available",
+    def scrape(query=""):
+        request = urllib.request.Request(loopback_only(f"{stack['query']}/metrics{query}"),
+                                         headers={"Authorization": f"Bearer {stack['token']}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+            text = response.read().decode()
+        return {family.name: family for family in text_string_to_metric_families(text)}
+
+    # A plain scrape: fleet aggregates only, whatever the fleet size.
+    fleet = scrape()
+    assert "rollcall_agents" in fleet and "rollcall_pool_cores_available" in fleet, sorted(fleet)
+    assert "rollcall_agent_online" not in fleet, "per-agent series without a selection"
+    online_default = [s.value for s in fleet["rollcall_agents"].samples
+                      if s.labels == {"status": "online", "pool": "default"}]
+    assert online_default and online_default[0] >= 1
+    # A selection adds per-agent series.
+    families = scrape("?status=all&limit=1000")
+    for name in ("rollcall_agent_online", "rollcall_agent_cores_available",
                  "rollcall_agent_memory_available_bytes", "rollcall_agent_since_heartbeat_seconds"):
         assert name in families, sorted(families)
     online = {s.labels["agent_id"]: s.value for s in families["rollcall_agent_online"].samples}
     assert online["metrics-agent"] == 1
+
+
+def test_no_secret_is_in_the_lambda_configuration(stack):
+    lam = client("lambda")
+    for logical in ("IngestFunction", "QueryFunction"):
+        configuration = lam.get_function_configuration(FunctionName=stack["resources"][logical])
+        text = json.dumps(configuration)
+        assert stack["secret"] not in text and stack["token"] not in text, logical
+        variables = configuration["Environment"]["Variables"]
+        assert any(name.endswith("_SECRET_ID") for name in variables), variables
+
+
+def test_the_cli_lists_the_agent_from_the_deployed_url(stack):
+    wait_for("the running collector reports", lambda: http(
+        "GET", f"{stack['query']}/v1/agents/stack-runner", {"Authorization": f"Bearer {stack['token']}"})[0] == 200, 30)
+    result = subprocess.run(
+        [binary("rollcall"), "agents", "--status", "all", "--json"],
+        env={**os.environ, "ROLLCALL_URL": stack["query"], "ROLLCALL_TOKEN": stack["token"],
+             "ROLLCALL_CLI_CONFIG": "/dev/null"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    listed = [agent["agent_id"] for agent in json.loads(result.stdout)["agents"]]
+    assert "stack-runner" in listed, listed
+    table = subprocess.run(
+        [binary("rollcall"), "agent", "stack-runner"],
+        env={**os.environ, "ROLLCALL_URL": stack["query"], "ROLLCALL_TOKEN": stack["token"],
+             "ROLLCALL_CLI_CONFIG": "/dev/null"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert table.returncode == 0 and "stack-runner" in table.stdout, table.stderr
+
+
+def test_the_fleet_page_loads_from_the_deployed_url(stack):
+    browser = ROOT / "tests" / "browser"
+    assert (browser / "node_modules" / "playwright-core").exists(), "scripts/test installs playwright-core"
+    screenshot = ROOT / "target" / "test-output" / "deployed-fleet-page.png"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["node", str(browser / "deployed_page.mjs"), stack["query"], stack["token"], str(screenshot)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "stack-runner" in [row["agent"] for row in seen["rows"]], seen
+    assert seen["outside"] == [], seen
+    assert seen["failed"] == [], seen
+
+
+def test_the_running_collector_delivers_history_without_a_5xx(stack):
+    auth = {"Authorization": f"Bearer {stack['token']}"}
+
+    def minutes():
+        status, body = http("GET", f"{stack['query']}/v1/agents/stack-runner/history?minutes=15", auth)
+        assert status == 200, body
+        return len(body["minutes"]) >= HISTORY_WINDOWS and body["minutes"]
+
+    # Window N closes at the (N+1)th minute boundary after the start, and goes
+    # out with the next heartbeat.
+    elapsed = time.monotonic() - stack["runner_started"]
+    delivered = wait_for("history windows through the deployed stack", minutes, (HISTORY_WINDOWS + 1.5) * 60 - elapsed)
+    for rollup in delivered:
+        assert rollup["load_1m"]["min"] <= rollup["load_1m"]["max"]
+    assert stack["runner"].poll() is None, "the collector stopped"
+    log = stack["runner_log"].read_text()
+    assert "heartbeat accepted" in log
+    assert not re.search(r"answered 5\d\d", log), log[-3000:]
+
+
+def test_leaving_takes_the_agent_offline_at_once(stack):
+    runner = stack["runner"]
+    runner.send_signal(15)
+    assert runner.wait(timeout=30) == 0
+    assert "sent the leaving heartbeat" in stack["runner_log"].read_text()
+    status, agent = http("GET", f"{stack['query']}/v1/agents/stack-runner", {"Authorization": f"Bearer {stack['token']}"})
+    assert status == 200 and agent["status"] == "offline", agent
+
+
+def test_a_rotated_fleet_secret_is_picked_up_without_a_redeploy(stack):
+    secrets = client("secretsmanager")
+    second = os.urandom(32).hex()
+    secrets.put_secret_value(SecretId=stack["names"]["fleet"], SecretString=f"k1={stack['secret']},k2={second}")
+    key2 = agent_key_for(second, "rotated-agent")
+    started = time.monotonic()
+    wait_for("a collector keyed with the new key id is accepted",
+             lambda: collector(stack, "rotated-agent", "once", "--skip-cpu-usage", agent_key=key2, key_id="k2").returncode == 0,
+             SECRET_MAX_AGE_S + 15)
+    print(f"new key id accepted after {time.monotonic() - started:.1f} s")
+
+    secrets.put_secret_value(SecretId=stack["names"]["fleet"], SecretString=f"k2={second}")
+    started = time.monotonic()
+    refused = wait_for("the retired key id is refused",
+                       lambda: (r := collector(stack, "old-agent", "once", "--skip-cpu-usage")).returncode != 0 and r,
+                       SECRET_MAX_AGE_S + 15)
+    assert 'unknown key id \\"k1\\"' in refused.stderr or "unknown key id" in refused.stderr, refused.stderr
+    print(f"retired key id refused after {time.monotonic() - started:.1f} s")
+    assert collector(stack, "rotated-agent", "once", "--skip-cpu-usage", agent_key=key2, key_id="k2").returncode == 0

@@ -34,6 +34,7 @@ fn two_gpu_heartbeat(agent_id: &str) -> Heartbeat {
 }
 
 #[tokio::test]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
 async fn ttl_is_enabled_on_expires_at() {
     let store = dynamodb_store(4).await;
     let ttl = dynamodb_client()
@@ -63,6 +64,7 @@ async fn ttl_is_enabled_on_expires_at() {
 }
 
 #[tokio::test]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
 async fn a_two_gpu_heartbeat_is_one_write_unit() {
     let store = dynamodb_store(4).await;
     let agent = StoredAgent::accept(
@@ -94,6 +96,7 @@ async fn a_two_gpu_heartbeat_is_one_write_unit() {
 }
 
 #[tokio::test]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
 async fn an_expired_item_is_never_returned_even_before_ttl_deletes_it() {
     let store = dynamodb_store(4).await;
     let now = now_ms() as i64;
@@ -132,6 +135,7 @@ async fn an_expired_item_is_never_returned_even_before_ttl_deletes_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
 async fn read_units_follow_matches_not_fleet_size() {
     let store = std::sync::Arc::new(dynamodb_store(4).await);
     let now = now_ms() as i64;
@@ -205,6 +209,7 @@ async fn read_units_follow_matches_not_fleet_size() {
 }
 
 #[tokio::test]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
 async fn the_functions_work_end_to_end_on_dynamodb() {
     let stack = Stack::start_dynamodb().await;
     let output = stack
@@ -259,6 +264,7 @@ async fn the_functions_work_end_to_end_on_dynamodb() {
 }
 
 #[tokio::test]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
 async fn an_unreachable_table_answers_503_with_retry_after() {
     // A port nothing listens on: every DynamoDB call fails to connect.
     let mut env = emulator_env();
@@ -279,6 +285,7 @@ async fn an_unreachable_table_answers_503_with_retry_after() {
 }
 
 #[tokio::test]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
 async fn a_five_minute_history_window_is_one_write_unit() {
     use rollcall::heartbeat::{MinuteRollup, Spread};
     use rollcall::store::dynamodb::{encode_history, history_key};

@@ -35,21 +35,15 @@ fn seed(stack: &Stack) {
 }
 
 #[test]
+#[ignore = "needs Chromium and playwright-core; scripts/test installs them"]
 fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
-    let required = std::env::var("ROLLCALL_BROWSER_TESTS").as_deref() == Ok("1");
     let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
     let ready = Path::new("/usr/bin/chromium").exists()
         && browser_dir.join("node_modules/playwright-core").exists();
-    if !ready {
-        assert!(
-            !required,
-            "Chromium or playwright-core is missing; scripts/test installs them"
-        );
-        eprintln!(
-            "skipped: Chromium or playwright-core is not installed (scripts/test installs them)"
-        );
-        return;
-    }
+    assert!(
+        ready,
+        "Chromium or playwright-core is missing; scripts/test installs them"
+    );
     let stack = Stack::start();
     seed(&stack);
     let output_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-output");

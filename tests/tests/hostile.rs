@@ -329,6 +329,7 @@ fn hostile_input_changes_nothing_in_sqlite() {
 }
 
 #[test]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
 fn hostile_input_changes_nothing_in_dynamodb() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let stack = runtime.block_on(Stack::start_dynamodb());

@@ -73,6 +73,11 @@ struct Common {
     /// Agent id [default: <hostname>-<8 hex>, generated once and kept in the state folder]
     #[arg(long, env = "ROLLCALL_AGENT_ID")]
     agent_id: Option<String>,
+    /// Allow a plain http:// endpoint on another host. Anyone on the path then reads this
+    /// machine's details and can hold heartbeats back or replay them; use https://.
+    /// (http:// to loopback is always allowed.)
+    #[arg(long, env = "ROLLCALL_INSECURE_PLAIN_HTTP")]
+    insecure_plain_http: bool,
     /// Pool this machine belongs to [default: default]
     #[arg(long, env = "ROLLCALL_POOL")]
     pool: Option<String>,
@@ -170,7 +175,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         } => {
             let settings = common.settings()?;
             let identity = identity(&settings, true)?;
-            let sender = sender(&settings)?;
+            let sender = sender(&settings, common.insecure_plain_http)?;
             let heartbeat = sample_once(&settings, &identity, skip_cpu_usage).await;
             let accepted = sender.send(&heartbeat).await?;
             println!(
@@ -182,7 +187,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Run(common) => {
             let settings = common.settings()?;
             let identity = identity(&settings, true)?;
-            let sender = sender(&settings)?;
+            let sender = sender(&settings, common.insecure_plain_http)?;
             let shutdown = service::shutdown_on_signals().context("cannot listen for signals")?;
             tracing::info!(
                 agent_id = %identity.agent_id,
@@ -236,7 +241,7 @@ async fn sample_once(settings: &Settings, identity: &Identity, skip_cpu_usage: b
         .await
 }
 
-fn sender(settings: &Settings) -> anyhow::Result<Sender> {
+fn sender(settings: &Settings, insecure_plain_http: bool) -> anyhow::Result<Sender> {
     let endpoint = settings.endpoint.as_deref().context(
         "no ingest endpoint: set --endpoint, ROLLCALL_ENDPOINT or endpoint in the config file",
     )?;
@@ -247,7 +252,12 @@ fn sender(settings: &Settings) -> anyhow::Result<Sender> {
     let agent_key = settings.agent_key.clone().context(
         "no agent key: set ROLLCALL_AGENT_KEY or agent_key_file (derive one with `rollcall-collector keygen --agent-id ID`)",
     )?;
-    Ok(Sender::new(endpoint, key_id, agent_key)?)
+    Ok(Sender::new(
+        endpoint,
+        key_id,
+        agent_key,
+        insecure_plain_http,
+    )?)
 }
 
 fn keygen(agent_id: &str) -> anyhow::Result<()> {

@@ -24,6 +24,8 @@ pub enum SendError {
     Network(String),
     #[error("ingest answered {status}: {message}")]
     Refused { status: u16, message: String },
+    #[error("{0}")]
+    Endpoint(String),
 }
 
 impl SendError {
@@ -32,6 +34,7 @@ impl SendError {
         match self {
             SendError::Network(_) => true,
             SendError::Refused { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            SendError::Endpoint(_) => false,
         }
     }
 
@@ -47,17 +50,28 @@ impl SendError {
 }
 
 impl Sender {
-    /// `endpoint` is ingest's base URL; `/v1/heartbeats` is appended unless present.
-    pub fn new(endpoint: &str, key_id: String, agent_key: AgentKey) -> Result<Self, SendError> {
+    /// `endpoint` is ingest's base URL; `/v1/heartbeats` is appended unless
+    /// present. Plain `http://` is refused unless it goes to this machine or
+    /// `insecure_plain_http` says the operator accepts the risk.
+    pub fn new(
+        endpoint: &str,
+        key_id: String,
+        agent_key: AgentKey,
+        insecure_plain_http: bool,
+    ) -> Result<Self, SendError> {
         let base = endpoint.trim_end_matches('/');
         let url = if base.ends_with("/v1/heartbeats") {
             base.to_owned()
         } else {
             format!("{base}/v1/heartbeats")
         };
+        check_transport(&url, insecure_plain_http)?;
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("rollcall-collector/", env!("CARGO_PKG_VERSION")))
+            // A redirect would re-send the signed body and headers to
+            // wherever it points; a 3xx is an error to report instead.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|error| SendError::Network(error.to_string()))?;
         Ok(Self {
@@ -112,6 +126,35 @@ impl Sender {
     }
 }
 
+/// https:// anywhere; http:// only to loopback, or when the operator said so.
+fn check_transport(url: &str, insecure_plain_http: bool) -> Result<(), SendError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|error| SendError::Endpoint(format!("endpoint {url:?} is not a URL: {error}")))?;
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(address)) => address.is_loopback(),
+        Some(url::Host::Ipv6(address)) => address.is_loopback(),
+        None => false,
+    };
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" if insecure_plain_http => {
+            tracing::warn!(
+                endpoint = url,
+                "sending heartbeats over plain http:// to another host (--insecure-plain-http): anyone on the path can read and replay them"
+            );
+            Ok(())
+        }
+        "http" => Err(SendError::Endpoint(format!(
+            "endpoint {url:?} is plain http:// to another host: anyone on the path could read and replay heartbeats; use https://, or pass --insecure-plain-http to accept that"
+        ))),
+        other => Err(SendError::Endpoint(format!(
+            "endpoint {url:?}: scheme {other:?} is not http or https"
+        ))),
+    }
+}
+
 /// reqwest's top-level message hides the cause ("error sending request").
 fn describe(error: &reqwest::Error) -> String {
     let mut text = error.to_string();
@@ -151,6 +194,29 @@ mod tests {
             .map(|_| backoff(6, Duration::from_millis(500), cap))
             .sum();
         assert!(late > early * 4, "{early:?} {late:?}");
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_unless_asked() {
+        for url in [
+            "https://ingest.example.org/v1/heartbeats",
+            "http://127.0.0.1:8080/v1/heartbeats",
+            "http://127.9.9.9/v1/heartbeats",
+            "http://[::1]:8080/v1/heartbeats",
+            "http://localhost:8080/v1/heartbeats",
+        ] {
+            assert!(check_transport(url, false).is_ok(), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:8080/v1/heartbeats",
+            "http://ingest.example.org/v1/heartbeats",
+            "http://localhost.example.org/v1/heartbeats",
+        ] {
+            let error = check_transport(url, false).unwrap_err().to_string();
+            assert!(error.contains("--insecure-plain-http"), "{url}: {error}");
+            assert!(check_transport(url, true).is_ok(), "{url}");
+        }
+        assert!(check_transport("ftp://x/v1/heartbeats", true).is_err());
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
             api::method_not_allowed("POST for /v1/heartbeats, GET for /healthz")
         })
         .fallback(api::not_found)
+        .layer(axum::middleware::map_response(api::no_sniff_no_store))
         .with_state(ingest)
 }
 

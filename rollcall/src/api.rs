@@ -87,6 +87,19 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "ok": true }))
 }
 
+/// On every answer of both functions: no content sniffing (a JSON error
+/// quoting a client's text is never taken for HTML), and no caching of
+/// answers that hold fleet data or sit behind a bearer token.
+pub async fn no_sniff_no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 /// Fallback for paths this function does not serve.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no such endpoint: {}", uri.path()))

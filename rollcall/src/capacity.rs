@@ -11,10 +11,11 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::heartbeat::MAX_LABEL_KEY_LEN;
-use crate::heartbeat::Vendor;
+use crate::heartbeat::{
+    MAX_GPUS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_POOL_LEN, Vendor,
+};
 use crate::record::StoredAgent;
-use crate::signing::{MAX_AGENT_ID_LEN, is_valid_id};
+use crate::signing::is_valid_id;
 
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
@@ -94,79 +95,77 @@ impl CapacityQuery {
                 }
                 seen.push(name.to_string());
             }
-            match name.as_ref() {
-                "min_gpu_vram_gb" => parsed.min_gpu_vram_gb = Some(non_negative(&name, &value)?),
-                "min_gpus" => {
-                    let count: u32 = value.parse().map_err(|_| {
-                        param_error(&name, format!("must be a whole number >= 0, got {value:?}"))
-                    })?;
-                    parsed.min_gpus = Some(count);
-                }
-                "min_cpu_cores" => parsed.min_cpu_cores = Some(non_negative(&name, &value)?),
-                "min_memory_gb" => parsed.min_memory_gb = Some(non_negative(&name, &value)?),
-                "gpu_vendor" => {
-                    parsed.gpu_vendor = Some(Vendor::parse(&value).ok_or_else(|| {
-                        param_error(
-                            &name,
-                            format!("must be one of nvidia, amd, intel, other; got {value:?}"),
-                        )
-                    })?)
-                }
-                "pool" => {
-                    if !is_valid_id(&value, MAX_AGENT_ID_LEN) {
-                        return Err(param_error(
-                            &name,
-                            "must be 1-64 characters of A-Z a-z 0-9 . _ -",
-                        ));
-                    }
-                    parsed.pool = Some(value.into_owned());
-                }
-                "label" => {
-                    let (key, label_value) = value.split_once('=').ok_or_else(|| {
-                        param_error(&name, format!("must be key=value, got {value:?}"))
-                    })?;
-                    if !is_valid_id(key, MAX_LABEL_KEY_LEN) {
-                        return Err(param_error(
-                            &name,
-                            format!(
-                                "must be key=value, the key 1-64 characters of A-Z a-z 0-9 . _ -; got {value:?}"
-                            ),
-                        ));
-                    }
-                    parsed.labels.push((key.to_owned(), label_value.to_owned()));
-                }
-                "status" => {
-                    parsed.status = match value.as_ref() {
-                        "online" => StatusFilter::Online,
-                        "offline" => StatusFilter::Offline,
-                        "all" => StatusFilter::All,
-                        other => {
-                            return Err(param_error(
-                                &name,
-                                format!("must be online, offline or all; got {other:?}"),
-                            ));
-                        }
-                    }
-                }
-                "limit" => {
-                    parsed.limit = value
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|limit| (1..=MAX_LIMIT).contains(limit))
-                        .ok_or_else(|| {
-                            param_error(
-                                &name,
-                                format!(
-                                    "must be a whole number from 1 to {MAX_LIMIT}, got {value:?}"
-                                ),
-                            )
-                        })?;
-                }
-                "cursor" => parsed.cursor = Some(value.into_owned()),
-                _ => return Err(param_error(&name, "unknown parameter")),
-            }
+            parsed.apply(&name, &value)?;
         }
         Ok(parsed)
+    }
+
+    /// One parameter, checked against its range.
+    fn apply(&mut self, name: &str, value: &str) -> Result<(), ParamError> {
+        match name {
+            "min_gpu_vram_gb" => self.min_gpu_vram_gb = Some(bounded(name, value)?),
+            "min_gpus" => {
+                let count = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|count| *count as usize <= MAX_GPUS)
+                    .ok_or_else(|| {
+                        param_error(
+                            name,
+                            format!("must be a whole number from 0 to {MAX_GPUS}, got {value:?}"),
+                        )
+                    })?;
+                self.min_gpus = Some(count);
+            }
+            "min_cpu_cores" => self.min_cpu_cores = Some(bounded(name, value)?),
+            "min_memory_gb" => self.min_memory_gb = Some(bounded(name, value)?),
+            "gpu_vendor" => {
+                self.gpu_vendor = Some(Vendor::parse(value).ok_or_else(|| {
+                    param_error(
+                        name,
+                        format!("must be one of nvidia, amd, intel, other; got {value:?}"),
+                    )
+                })?)
+            }
+            "pool" => {
+                if !is_valid_id(value, MAX_POOL_LEN) {
+                    return Err(param_error(
+                        name,
+                        format!("must be 1-{MAX_POOL_LEN} characters of A-Z a-z 0-9 . _ -"),
+                    ));
+                }
+                self.pool = Some(value.to_owned());
+            }
+            "label" => self.labels.push(label(name, value, self.labels.len())?),
+            "status" => {
+                self.status = match value {
+                    "online" => StatusFilter::Online,
+                    "offline" => StatusFilter::Offline,
+                    "all" => StatusFilter::All,
+                    other => {
+                        return Err(param_error(
+                            name,
+                            format!("must be online, offline or all; got {other:?}"),
+                        ));
+                    }
+                }
+            }
+            "limit" => {
+                self.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|limit| (1..=MAX_LIMIT).contains(limit))
+                    .ok_or_else(|| {
+                        param_error(
+                            name,
+                            format!("must be a whole number from 1 to {MAX_LIMIT}, got {value:?}"),
+                        )
+                    })?;
+            }
+            "cursor" => self.cursor = Some(value.to_owned()),
+            _ => return Err(param_error(name, "unknown parameter")),
+        }
+        Ok(())
     }
 
     /// How many qualifying GPUs an agent needs.
@@ -226,12 +225,44 @@ impl CapacityQuery {
     }
 }
 
-fn non_negative(name: &str, value: &str) -> Result<f64, ParamError> {
+/// The most a numeric parameter may ask for: more than any machine has, and
+/// small enough that every store can compare with it (DynamoDB numbers have
+/// 38 digits at most; `1e200` would reach the store as a 201-digit number).
+pub const MAX_QUERY_NUMBER: f64 = 1_048_576.0;
+
+fn bounded(name: &str, value: &str) -> Result<f64, ParamError> {
     value
         .parse::<f64>()
         .ok()
-        .filter(|number| number.is_finite() && *number >= 0.0)
-        .ok_or_else(|| param_error(name, format!("must be a finite number >= 0, got {value:?}")))
+        .filter(|number| number.is_finite() && (0.0..=MAX_QUERY_NUMBER).contains(number))
+        .ok_or_else(|| {
+            param_error(
+                name,
+                format!("must be a finite number from 0 to {MAX_QUERY_NUMBER}, got {value:?}"),
+            )
+        })
+}
+
+/// One `label=key=value`; at most as many as a heartbeat may carry.
+fn label(name: &str, value: &str, already: usize) -> Result<(String, String), ParamError> {
+    if already >= MAX_LABELS {
+        return Err(param_error(
+            name,
+            format!("given more than {MAX_LABELS} times"),
+        ));
+    }
+    let (key, label_value) = value
+        .split_once('=')
+        .ok_or_else(|| param_error(name, format!("must be key=value, got {value:?}")))?;
+    if !is_valid_id(key, MAX_LABEL_KEY_LEN) || label_value.chars().count() > MAX_LABEL_VALUE_LEN {
+        return Err(param_error(
+            name,
+            format!(
+                "must be key=value, the key 1-{MAX_LABEL_KEY_LEN} characters of A-Z a-z 0-9 . _ -, the value at most {MAX_LABEL_VALUE_LEN}; got {value:?}"
+            ),
+        ));
+    }
+    Ok((key.to_owned(), label_value.to_owned()))
 }
 
 /// Where a page ends, in answer order: most free single-GPU VRAM first, then
@@ -322,6 +353,43 @@ impl CursorSealer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_beyond_any_machine_are_refused_by_name() {
+        for (query, name) in [
+            ("min_cpu_cores=1e200", "min_cpu_cores"),
+            ("min_memory_gb=1048577", "min_memory_gb"),
+            ("min_gpu_vram_gb=1e39", "min_gpu_vram_gb"),
+            ("min_gpus=17", "min_gpus"),
+        ] {
+            let error = CapacityQuery::from_query_string(query)
+                .unwrap_err()
+                .to_string();
+            assert!(error.starts_with(name), "{query}: {error}");
+        }
+        assert!(CapacityQuery::from_query_string("min_cpu_cores=1048576&min_gpus=16").is_ok());
+    }
+
+    #[test]
+    fn label_repeats_are_bounded() {
+        let labels = |n: usize| {
+            (0..n)
+                .map(|i| format!("label=k{i}=v"))
+                .collect::<Vec<_>>()
+                .join("&")
+        };
+        assert_eq!(
+            CapacityQuery::from_query_string(&labels(32))
+                .unwrap()
+                .labels
+                .len(),
+            32
+        );
+        let error = CapacityQuery::from_query_string(&labels(33))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("more than 32"), "{error}");
+    }
     use crate::heartbeat::Heartbeat;
     use crate::heartbeat::tests::example;
     use crate::record::Deadlines;

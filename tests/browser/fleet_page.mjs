@@ -37,6 +37,15 @@ try {
     offlineColour: getComputedStyle(tr.cells[0]).color,
   })));
   const summary = await page.textContent("#summary");
+  // An injected inline handler must not run: the policy allows the page's
+  // own script by its hash and nothing else.
+  const cspViolations = [];
+  page.on("console", (message) => { if (/Content Security Policy/i.test(message.text())) cspViolations.push(message.text()); });
+  await page.evaluate(() => {
+    document.body.insertAdjacentHTML("beforeend", '<img id="injected" src="data:image/gif;base64,R0lGODlhAQABAAAAACw=" onload="window.__injected = true" onerror="window.__injected = true">');
+  });
+  await page.waitForTimeout(500);
+  const injectedHandlerRan = await page.evaluate(() => window.__injected === true);
   const token_kept = await page.evaluate(() => sessionStorage.getItem("rollcall-token") !== null);
   // Filters match the API's: only the agent with 40 GB free qualifies.
   await page.fill("input[name=min_gpu_vram_gb]", "40");
@@ -47,7 +56,7 @@ try {
   await page.click("#filters button");
   await page.waitForFunction(() => document.querySelectorAll("#agents tbody tr").length === 3);
   await page.screenshot({ path: screenshot, fullPage: true });
-  console.log(JSON.stringify({ rows, summary, token_kept, filtered, outside }));
+  console.log(JSON.stringify({ rows, summary, token_kept, filtered, outside, injectedHandlerRan, cspViolations }));
 } finally {
   await browser.close();
 }

@@ -168,11 +168,13 @@ def stack():
     log_path = ROOT / "target" / f"stack-collector-{RUN}.log"
     log = open(log_path, "w")
     runner = subprocess.Popen(
-        [binary("rollcall-collector"), "run", "--interval", "5", "--history-window", "1", "--skip-cpu-usage"],
+        [binary("rollcall-collector"), "run", "--interval", "5", "--history-window", "1"],
         env={**collector_env(deployed, "stack-runner"), "RUST_LOG": "debug"},
         stdout=log, stderr=subprocess.STDOUT,
     )
     deployed.update(runner=runner, runner_log=log_path, runner_started=time.monotonic())
+    time.sleep(1)
+    assert runner.poll() is None, f"the collector exited at start: {log_path.read_text()[-2000:]}"
     try:
         yield deployed
     finally:
@@ -376,7 +378,7 @@ def test_the_cli_lists_the_agent_from_the_deployed_url(stack):
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    listed = [agent["agent_id"] for agent in json.loads(result.stdout)["agents"]]
+    listed = [agent["agent_id"] for agent in json.loads(result.stdout)]
     assert "stack-runner" in listed, listed
     table = subprocess.run(
         [binary("rollcall"), "agent", "stack-runner"],

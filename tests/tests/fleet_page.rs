@@ -3,9 +3,8 @@
 //! with three agents, one of them offline. The screenshot lands in
 //! target/test-output/fleet-page.png.
 //!
-//! scripts/test installs Chromium and playwright-core and sets
-//! ROLLCALL_BROWSER_TESTS=1, which makes their absence a failure; elsewhere
-//! the test is skipped when they are missing.
+//! It is marked ignored, so plain `cargo test` needs no browser; scripts/test
+//! installs Chromium and playwright-core and runs it, and their absence fails it.
 
 use std::path::Path;
 use std::process::Command;
@@ -102,6 +101,14 @@ fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
     );
     assert_eq!(seen["filtered"], json!(["alpha"]));
     assert_eq!(seen["token_kept"], true);
+    assert_eq!(
+        seen["injectedHandlerRan"], false,
+        "an injected inline handler ran: {seen}"
+    );
+    assert!(
+        !seen["cspViolations"].as_array().unwrap().is_empty(),
+        "the browser did not report blocking the injected handler: {seen}"
+    );
     assert_eq!(
         seen["outside"],
         json!([]),

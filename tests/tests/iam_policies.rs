@@ -199,7 +199,7 @@ fn resource_label(resource: &Value) -> String {
         ("AgentsTable.Arn", "table"),
         ("${FleetSecretsSecretName}-??????", "secret:fleet"),
         ("${QueryTokensSecretName}-??????", "secret:tokens"),
-        ("!Ref CursorKeySecret", "secret:cursor"),
+        ("${AWS::StackName}/cursor-key-??????", "secret:cursor"),
     ];
     for (pattern, label) in labels {
         if let Some(position) = text.find(pattern) {

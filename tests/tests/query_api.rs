@@ -235,6 +235,25 @@ fn metrics_expose_the_fleet_to_prometheus_behind_the_token() {
     );
     let text = response.text();
     assert!(text.ends_with("# EOF\n"), "{text}");
+    let has = |text: &str, line: &str| text.lines().any(|l| l == line);
+    // A plain scrape: fleet aggregates only, so its size does not grow with the fleet.
+    assert!(
+        has(
+            &text,
+            "rollcall_agents{status=\"online\",pool=\"default\"} 4"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("rollcall_pool_cores_available{pool=\"default\"}"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("agent_id="),
+        "per-agent series without a selection:\n{text}"
+    );
+    // A selection adds its agents' own series.
+    let text = stack.get("/metrics?status=all&limit=1000").text();
     for line in [
         "rollcall_agents{status=\"online\",pool=\"default\"} 4",
         "rollcall_agent_online{agent_id=\"big\",pool=\"default\"} 1",
@@ -242,15 +261,15 @@ fn metrics_expose_the_fleet_to_prometheus_behind_the_token() {
         "rollcall_gpu_memory_free_bytes{agent_id=\"big\",gpu=\"0\",vendor=\"nvidia\"} 83886080000.0",
         "rollcall_gpu_memory_total_bytes{agent_id=\"twin12\",gpu=\"1\",vendor=\"nvidia\"} 17179869184.0",
     ] {
-        assert!(
-            text.lines().any(|l| l == line),
-            "missing {line:?} in\n{text}"
-        );
+        assert!(has(&text, line), "missing {line:?} in\n{text}");
     }
     assert!(
         text.contains("# TYPE rollcall_agent_since_heartbeat_seconds gauge"),
         "{text}"
     );
+    // The selection is one bounded page; a cursor or a bad parameter is a 400.
+    assert_eq!(stack.get("/metrics?cursor=abc").status, 400);
+    assert_eq!(stack.get("/metrics?limit=1001").status, 400);
 }
 
 #[test]
@@ -301,4 +320,40 @@ fn history_comes_back_per_minute_and_stays_out_of_the_record() {
         request(stack.query.addr, "GET", "/v1/agents/hist/history", &[], b"").status,
         401
     );
+}
+
+#[test]
+fn every_answer_forbids_sniffing_and_caching_and_the_page_allows_only_its_own_script() {
+    let stack = Stack::start();
+    let auth = format!("Bearer {}", stack.token);
+    for (server, path, headers) in [
+        (
+            stack.query.addr,
+            "/v1/agents",
+            vec![("Authorization", auth.as_str())],
+        ),
+        (stack.query.addr, "/v1/agents", vec![]),
+        (stack.query.addr, "/no-such-path", vec![]),
+        (stack.query.addr, "/", vec![]),
+        (stack.ingest.addr, "/healthz", vec![]),
+        (stack.ingest.addr, "/v1/heartbeats", vec![]),
+    ] {
+        let answer = request(server, "GET", path, &headers, b"");
+        assert_eq!(
+            answer.header("x-content-type-options"),
+            Some("nosniff"),
+            "{path}"
+        );
+        assert_eq!(answer.header("cache-control"), Some("no-store"), "{path}");
+    }
+    let page = request(stack.query.addr, "GET", "/", &[], b"");
+    let policy = page.header("content-security-policy").unwrap().to_owned();
+    let script_src = policy
+        .split(';')
+        .map(str::trim)
+        .find(|directive| directive.starts_with("script-src"))
+        .unwrap();
+    assert!(!script_src.contains("unsafe-inline"), "{policy}");
+    assert!(script_src.starts_with("script-src 'sha256-"), "{policy}");
+    assert_eq!(policy, rollcall_query::fleet_page_policy());
 }

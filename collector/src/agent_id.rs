@@ -71,12 +71,25 @@ pub fn generate(hostname: &str) -> String {
     format!("{base}-{}", hex::encode(random))
 }
 
+/// Writes through a temporary file created afresh (never one that exists,
+/// never through a symlink someone planted), then renames it into place.
 fn write_atomically(path: &Path, id: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
     let temporary = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&temporary)?;
+    // A leftover from a crash, or a planted link: removes the entry itself.
+    match std::fs::remove_file(&temporary) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temporary)?;
     file.write_all(format!("{id}\n").as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&temporary, path)
@@ -101,6 +114,18 @@ mod tests {
             let id = generate(host);
             assert!(is_valid_agent_id(&id), "{id}");
         }
+    }
+
+    #[test]
+    fn a_planted_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me\n").unwrap();
+        let temporary = dir.path().join(FILE_NAME).with_extension("tmp");
+        std::os::unix::fs::symlink(&victim, &temporary).unwrap();
+        let id = load_or_create(dir.path(), "gpu-01").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me\n");
+        assert_eq!(load_or_create(dir.path(), "gpu-01").unwrap(), id);
     }
 
     #[test]

@@ -101,8 +101,35 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })?;
     toml::from_str(&text).map_err(|error| ConfigError::Parse {
         path: path.to_owned(),
-        message: error.to_string(),
+        message: describe_toml_error(&text, &error),
     })
+}
+
+/// Where a config file is wrong, without echoing what it holds: the TOML
+/// error's own text quotes the offending line, and an `agent_key = ...` put
+/// there by mistake would land in the journal. Quoted values are elided too.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let mut message = String::new();
+    let mut in_quotes = false;
+    for c in error.message().chars() {
+        if c == '"' {
+            in_quotes = !in_quotes;
+            if in_quotes {
+                message.push_str("\"…\"");
+            }
+        } else if !in_quotes {
+            message.push(c);
+        }
+    }
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
 }
 
 impl Settings {
@@ -284,6 +311,23 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_refused_with_a_reason() {
         assert!(toml::from_str::<FileConfig>("intervall_s = 3").is_err());
+    }
+
+    #[test]
+    fn a_config_error_says_where_without_echoing_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "5f1c0ffee0ddba11deadbeefcafe0123456789abcdef0123456789abcdef0123";
+        for text in [
+            format!("pool = \"render\"\nagent_key = \"{secret}\"\n"),
+            format!("pool = \"render\"\nagent_key_file = {secret}\n"),
+            format!("pool = \"render\"\nendpoint = [\"{secret}\"]\n"),
+        ] {
+            let path = dir.path().join("collector.toml");
+            std::fs::write(&path, &text).unwrap();
+            let error = read_file(&path).unwrap_err().to_string();
+            assert!(!error.contains(&secret[..16]), "{error}");
+            assert!(error.contains("line 2"), "{error}");
+        }
         let bad = |overrides: Overrides| {
             Settings::resolve(FileConfig::default(), overrides)
                 .unwrap_err()

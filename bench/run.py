@@ -251,6 +251,12 @@ def bench_queries(results, args):
                 times.append((time.perf_counter() - started) * 1000)
             assert len(answer["agents"]) == 100
             results[f"query_p50_ms_{agents}"] = median(times)
+            # /metrics: a plain scrape (fleet aggregates) and a 1,000-agent selection.
+            for name, query in (("plain", ""), ("selection", "?status=all&limit=1000")):
+                scrape = urllib.request.Request(f"{stack.query_url}/metrics{query}", headers={"Authorization": f"Bearer {TOKEN}"})
+                started = time.perf_counter()
+                size = len(urllib.request.urlopen(scrape, timeout=60).read())
+                results[f"metrics_{name}_{agents}"] = {"bytes": size, "ms": (time.perf_counter() - started) * 1000}
         finally:
             stack.close()
 
@@ -348,6 +354,10 @@ def write_report(results, args):
          f"({r.get('ddb_filtered_1000', {}).get('items_evaluated', '?')} / {r.get('ddb_filtered_10000', {}).get('items_evaluated', '?')} items read; "
          f"unfiltered: {r.get('ddb_all_1000', {}).get('read_units', '?')} / {r.get('ddb_all_10000', {}).get('read_units', '?')})",
          "—", "proportional to matches"),
+        ("`/metrics` at 10,000 / 100,000 agents: plain scrape (fleet aggregates); 1,000-agent selection",
+         f"{r['metrics_plain_10000']['bytes']:,} / {r['metrics_plain_100000']['bytes']:,} bytes in "
+         f"{r['metrics_plain_10000']['ms']:.0f} / {r['metrics_plain_100000']['ms']:.0f} ms; selection "
+         f"{r['metrics_selection_100000']['bytes']:,} bytes", "—", "well under the 6 MB function URL cap"),
         ("Lambda cold-start proxy / warm invoke (Runtime API harness, /healthz)",
          f"{r['lambda_cold_ms']:.1f} ms / {r['lambda_warm_ms']:.2f} ms (a heartbeat: {r['lambda_warm_heartbeat_ms']:.2f} ms)", "—", "≤ 20 ms / ≤ 2 ms"),
     ]

@@ -46,8 +46,6 @@ pub enum TokenError {
 /// rotating. Only their digests are kept.
 pub struct Tokens {
     digests: Vec<[u8; 32]>,
-    /// A key derived from the tokens, for cursors when no cursor key is set.
-    derived_cursor_key: [u8; 32],
 }
 
 impl Tokens {
@@ -72,11 +70,6 @@ impl Tokens {
                 .iter()
                 .map(|token| Sha256::digest(token.as_bytes()).into())
                 .collect(),
-            derived_cursor_key: Sha256::new()
-                .chain_update("rollcall-cursor\n")
-                .chain_update(tokens.join("\n"))
-                .finalize()
-                .into(),
         })
     }
 
@@ -94,16 +87,12 @@ impl Tokens {
 }
 
 impl QueryApi {
-    /// Cursors are sealed with `cursor_key`, or with a key derived from the
-    /// tokens in hand at start.
-    pub async fn new(
-        tokens: Secret<Tokens>,
-        cursor_key: Option<&[u8]>,
-        store: Arc<dyn Store>,
-    ) -> Self {
-        let derived = tokens.current().await.derived_cursor_key;
+    /// Cursors are sealed with `cursor_key`: a secret of its own, never
+    /// derived from the tokens, so that a leaked cursor says nothing about
+    /// a token.
+    pub fn new(tokens: Secret<Tokens>, cursor_key: &[u8], store: Arc<dyn Store>) -> Self {
         Self {
-            cursors: CursorSealer::new(cursor_key.unwrap_or(&derived)),
+            cursors: CursorSealer::new(cursor_key),
             tokens,
             store,
         }
@@ -175,7 +164,7 @@ async fn list_agents(
     let after = query
         .cursor
         .as_deref()
-        .map(|cursor| api.cursors.open(cursor))
+        .map(|cursor| api.cursors.open(cursor, &query))
         .transpose()
         .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
     let now = now_ms();
@@ -185,7 +174,7 @@ async fn list_agents(
         next_cursor: page
             .next
             .as_ref()
-            .map(|position| api.cursors.seal(position)),
+            .map(|position| api.cursors.seal(position, &query)),
         as_of: rfc3339(now),
     }))
 }

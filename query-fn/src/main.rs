@@ -11,7 +11,8 @@ use rollcall_query::{QueryApi, Tokens, router};
 ///
 /// Bearer tokens are read from the environment only (never from flags, which
 /// `ps` shows): ROLLCALL_QUERY_TOKENS="token[,token2]". Pagination cursors are
-/// sealed with ROLLCALL_CURSOR_KEY if set, else with a key derived from the tokens.
+/// sealed with ROLLCALL_CURSOR_KEY if set, else with a random key of the process's
+/// own (never derived from the tokens).
 /// In AWS, set ROLLCALL_QUERY_TOKENS_SECRET_ID (and ROLLCALL_CURSOR_KEY_SECRET_ID)
 /// to Secrets Manager secrets holding the same text instead: they are read at
 /// start and again once older than ROLLCALL_SECRETS_MAX_AGE_S (default 300).
@@ -44,16 +45,25 @@ async fn main() -> anyhow::Result<()> {
             Ok(text.trim().as_bytes().to_vec())
         })
         .await?;
-    let cursor_key = match &cursor_key {
-        Some(key) => Some(key.current().await),
-        None => None,
+    let cursor_key: Vec<u8> = match &cursor_key {
+        Some(key) => key.current().await.to_vec(),
+        None => {
+            tracing::info!(
+                "no ROLLCALL_CURSOR_KEY: paging cursors are sealed with a key of this process's own and stop working when it restarts"
+            );
+            let mut key = vec![0u8; 32];
+            getrandom::fill(&mut key).map_err(|error| {
+                anyhow::anyhow!("no system randomness for the cursor key: {error}")
+            })?;
+            key
+        }
     };
     let store_config = args.store.config();
     let store = store_config
         .open()
         .await
         .with_context(|| format!("opening {}", store_config.describe()))?;
-    let api = QueryApi::new(tokens, cursor_key.as_deref().map(Vec::as_slice), store).await;
+    let api = QueryApi::new(tokens, &cursor_key, store);
     tracing::info!(store = %store_config.describe(), "query starting");
     rollcall::api::serve(router(Arc::new(api)), args.listen, "query").await?;
     Ok(())

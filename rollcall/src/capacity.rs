@@ -168,6 +168,28 @@ impl CapacityQuery {
         Ok(())
     }
 
+    /// Every filter, canonically (labels sorted), without `limit` and
+    /// `cursor`: what a cursor is bound to. Prefixed by its length so that it
+    /// cannot run into the payload that follows it in the MAC.
+    fn filter_key(&self) -> Vec<u8> {
+        let mut labels = self.labels.clone();
+        labels.sort();
+        let text = format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            self.min_gpu_vram_gb,
+            self.min_gpus,
+            self.min_cpu_cores,
+            self.min_memory_gb,
+            self.gpu_vendor,
+            self.pool,
+            labels,
+            self.status
+        );
+        let mut key = (text.len() as u64).to_be_bytes().to_vec();
+        key.extend_from_slice(text.as_bytes());
+        key
+    }
+
     /// How many qualifying GPUs an agent needs.
     pub fn required_gpus(&self) -> u32 {
         self.min_gpus.unwrap_or(
@@ -308,9 +330,11 @@ impl CursorSealer {
         Self { key: key.to_vec() }
     }
 
-    pub fn seal(&self, position: &Position) -> String {
+    /// A cursor for the page after `position`, valid for `query`'s filters
+    /// only: replayed against another query it is refused, not misread.
+    pub fn seal(&self, position: &Position, query: &CapacityQuery) -> String {
         let payload = format!("{}:{}", position.gpu_free_max_mb, position.agent_id);
-        let tag = self.tag(payload.as_bytes());
+        let tag = self.tag(&query.filter_key(), payload.as_bytes());
         format!(
             "{}{}",
             hex::encode(&tag[..CURSOR_TAG_LEN]),
@@ -318,11 +342,11 @@ impl CursorSealer {
         )
     }
 
-    pub fn open(&self, cursor: &str) -> Result<Position, ParamError> {
+    pub fn open(&self, cursor: &str, query: &CapacityQuery) -> Result<Position, ParamError> {
         let invalid = || {
             param_error(
                 "cursor",
-                "not a cursor issued by this API (copy next_cursor from the previous page unchanged)",
+                "not a cursor issued by this API for these filters (copy next_cursor from the previous page unchanged, with the same parameters)",
             )
         };
         if cursor.len() < CURSOR_TAG_LEN * 2 || !cursor.is_ascii() {
@@ -332,6 +356,7 @@ impl CursorSealer {
         let tag = hex::decode(tag_hex).map_err(|_| invalid())?;
         let payload = hex::decode(payload_hex).map_err(|_| invalid())?;
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).map_err(|_| invalid())?;
+        mac.update(&query.filter_key());
         mac.update(&payload);
         mac.verify_truncated_left(&tag).map_err(|_| invalid())?;
         let text = String::from_utf8(payload).map_err(|_| invalid())?;
@@ -342,9 +367,10 @@ impl CursorSealer {
         })
     }
 
-    fn tag(&self, payload: &[u8]) -> Vec<u8> {
+    fn tag(&self, filters: &[u8], payload: &[u8]) -> Vec<u8> {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
             .expect("HMAC accepts keys of any length");
+        mac.update(filters);
         mac.update(payload);
         mac.finalize().into_bytes().to_vec()
     }
@@ -492,19 +518,50 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_refuse_tampering() {
         let sealer = CursorSealer::new(b"k");
+        let query =
+            CapacityQuery::from_query_string("min_gpu_vram_gb=20&label=a=1&label=b=2").unwrap();
         let position = Position {
             gpu_free_max_mb: 20110,
             agent_id: "lab:07".into(),
         };
-        let cursor = sealer.seal(&position);
-        assert_eq!(sealer.open(&cursor).unwrap(), position);
+        let cursor = sealer.seal(&position, &query);
+        assert_eq!(sealer.open(&cursor, &query).unwrap(), position);
+        // Same filters in another order, another page size: still valid.
+        let reordered =
+            CapacityQuery::from_query_string("label=b=2&label=a=1&min_gpu_vram_gb=20&limit=7")
+                .unwrap();
+        assert_eq!(sealer.open(&cursor, &reordered).unwrap(), position);
         let mut forged = cursor.clone().into_bytes();
         let last = forged.len() - 1;
         forged[last] = if forged[last] == b'0' { b'1' } else { b'0' };
-        assert!(sealer.open(std::str::from_utf8(&forged).unwrap()).is_err());
-        assert!(CursorSealer::new(b"other").open(&cursor).is_err());
+        assert!(
+            sealer
+                .open(std::str::from_utf8(&forged).unwrap(), &query)
+                .is_err()
+        );
+        assert!(CursorSealer::new(b"other").open(&cursor, &query).is_err());
         for junk in ["", "zz", "é", &"0".repeat(40)] {
-            assert_eq!(sealer.open(junk).unwrap_err().param, "cursor");
+            assert_eq!(sealer.open(junk, &query).unwrap_err().param, "cursor");
+        }
+    }
+
+    #[test]
+    fn a_cursor_is_refused_for_other_filters() {
+        let sealer = CursorSealer::new(b"k");
+        let issued = CapacityQuery::from_query_string("min_gpu_vram_gb=20").unwrap();
+        let position = Position {
+            gpu_free_max_mb: 20110,
+            agent_id: "lab-07".into(),
+        };
+        let cursor = sealer.seal(&position, &issued);
+        for other in [
+            "min_gpu_vram_gb=2",
+            "min_gpu_vram_gb=20&status=all",
+            "",
+            "min_gpu_vram_gb=20&pool=x",
+        ] {
+            let other = CapacityQuery::from_query_string(other).unwrap();
+            assert!(sealer.open(&cursor, &other).is_err(), "{other:?}");
         }
     }
 

@@ -50,6 +50,8 @@ fn build_workspace_binaries(profile_dir: &Path) {
         let mut command = Command::new(cargo);
         command
             .args(["build", "--workspace", "--bins", "--quiet"])
+            // Simulated GPUs, for the tests that need them; never in a release.
+            .args(["--features", "rollcall-collector/fake-gpus"])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
         if profile_dir
             .file_name()

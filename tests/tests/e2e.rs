@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rollcall_tests::{Stack, heartbeat, now_ms, wait_until};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn run(command: &mut Command) -> (bool, String, String) {
     let output = command.output().expect("run collector");
@@ -443,9 +443,18 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
 }
 
 #[test]
-fn a_running_collector_delivers_its_recent_history() {
+fn a_running_collector_delivers_its_recent_history_through_a_history_outage() {
     // A one-minute window so that the test waits one minute, not five.
     let stack = Stack::start();
+    // A real failure of the real database: history inserts abort while this
+    // trigger exists (PROTOCOL.md §3: the agent must stay online meanwhile).
+    let db = rusqlite::Connection::open(stack.dir.path().join("rollcall.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER history_outage BEFORE INSERT ON agent_history \
+         BEGIN SELECT RAISE(ABORT, 'injected history outage'); END;",
+    )
+    .unwrap();
     let mut service = stack
         .collector("with-history")
         .args(["run", "--interval", "2", "--history-window", "1"])
@@ -453,14 +462,43 @@ fn a_running_collector_delivers_its_recent_history() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let delivered = wait_until(Duration::from_secs(75), || {
+    let refused = wait_until(Duration::from_secs(75), || {
+        stack.ingest.log().contains("history not stored")
+    });
+    let online_during = stack
+        .agent("with-history")
+        .map(|agent| agent["status"].clone());
+    let empty_during = stack
+        .get("/v1/agents/with-history/history?minutes=5")
+        .json()["minutes"]
+        .as_array()
+        .is_some_and(Vec::is_empty);
+    db.execute_batch("DROP TRIGGER history_outage;").unwrap();
+    let delivered = wait_until(Duration::from_secs(15), || {
         let response = stack.get("/v1/agents/with-history/history?minutes=5");
         response.status == 200 && !response.json()["minutes"].as_array().unwrap().is_empty()
     });
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc_kill(service.id() as i32, 15) };
     service.wait().unwrap();
-    assert!(delivered.is_some(), "no history arrived within 75 s");
+    assert!(
+        refused.is_some(),
+        "no history reached the failing store within 75 s:\n{}",
+        stack.ingest.log()
+    );
+    assert_eq!(
+        online_during,
+        Some(json!("online")),
+        "the agent went offline during the history outage"
+    );
+    assert!(
+        empty_during,
+        "history was stored while the store refused it"
+    );
+    assert!(
+        delivered.is_some(),
+        "the history was not sent again once the store recovered"
+    );
     let history = stack
         .get("/v1/agents/with-history/history?minutes=5")
         .json();

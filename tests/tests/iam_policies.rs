@@ -138,9 +138,7 @@ async fn drive_query(recorder: &CallRecorder, table: &str, tokens_name: &str, cu
         Ok(text.as_bytes().to_vec())
     })
     .await;
-    let api =
-        rollcall_query::QueryApi::new(tokens, Some(&cursor_key.current().await), Arc::new(store))
-            .await;
+    let api = rollcall_query::QueryApi::new(tokens, &cursor_key.current().await, Arc::new(store));
     let server = InProcess::serve(rollcall_query::router(Arc::new(api))).await;
     let auth = vec![("Authorization".to_owned(), format!("Bearer {TOKEN}"))];
     for path in [

@@ -1,5 +1,6 @@
-//! Simulated GPUs, for tests and for trying a scheduler on a machine without
-//! GPUs. Never chosen unless `ROLLCALL_FAKE_GPUS` is set:
+//! Simulated GPUs, for tests. Compiled only into test builds (the
+//! `fake-gpus` feature, which release builds and packages never enable), and
+//! even there never chosen unless `ROLLCALL_FAKE_GPUS` is set:
 //!
 //! - `hang`: a driver that never answers (every read blocks forever);
 //! - `vendor:total_mb:free_mb[,...]`: fixed GPUs, e.g. `nvidia:24564:20110`.

@@ -6,6 +6,9 @@
 //! reads never pile up.
 
 pub mod amd;
+// Simulated GPUs exist in test builds only: a release collector cannot be
+// told to invent GPUs.
+#[cfg(any(test, feature = "fake-gpus"))]
 pub mod fake;
 pub mod nvidia;
 
@@ -119,8 +122,10 @@ impl GpuReaders {
     }
 
     /// The real sources of this host: NVIDIA through NVML and AMD through
-    /// sysfs, unless `ROLLCALL_FAKE_GPUS` replaces them (see [`fake`]).
+    /// sysfs. In builds with the `fake-gpus` feature (tests only),
+    /// `ROLLCALL_FAKE_GPUS` replaces them.
     pub fn detect() -> Self {
+        #[cfg(feature = "fake-gpus")]
         if let Some(fake) = fake::FakeGpus::from_env() {
             tracing::warn!("ROLLCALL_FAKE_GPUS is set: reporting simulated GPUs, not this host's");
             return Self::new(vec![Box::new(fake)]);

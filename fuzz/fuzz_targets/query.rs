@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use rollcall::capacity::{CapacityQuery, CursorSealer, MAX_LIMIT};
-use rollcall::heartbeat::Heartbeat;
+use rollcall::capacity::{CapacityQuery, CursorSealer, MAX_LIMIT, MAX_QUERY_NUMBER};
+use rollcall::heartbeat::{Heartbeat, MAX_LABELS};
 use rollcall::record::{Deadlines, StoredAgent};
 
 static SEALER: LazyLock<CursorSealer> = LazyLock::new(|| CursorSealer::new(b"fuzz"));
@@ -21,14 +21,20 @@ static AGENT: LazyLock<StoredAgent> = LazyLock::new(|| {
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    if let Ok(query) = CapacityQuery::from_query_string(&text) {
+    let parsed = CapacityQuery::from_query_string(&text);
+    if let Ok(query) = &parsed {
         assert!((1..=MAX_LIMIT).contains(&query.limit));
+        for bound in [query.min_cpu_cores, query.min_memory_gb, query.min_gpu_vram_gb].into_iter().flatten() {
+            assert!((0.0..=MAX_QUERY_NUMBER).contains(&bound));
+        }
+        assert!(query.labels.len() <= MAX_LABELS);
         for now in [0, 1_000, 90_999, 91_000, i64::MAX] {
             let _ = query.matches(&AGENT, now);
         }
     }
-    if let Ok(position) = SEALER.open(&text) {
-        // Only cursors this sealer made open; they round-trip.
-        assert_eq!(SEALER.open(&SEALER.seal(&position)).unwrap(), position);
+    // Cursors open only for the filters they were sealed for, and round-trip.
+    let query = parsed.unwrap_or_default();
+    if let Ok(position) = SEALER.open(&text, &query) {
+        assert_eq!(SEALER.open(&SEALER.seal(&position, &query), &query).unwrap(), position);
     }
 });

@@ -38,6 +38,10 @@ enum Command {
         /// Do not measure CPU usage (saves its 200 ms sampling window).
         #[arg(long)]
         skip_cpu_usage: bool,
+        /// Say so on success too, and log at info (by default `once` is silent
+        /// on success, for cron, and logs warnings and errors only).
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Print the heartbeat body this machine would send, and send nothing.
     Print {
@@ -131,8 +135,14 @@ impl Common {
 }
 
 fn main() -> ExitCode {
-    rollcall::logging::init();
     let cli = Cli::parse();
+    // Cron mails whatever `once` prints: warnings and errors only, unless asked.
+    let quiet = matches!(cli.command, Command::Once { verbose: false, .. });
+    rollcall::logging::init_with_default(if quiet {
+        tracing::Level::WARN
+    } else {
+        tracing::Level::INFO
+    });
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -165,23 +175,26 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         } => {
             let settings = common.settings()?;
             let identity = identity(&settings, false)?;
-            let heartbeat = sample_once(&settings, &identity, skip_cpu_usage).await;
+            let heartbeat = sample_once(&settings, &identity, skip_cpu_usage, false).await;
             println!("{}", serde_json::to_string_pretty(&heartbeat)?);
             Ok(())
         }
         Command::Once {
             common,
             skip_cpu_usage,
+            verbose,
         } => {
             let settings = common.settings()?;
             let identity = identity(&settings, true)?;
             let sender = sender(&settings, common.insecure_plain_http)?;
-            let heartbeat = sample_once(&settings, &identity, skip_cpu_usage).await;
+            let heartbeat = sample_once(&settings, &identity, skip_cpu_usage, true).await;
             let accepted = sender.send(&heartbeat).await?;
-            println!(
-                "heartbeat accepted: agent {} online until {}",
-                accepted.agent_id, accepted.online_until
-            );
+            if verbose {
+                println!(
+                    "heartbeat accepted: agent {} online until {}",
+                    accepted.agent_id, accepted.online_until
+                );
+            }
             Ok(())
         }
         Command::Run(common) => {
@@ -196,7 +209,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 pool = %identity.pool,
                 "collector starting"
             );
-            service::run(sampler(&settings), identity, sender, shutdown).await;
+            service::run(sampler(&settings, false), identity, sender, shutdown).await;
             Ok(())
         }
     }
@@ -226,17 +239,23 @@ fn identity(settings: &Settings, must_keep_id: bool) -> anyhow::Result<Identity>
     })
 }
 
-fn sampler(settings: &Settings) -> Sampler {
+fn sampler(settings: &Settings, one_shot: bool) -> Sampler {
     Sampler::new(
         settings.disk_path.clone(),
-        GpuReaders::detect(),
+        GpuReaders::detect(one_shot),
         settings.gpu_timeout,
     )
 }
 
-/// One sample for `print` and `once`, optionally without the CPU-usage window.
-async fn sample_once(settings: &Settings, identity: &Identity, skip_cpu_usage: bool) -> Heartbeat {
-    sampler(settings)
+/// One sample for `print` and `once`, optionally without the CPU-usage window;
+/// `cron` for `once`, whose expected news is logged at debug only.
+async fn sample_once(
+    settings: &Settings,
+    identity: &Identity,
+    skip_cpu_usage: bool,
+    cron: bool,
+) -> Heartbeat {
+    sampler(settings, cron)
         .sample(identity, AgentState::Up, !skip_cpu_usage)
         .await
 }

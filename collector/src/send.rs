@@ -17,13 +17,19 @@ pub struct Sender {
 }
 
 pub use rollcall::wire::Accepted;
+use rollcall::wire::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("cannot reach ingest: {0}")]
     Network(String),
     #[error("ingest answered {status}: {message}")]
-    Refused { status: u16, message: String },
+    Refused {
+        status: u16,
+        message: String,
+        /// The answer's machine-readable `code` (empty from an older ingest).
+        code: String,
+    },
     #[error("{0}")]
     Endpoint(String),
 }
@@ -40,7 +46,7 @@ impl SendError {
 
     /// Ingest refused the timestamp: the local clock is off.
     pub fn is_clock_skew(&self) -> bool {
-        matches!(self, SendError::Refused { status: 401, message } if message.contains("clock skew"))
+        matches!(self, SendError::Refused { code, .. } if code == rollcall::wire::code::CLOCK_SKEW)
     }
 
     /// A newer heartbeat is already stored; this one is obsolete, not failed.
@@ -111,18 +117,18 @@ impl Sender {
             return serde_json::from_str(&text).map_err(|_| SendError::Refused {
                 status,
                 message: format!("unexpected 202 body {text:?}"),
+                code: String::new(),
             });
         }
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|value| {
-                value
-                    .get("error")
-                    .and_then(|e| e.as_str())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| text.chars().take(200).collect());
-        Err(SendError::Refused { status, message })
+        let (message, code) = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => (body.error, body.code),
+            Err(_) => (text.chars().take(200).collect(), String::new()),
+        };
+        Err(SendError::Refused {
+            status,
+            message,
+            code,
+        })
     }
 }
 
@@ -221,34 +227,17 @@ mod tests {
 
     #[test]
     fn retryable_classes() {
+        let refused = |status: u16, message: &str, code: &str| SendError::Refused {
+            status,
+            message: message.into(),
+            code: code.into(),
+        };
         assert!(SendError::Network("x".into()).is_retryable());
-        assert!(
-            SendError::Refused {
-                status: 503,
-                message: String::new()
-            }
-            .is_retryable()
-        );
-        assert!(
-            !SendError::Refused {
-                status: 400,
-                message: String::new()
-            }
-            .is_retryable()
-        );
-        assert!(
-            SendError::Refused {
-                status: 401,
-                message: "clock skew: 400s".into()
-            }
-            .is_clock_skew()
-        );
-        assert!(
-            SendError::Refused {
-                status: 409,
-                message: String::new()
-            }
-            .is_stale()
-        );
+        assert!(refused(503, "", "store_unavailable").is_retryable());
+        assert!(!refused(400, "", "bad_request").is_retryable());
+        // The code decides, not the words.
+        assert!(refused(401, "anything", "clock_skew").is_clock_skew());
+        assert!(!refused(401, "clock skew: 400s", "unauthorized").is_clock_skew());
+        assert!(refused(409, "", "stale").is_stale());
     }
 }

@@ -162,7 +162,7 @@ fn reject(rejection: Rejection) -> ApiError {
     // Debug, not info: a flood of refused requests must not become a flood of
     // billed log lines. The reason is an escaped field, never raw text.
     tracing::debug!(status = status.as_u16(), reason = ?rejection.to_string(), "heartbeat refused");
-    ApiError::new(status, rejection.to_string())
+    ApiError::new(status, rejection.to_string()).with_code(rejection.code())
 }
 
 /// `to_bytes` reports its limit as `LengthLimitError` somewhere in the chain;

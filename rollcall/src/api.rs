@@ -15,11 +15,14 @@ use crate::store::StoreError;
 /// Seconds a client should wait after a 503 before trying again.
 pub const RETRY_AFTER_S: u64 = 5;
 
-/// An error answer: `{"error": "..."}` with its status.
+/// An error answer: `{"error": "...", "code": "..."}` with its status
+/// (`rollcall::wire::ErrorBody`).
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// A `rollcall::wire::code`; by default the one for the status.
+    pub code: &'static str,
 }
 
 impl ApiError {
@@ -27,7 +30,13 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            code: code_for(status),
         }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -64,9 +73,30 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The code an answer with this status carries unless a handler says more.
+fn code_for(status: StatusCode) -> &'static str {
+    use crate::wire::code;
+    match status {
+        StatusCode::UNAUTHORIZED => code::UNAUTHORIZED,
+        StatusCode::NOT_FOUND => code::NOT_FOUND,
+        StatusCode::METHOD_NOT_ALLOWED => code::METHOD_NOT_ALLOWED,
+        StatusCode::REQUEST_TIMEOUT => code::REQUEST_TIMEOUT,
+        StatusCode::CONFLICT => code::STALE,
+        StatusCode::PAYLOAD_TOO_LARGE => code::PAYLOAD_TOO_LARGE,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => code::UNSUPPORTED_MEDIA_TYPE,
+        StatusCode::SERVICE_UNAVAILABLE => code::STORE_UNAVAILABLE,
+        status if status.is_server_error() => code::INTERNAL,
+        _ => code::BAD_REQUEST,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        let body = crate::wire::ErrorBody {
+            error: self.message,
+            code: self.code.to_owned(),
+        };
+        let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

@@ -7,14 +7,20 @@
 //! own `ApplicationLogLevel` filter applies, and that level
 //! (`AWS_LAMBDA_LOG_LEVEL`) is the default.
 
-/// Installs the global subscriber; call once, first thing in `main`.
+/// Installs the global subscriber at `info` unless told otherwise; call
+/// once, first thing in `main`.
 pub fn init() {
+    init_with_default(tracing::Level::INFO);
+}
+
+/// [`init`] with another default level (`RUST_LOG` still wins).
+pub fn init_with_default(default: tracing::Level) {
     let json = std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     let level = ["RUST_LOG", "AWS_LAMBDA_LOG_LEVEL"]
         .iter()
         .find_map(|name| std::env::var(name).ok())
         .and_then(|text| parse_level(&text))
-        .unwrap_or(tracing::Level::INFO);
+        .unwrap_or(default);
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_target(false)

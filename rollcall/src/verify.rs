@@ -12,14 +12,14 @@ use crate::signing::{
 /// Why a heartbeat was refused; each maps to one status code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
-    #[error("method {0} not allowed; send POST")]
-    MethodNotAllowed(String),
     #[error("content type must be application/json, got {0}")]
     UnsupportedMediaType(String),
     #[error("body is larger than {MAX_BODY_BYTES} bytes")]
     PayloadTooLarge,
     #[error("{0}")]
     Unauthorized(String),
+    #[error("{0}")]
+    ClockSkew(String),
     #[error("{0}")]
     BadRequest(String),
     #[error(
@@ -31,12 +31,24 @@ pub enum Rejection {
 impl Rejection {
     pub fn status(&self) -> u16 {
         match self {
-            Rejection::MethodNotAllowed(_) => 405,
             Rejection::UnsupportedMediaType(_) => 415,
             Rejection::PayloadTooLarge => 413,
-            Rejection::Unauthorized(_) => 401,
+            Rejection::Unauthorized(_) | Rejection::ClockSkew(_) => 401,
             Rejection::BadRequest(_) => 400,
             Rejection::Stale { .. } => 409,
+        }
+    }
+
+    /// The stable code the answer carries (`rollcall::wire::code`).
+    pub fn code(&self) -> &'static str {
+        use crate::wire::code;
+        match self {
+            Rejection::UnsupportedMediaType(_) => code::UNSUPPORTED_MEDIA_TYPE,
+            Rejection::PayloadTooLarge => code::PAYLOAD_TOO_LARGE,
+            Rejection::Unauthorized(_) => code::UNAUTHORIZED,
+            Rejection::ClockSkew(_) => code::CLOCK_SKEW,
+            Rejection::BadRequest(_) => code::BAD_REQUEST,
+            Rejection::Stale { .. } => code::STALE,
         }
     }
 }
@@ -116,7 +128,7 @@ impl Keyring {
         let skew = headers.timestamp.saturating_sub(now_s);
         if skew.abs() > MAX_SKEW_S {
             let direction = if skew > 0 { "ahead of" } else { "behind" };
-            return Err(Rejection::Unauthorized(format!(
+            return Err(Rejection::ClockSkew(format!(
                 "clock skew: X-Rollcall-Timestamp is {}s {direction} the server clock (allowed ±{MAX_SKEW_S}s); fix the agent's clock",
                 skew.unsigned_abs()
             )));
@@ -276,7 +288,7 @@ mod tests {
     fn skew_is_checked_after_the_signature_and_says_how_much() {
         let body = example().to_string();
         let headers = signed(body.as_bytes(), "lab-07", NOW - 301);
-        let Err(Rejection::Unauthorized(message)) = check(&headers, body.as_bytes(), NOW) else {
+        let Err(Rejection::ClockSkew(message)) = check(&headers, body.as_bytes(), NOW) else {
             panic!()
         };
         assert!(message.contains("301s behind"), "{message}");

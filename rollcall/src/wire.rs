@@ -27,6 +27,34 @@ impl Accepted {
     }
 }
 
+/// The body of every refusal by either function: what was wrong, in words
+/// for people, and as a stable `code` for programs (which must not match on
+/// the words).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    /// One of the `code` constants below; new ones may appear.
+    #[serde(default)]
+    pub code: String,
+}
+
+/// Stable error codes.
+pub mod code {
+    pub const BAD_REQUEST: &str = "bad_request";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// The heartbeat's timestamp is outside ±300 s of ingest's clock.
+    pub const CLOCK_SKEW: &str = "clock_skew";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    /// A newer heartbeat is already stored (a replay or a reordering).
+    pub const STALE: &str = "stale";
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    pub const STORE_UNAVAILABLE: &str = "store_unavailable";
+    pub const INTERNAL: &str = "internal";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

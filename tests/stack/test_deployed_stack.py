@@ -266,7 +266,7 @@ def test_health_checks_answer_without_credentials(stack):
 
 
 def test_a_real_collector_reports_through_the_deployed_stack(stack):
-    result = collector(stack, "stack-agent", "once", "--skip-cpu-usage")
+    result = collector(stack, "stack-agent", "once", "--skip-cpu-usage", "--verbose")
     assert result.returncode == 0, result.stderr
     assert "heartbeat accepted: agent stack-agent" in result.stdout
 

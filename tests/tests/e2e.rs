@@ -25,11 +25,36 @@ fn printed_body(stack: &Stack, agent_id: &str) -> Value {
 }
 
 #[test]
-fn collector_once_reports_this_host_and_the_query_shows_it_online() {
+fn once_is_silent_on_success_and_says_one_line_on_failure() {
     let stack = Stack::start();
     let (ok, stdout, stderr) = run(stack
-        .collector("e2e-host")
+        .collector("cron-host")
+        .env_remove("RUST_LOG")
         .args(["once", "--skip-cpu-usage"]));
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        (stdout.as_str(), stderr.as_str()),
+        ("", ""),
+        "cron would mail this"
+    );
+    assert_eq!(stack.agent("cron-host").unwrap()["status"], "online");
+    let (ok, stdout, stderr) = run(stack
+        .collector("cron-host")
+        .env("ROLLCALL_AGENT_KEY", "ab".repeat(32))
+        .args(["once", "--skip-cpu-usage"]));
+    assert!(!ok);
+    assert_eq!(stdout, "");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+}
+
+#[test]
+fn collector_once_reports_this_host_and_the_query_shows_it_online() {
+    let stack = Stack::start();
+    let (ok, stdout, stderr) =
+        run(stack
+            .collector("e2e-host")
+            .args(["once", "--skip-cpu-usage", "--verbose"]));
     assert!(ok, "once failed: {stdout} {stderr}");
     assert!(
         stdout.contains("heartbeat accepted: agent e2e-host online until"),
@@ -340,7 +365,8 @@ fn skew_refusing_ingest() -> (
             late + 400,
         )
         .unwrap_err();
-    let answer = serde_json::json!({"error": rejection.to_string()}).to_string();
+    let answer =
+        serde_json::json!({"error": rejection.to_string(), "code": rejection.code()}).to_string();
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

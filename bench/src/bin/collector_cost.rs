@@ -39,7 +39,7 @@ fn main() {
     };
     let mut sampler = Sampler::new(
         PathBuf::from("/"),
-        GpuReaders::detect(),
+        GpuReaders::detect(false),
         Duration::from_secs(5),
     );
     let mut bytes = 0;

@@ -41,7 +41,6 @@ use crate::record::StoredAgent;
 
 pub const INDEX_NAME: &str = "by_free_vram";
 pub const TTL_ATTRIBUTE: &str = "expires_at";
-pub const DEFAULT_SHARDS: u32 = 4;
 const RANK_MAX: u64 = 9_999_999_999;
 /// Items evaluated per Query request.
 const MAX_QUERY_BATCH: i32 = 500;

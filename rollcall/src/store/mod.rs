@@ -80,6 +80,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<MinuteRollup>, StoreError>;
 }
 
+/// Shards of the DynamoDB capacity index unless configured (docs/dynamodb.md).
+pub const DEFAULT_SHARDS: u32 = 4;
+
 /// How long per-minute history is kept by default.
 pub const DEFAULT_HISTORY_RETENTION_S: i64 = 24 * 3600;
 
@@ -144,7 +147,7 @@ pub struct StoreArgs {
     #[arg(long, env = "ROLLCALL_TABLE", default_value = "rollcall-agents")]
     pub table: String,
     /// DynamoDB: shards of the capacity index; must match for every writer and reader of a table.
-    #[arg(long, env = "ROLLCALL_DYNAMODB_SHARDS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, env = "ROLLCALL_DYNAMODB_SHARDS", default_value_t = DEFAULT_SHARDS, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub shards: u32,
 }
 

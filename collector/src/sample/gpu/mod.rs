@@ -123,15 +123,16 @@ impl GpuReaders {
 
     /// The real sources of this host: NVIDIA through NVML and AMD through
     /// sysfs. In builds with the `fake-gpus` feature (tests only),
-    /// `ROLLCALL_FAKE_GPUS` replaces them.
-    pub fn detect() -> Self {
+    /// `ROLLCALL_FAKE_GPUS` replaces them. `one_shot` quiets what a cron run
+    /// would otherwise report every minute.
+    pub fn detect(one_shot: bool) -> Self {
         #[cfg(feature = "fake-gpus")]
         if let Some(fake) = fake::FakeGpus::from_env() {
             tracing::warn!("ROLLCALL_FAKE_GPUS is set: reporting simulated GPUs, not this host's");
             return Self::new(vec![Box::new(fake)]);
         }
         Self::new(vec![
-            Box::new(nvidia::NvmlSource::new()),
+            Box::new(nvidia::NvmlSource::new(one_shot)),
             Box::new(amd::SysfsSource::default()),
         ])
     }

@@ -21,12 +21,16 @@ enum State {
 
 pub struct NvmlSource {
     state: State,
+    one_shot: bool,
 }
 
 impl NvmlSource {
-    pub fn new() -> Self {
+    /// `one_shot`: a cron run, where "no NVIDIA driver" is expected news
+    /// every minute and is logged at debug only.
+    pub fn new(one_shot: bool) -> Self {
         Self {
             state: State::Uninitialised,
+            one_shot,
         }
     }
 
@@ -41,7 +45,11 @@ impl NvmlSource {
                     self.state = State::Ready(Box::new(nvml));
                 }
                 Err(error) if is_absent(&error) => {
-                    tracing::info!(reason = %error, "no NVIDIA driver found; reporting no NVIDIA GPUs");
+                    if self.one_shot {
+                        tracing::debug!(reason = %error, "no NVIDIA driver found; reporting no NVIDIA GPUs");
+                    } else {
+                        tracing::info!(reason = %error, "no NVIDIA driver found; reporting no NVIDIA GPUs");
+                    }
                     self.state = State::Absent;
                 }
                 // Anything else may be passing (a driver still loading); try again next sample.
@@ -52,12 +60,6 @@ impl NvmlSource {
             State::Ready(nvml) => Ok(Some(nvml)),
             _ => Ok(None),
         }
-    }
-}
-
-impl Default for NvmlSource {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -130,7 +132,7 @@ mod tests {
     /// on a GPU host it reads real devices. Either way it must not error.
     #[test]
     fn reads_without_error_whether_or_not_a_driver_is_present() {
-        let mut source = NvmlSource::new();
+        let mut source = NvmlSource::new(false);
         let gpus = source.read().expect("NVML absence is not an error");
         for gpu in &gpus {
             assert!(gpu.memory_free_mb <= gpu.memory_total_mb);

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use rollcall::heartbeat::AgentState;
 use rollcall::record::{AgentView, parse_rfc3339};
 use serde::Deserialize;
 
@@ -79,6 +80,9 @@ struct Filters {
     /// online, offline or all.
     #[arg(long, default_value = "online")]
     status: String,
+    /// Also list agents whose operator asked for no new work (draining).
+    #[arg(long)]
+    include_draining: bool,
     /// Stop after this many agents [default: all]
     #[arg(long)]
     limit: Option<usize>,
@@ -191,6 +195,9 @@ fn query_string(filters: &Filters) -> String {
         add("label", label.clone());
     }
     add("status", filters.status.clone());
+    if filters.include_draining {
+        add("include_draining", "true".to_owned());
+    }
     add("limit", filters.limit.unwrap_or(1000).min(1000).to_string());
     pairs
         .iter()
@@ -250,6 +257,16 @@ async fn list(api: &Api, filters: &Filters) -> anyhow::Result<bool> {
     Ok(found)
 }
 
+/// `online`, `offline`, or `online (draining)` when the operator asked for
+/// no new work.
+fn status_cell(agent: &AgentView) -> String {
+    let status = format!("{:?}", agent.status).to_lowercase();
+    match agent.state {
+        AgentState::Draining => format!("{status} (draining)"),
+        _ => status,
+    }
+}
+
 fn table(agents: &[AgentView], now_ms: Option<i64>) -> String {
     let mut rows = vec![
         [
@@ -280,7 +297,7 @@ fn table(agents: &[AgentView], now_ms: Option<i64>) -> String {
         };
         rows.push(vec![
             agent.agent_id.clone(),
-            format!("{:?}", agent.status).to_lowercase(),
+            status_cell(agent),
             seen,
             format!("{}/{}", agent.cpu_cores_available, agent.cpu_cores_physical),
             format!("{:.1} GB", agent.memory_available_gb),

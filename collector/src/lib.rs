@@ -11,6 +11,7 @@
 
 pub mod agent_id;
 pub mod config;
+pub mod drain;
 pub mod sample;
 pub mod send;
 pub mod service;

@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use rollcall::heartbeat::{AgentState, Heartbeat};
+use rollcall::heartbeat::Heartbeat;
 use rollcall::signing::{AGENT_ID_RULE, FleetSecret, is_valid_agent_id};
 use rollcall_collector::config::{self, Overrides, Settings};
+use rollcall_collector::drain;
 use rollcall_collector::sample::{GpuReaders, Identity, Sampler};
 use rollcall_collector::send::Sender;
 use rollcall_collector::{agent_id, service};
@@ -43,6 +44,12 @@ enum Command {
         #[arg(long, short)]
         verbose: bool,
     },
+    /// Ask schedulers to place no new work on this machine (PROTOCOL.md §3).
+    /// It stays online; the running collector reports it at its next
+    /// heartbeat, and it lasts across restarts until `undrain`.
+    Drain(Common),
+    /// Take this machine out of draining, at the next heartbeat.
+    Undrain(Common),
     /// Print the heartbeat body this machine would send, and send nothing.
     Print {
         #[command(flatten)]
@@ -169,6 +176,24 @@ fn main() -> ExitCode {
 async fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Keygen { agent_id } => keygen(&agent_id),
+        Command::Drain(common) => {
+            let settings = common.settings()?;
+            drain::drain(&settings.state_dir)
+                .with_context(|| format!("cannot write to {}", settings.state_dir.display()))?;
+            println!(
+                "draining: schedulers are asked to place no new work here; the collector reports it at its next heartbeat (undo with `rollcall-collector undrain`)"
+            );
+            Ok(())
+        }
+        Command::Undrain(common) => {
+            let settings = common.settings()?;
+            drain::undrain(&settings.state_dir)
+                .with_context(|| format!("cannot write to {}", settings.state_dir.display()))?;
+            println!(
+                "not draining: the collector reports this machine as up at its next heartbeat"
+            );
+            Ok(())
+        }
         Command::Print {
             common,
             skip_cpu_usage,
@@ -236,6 +261,7 @@ fn identity(settings: &Settings, must_keep_id: bool) -> anyhow::Result<Identity>
         labels: settings.labels.clone(),
         interval_s: settings.interval_s,
         history_window_minutes: settings.history_window_minutes,
+        state_dir: settings.state_dir.clone(),
     })
 }
 
@@ -256,7 +282,11 @@ async fn sample_once(
     cron: bool,
 ) -> Heartbeat {
     sampler(settings, cron)
-        .sample(identity, AgentState::Up, !skip_cpu_usage)
+        .sample(
+            identity,
+            drain::current_state(&identity.state_dir),
+            !skip_cpu_usage,
+        )
         .await
 }
 

@@ -33,12 +33,21 @@ pub async fn run(
     let mut outage = Outage::default();
     let mut history = History::new(identity.history_window_minutes);
     let mut next_due = Instant::now();
+    let mut reported_state = AgentState::Up;
     'samples: loop {
         tokio::select! {
             _ = sleep_until(next_due) => {}
             _ = shutdown.wait_for(|stop| *stop) => break 'samples,
         }
-        let mut heartbeat = sampler.sample(&identity, AgentState::Up, true).await;
+        let state = crate::drain::current_state(&identity.state_dir);
+        if state != reported_state {
+            tracing::info!(
+                ?state,
+                "reporting a new state (rollcall-collector drain / undrain)"
+            );
+            reported_state = state;
+        }
+        let mut heartbeat = sampler.sample(&identity, state, true).await;
         history.record(&heartbeat);
         heartbeat.history = history.due(heartbeat.sent_at_ms / 60_000);
         next_due = Instant::now() + interval.mul_f64(0.9 + 0.2 * fastrand::f64());

@@ -217,6 +217,7 @@ pub async fn render(
     let fleet = Fleet::default();
     let everyone = CapacityQuery {
         status: StatusFilter::All,
+        include_draining: true,
         limit: MAX_LIMIT,
         ..CapacityQuery::default()
     };

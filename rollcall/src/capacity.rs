@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::heartbeat::{
-    MAX_GPUS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_POOL_LEN, Vendor,
+    AgentState, MAX_GPUS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_POOL_LEN, Vendor,
 };
 use crate::record::StoredAgent;
 use crate::signing::is_valid_id;
@@ -38,6 +38,8 @@ pub struct CapacityQuery {
     pub pool: Option<String>,
     pub labels: Vec<(String, String)>,
     pub status: StatusFilter,
+    /// Draining agents match only when asked for (PROTOCOL.md §3).
+    pub include_draining: bool,
     pub limit: usize,
     pub cursor: Option<String>,
 }
@@ -53,6 +55,7 @@ impl Default for CapacityQuery {
             pool: None,
             labels: Vec::new(),
             status: StatusFilter::Online,
+            include_draining: false,
             limit: DEFAULT_LIMIT,
             cursor: None,
         }
@@ -162,6 +165,18 @@ impl CapacityQuery {
                         )
                     })?;
             }
+            "include_draining" => {
+                self.include_draining = match value {
+                    "true" => true,
+                    "false" => false,
+                    other => {
+                        return Err(param_error(
+                            name,
+                            format!("must be true or false; got {other:?}"),
+                        ));
+                    }
+                }
+            }
             "cursor" => self.cursor = Some(value.to_owned()),
             _ => return Err(param_error(name, "unknown parameter")),
         }
@@ -175,7 +190,7 @@ impl CapacityQuery {
         let mut labels = self.labels.clone();
         labels.sort();
         let text = format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
             self.min_gpu_vram_gb,
             self.min_gpus,
             self.min_cpu_cores,
@@ -183,7 +198,8 @@ impl CapacityQuery {
             self.gpu_vendor,
             self.pool,
             labels,
-            self.status
+            self.status,
+            self.include_draining
         );
         let mut key = (text.len() as u64).to_be_bytes().to_vec();
         key.extend_from_slice(text.as_bytes());
@@ -218,7 +234,9 @@ impl CapacityQuery {
             StatusFilter::All => true,
         };
         let heartbeat = &agent.heartbeat;
+        let draining_ok = self.include_draining || heartbeat.state != AgentState::Draining;
         if !status_ok
+            || !draining_ok
             || self
                 .pool
                 .as_ref()
@@ -394,6 +412,27 @@ mod tests {
             assert!(error.starts_with(name), "{query}: {error}");
         }
         assert!(CapacityQuery::from_query_string("min_cpu_cores=1048576&min_gpus=16").is_ok());
+    }
+
+    #[test]
+    fn draining_agents_are_included_only_when_asked() {
+        assert!(
+            !CapacityQuery::from_query_string("")
+                .unwrap()
+                .include_draining
+        );
+        assert!(
+            CapacityQuery::from_query_string("include_draining=true")
+                .unwrap()
+                .include_draining
+        );
+        assert!(
+            !CapacityQuery::from_query_string("include_draining=false")
+                .unwrap()
+                .include_draining
+        );
+        let error = CapacityQuery::from_query_string("include_draining=yes").unwrap_err();
+        assert_eq!(error.param, "include_draining");
     }
 
     #[test]

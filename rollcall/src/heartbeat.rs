@@ -83,6 +83,10 @@ pub const MAX_HISTORY_MINUTES: usize = 30;
 pub enum AgentState {
     #[default]
     Up,
+    /// Online, but its operator asks schedulers to place no new work on it
+    /// (PROTOCOL.md §3): `GET /v1/agents` leaves it out unless
+    /// `include_draining=true`.
+    Draining,
     /// The last heartbeat of a collector that is shutting down.
     Leaving,
 }

@@ -43,7 +43,8 @@ impl StoredAgent {
     pub fn accept(heartbeat: Heartbeat, received_at_ms: i64, deadlines: Deadlines) -> Self {
         let online_until_ms = match heartbeat.state {
             AgentState::Leaving => received_at_ms,
-            AgentState::Up => {
+            // A draining machine is online like any other (PROTOCOL.md §3).
+            AgentState::Up | AgentState::Draining => {
                 let interval = heartbeat
                     .interval_s
                     .clamp(MIN_DEADLINE_INTERVAL_S, MAX_DEADLINE_INTERVAL_S);

@@ -46,6 +46,7 @@ try {
   });
   await page.waitForTimeout(500);
   const injectedHandlerRan = await page.evaluate(() => window.__injected === true);
+  await page.evaluate(() => document.getElementById("injected").remove());
   const token_kept = await page.evaluate(() => sessionStorage.getItem("rollcall-token") !== null);
   // Filters match the API's: only the agent with 40 GB free qualifies.
   await page.fill("input[name=min_gpu_vram_gb]", "40");
@@ -54,7 +55,7 @@ try {
   const filtered = await page.$$eval("#agents tbody tr", (trs) => trs.map((tr) => tr.dataset.agent));
   await page.fill("input[name=min_gpu_vram_gb]", "");
   await page.click("#filters button");
-  await page.waitForFunction(() => document.querySelectorAll("#agents tbody tr").length === 3);
+  await page.waitForFunction(() => document.querySelectorAll("#agents tbody tr").length === 4);
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(JSON.stringify({ rows, summary, token_kept, filtered, outside, injectedHandlerRan, cspViolations }));
 } finally {

@@ -174,6 +174,44 @@ pub async fn leaving_is_offline_at_once(backend: &Backend) {
     assert_eq!(ids(store, "status=offline", now).await, ["bye"]);
 }
 
+/// PROTOCOL.md §3: a draining agent is online with the normal deadline, left
+/// out of listings unless `include_draining=true`, and shown by id.
+pub async fn draining_is_online_but_listed_only_when_asked(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    store
+        .upsert(agent_at("busy", 1, now, |_| {}))
+        .await
+        .unwrap();
+    let draining = agent_at("gaming", 1, now, |b| b["state"] = json!("draining"));
+    assert_eq!(draining.heartbeat.state, AgentState::Draining);
+    assert!(
+        draining.online_until_ms > now,
+        "draining keeps the normal deadline"
+    );
+    store.upsert(draining).await.unwrap();
+    assert_eq!(ids(store, "", now).await, ["busy"]);
+    assert_eq!(ids(store, "status=all", now).await, ["busy"]);
+    let mut all = ids(store, "include_draining=true", now).await;
+    all.sort();
+    assert_eq!(all, ["busy", "gaming"]);
+    let shown = store
+        .get("gaming", now)
+        .await
+        .unwrap()
+        .expect("shown by id");
+    assert!(shown.is_online(now));
+    assert_eq!(shown.view(now).state, AgentState::Draining);
+    // Back to work: listed again.
+    store
+        .upsert(agent_at("gaming", 2, now, |_| {}))
+        .await
+        .unwrap();
+    let mut all = ids(store, "", now).await;
+    all.sort();
+    assert_eq!(all, ["busy", "gaming"]);
+}
+
 /// A small fleet that exercises every filter of PROTOCOL.md §2.
 async fn seed_fleet(store: &dyn Store, now: i64) {
     let gpu = |index: u32, vendor: &str, free_mb: u64| json!({"index": index, "vendor": vendor, "memory_total_mb": 81920, "memory_free_mb": free_mb});
@@ -495,7 +533,8 @@ macro_rules! conformance_cases {
     (@list $metas:tt $backend:expr) => {
         $crate::conformance_cases!(@each $metas $backend;
             upsert_then_get, unknown_agent, newer_only, concurrent_writers_keep_the_newest,
-            status_at_the_deadline, leaving_is_offline_at_once, every_filter,
+            status_at_the_deadline, leaving_is_offline_at_once,
+            draining_is_online_but_listed_only_when_asked, every_filter,
             pagination_over_260_agents, retention_pruning, history_round_trip);
     };
     ($backend:expr) => {

@@ -423,6 +423,23 @@ def test_the_running_collector_delivers_history_without_a_5xx(stack):
     assert not re.search(r"answered 5\d\d", log), log[-3000:]
 
 
+def test_a_draining_agent_is_listed_only_when_asked(stack):
+    auth = {"Authorization": f"Bearer {stack['token']}"}
+    assert collector(stack, "drained-agent", "drain").returncode == 0
+    result = collector(stack, "drained-agent", "once", "--skip-cpu-usage")
+    assert result.returncode == 0, result.stderr
+    status, agent = http("GET", f"{stack['query']}/v1/agents/drained-agent", auth)
+    assert status == 200 and agent["status"] == "online" and agent["state"] == "draining", agent
+
+    def listed(query):
+        status, body = http("GET", f"{stack['query']}/v1/agents?{query}", auth)
+        assert status == 200, body
+        return "drained-agent" in [a["agent_id"] for a in body["agents"]]
+
+    assert not listed("status=all")
+    assert listed("status=all&include_draining=true")
+
+
 def test_leaving_takes_the_agent_offline_at_once(stack):
     runner = stack["runner"]
     runner.send_signal(15)

@@ -535,3 +535,50 @@ fn a_running_collector_delivers_its_recent_history_through_a_history_outage() {
     let memory = first["memory_available_mb"]["avg"].as_f64().unwrap();
     assert!(memory > 0.0, "{history}");
 }
+
+#[test]
+fn drain_reaches_the_running_collector_without_a_restart_and_outlives_one() {
+    let stack = Stack::start();
+    let mut service = stack
+        .collector("desk")
+        .args(["run", "--interval", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = |stack: &Stack| stack.agent("desk").map(|agent| agent["state"].clone());
+    assert!(wait_until(Duration::from_secs(20), || state(&stack).is_some()).is_some());
+    let (ok, stdout, stderr) = run(stack.collector("desk").arg("drain"));
+    assert!(ok && stdout.contains("draining"), "{stdout} {stderr}");
+    let drained = wait_until(Duration::from_secs(10), || {
+        state(&stack) == Some(json!("draining"))
+    });
+    let listed = |query: &str| {
+        stack.get(&format!("/v1/agents?{query}")).json()["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|agent| agent["agent_id"] == "desk")
+    };
+    let (hidden, shown) = (!listed("status=all"), listed("include_draining=true"));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc_kill(service.id() as i32, 15) };
+    service.wait().unwrap();
+    assert!(
+        drained.is_some(),
+        "the running collector did not report draining"
+    );
+    assert!(
+        hidden && shown,
+        "hidden by default: {hidden}; listed with include_draining: {shown}"
+    );
+
+    // A new collector process on the same machine still reports draining.
+    assert!(run(stack.collector("desk").args(["once", "--skip-cpu-usage"])).0);
+    assert_eq!(state(&stack), Some(json!("draining")));
+    assert_eq!(stack.agent("desk").unwrap()["status"], "online");
+    assert!(run(stack.collector("desk").arg("undrain")).0);
+    assert!(run(stack.collector("desk").args(["once", "--skip-cpu-usage"])).0);
+    assert_eq!(state(&stack), Some(json!("up")));
+    assert!(listed(""));
+}

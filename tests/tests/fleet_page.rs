@@ -1,6 +1,6 @@
 //! The live fleet page in a real browser: Debian's Chromium, headless, driven
 //! by playwright-core (tests/browser/fleet_page.mjs) against a local stack
-//! with three agents, one of them offline. The screenshot lands in
+//! with four agents, one offline and one draining. The screenshot lands in
 //! target/test-output/fleet-page.png.
 //!
 //! It is marked ignored, so plain `cargo test` needs no browser; scripts/test
@@ -31,6 +31,9 @@ fn seed(stack: &Stack) {
     let mut gamma = heartbeat("gamma", now);
     gamma["state"] = json!("leaving");
     assert_eq!(stack.post_heartbeat(&gamma).status, 202);
+    let mut delta = heartbeat("delta", now);
+    delta["state"] = json!("draining");
+    assert_eq!(stack.post_heartbeat(&delta).status, 202);
 }
 
 #[test]
@@ -66,7 +69,7 @@ fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
     println!("{seen}");
 
     let rows = seen["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3, "{seen}");
+    assert_eq!(rows.len(), 4, "{seen}");
     let row = |agent: &str| {
         rows.iter()
             .find(|row| row["agent"] == agent)
@@ -75,6 +78,9 @@ fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
     assert_eq!(row("alpha")["status"], "online");
     assert_eq!(row("gamma")["status"], "offline");
     assert_eq!(row("gamma")["className"], "offline");
+    // Draining: online, with its own badge.
+    assert_eq!(row("delta")["status"], "draining");
+    assert_eq!(row("delta")["className"], "online");
     assert_ne!(
         row("gamma")["offlineColour"],
         row("alpha")["offlineColour"],
@@ -96,7 +102,7 @@ fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
         seen["summary"]
             .as_str()
             .unwrap()
-            .starts_with("3 agents, 2 online, 1 offline"),
+            .starts_with("4 agents, 3 online, 1 offline, 1 draining"),
         "{seen}"
     );
     assert_eq!(seen["filtered"], json!(["alpha"]));

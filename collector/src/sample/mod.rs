@@ -25,6 +25,8 @@ pub struct Identity {
     pub interval_s: u32,
     /// Minutes of history sent together.
     pub history_window_minutes: u64,
+    /// Where the agent id and the draining marker are kept.
+    pub state_dir: PathBuf,
 }
 
 pub struct Sampler {

@@ -1,10 +1,12 @@
 //! `rollcall`: the capacity API from a shell.
 //!
 //! Exit codes are for scripts: 0 when something matched, 1 when nothing did
-//! (or the agent is unknown), 2 on any error, with a one-line reason on stderr.
+//! (or the agent is unknown, or `wait` timed out), 2 on any error, with a
+//! one-line reason on stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -19,7 +21,7 @@ use serde::Deserialize;
 /// `token = "..."`). Prefer the environment or the file for the token: flags
 /// show in `ps`.
 ///
-/// Exit codes: 0 found, 1 nothing matched (or unknown agent), 2 error.
+/// Exit codes: 0 found, 1 nothing matched (unknown agent, `wait` timed out), 2 error.
 #[derive(Parser, Debug)]
 #[command(name = "rollcall", version, about, long_about)]
 struct Cli {
@@ -46,6 +48,19 @@ struct Connection {
 enum Command {
     /// List agents that match, most free single-GPU VRAM first.
     Agents(Filters),
+    /// Wait until at least one agent matches, then print the matches (exit 0);
+    /// exit 1 if none did before --timeout. Polls with backoff and jitter,
+    /// never more often than every 2 s.
+    Wait {
+        #[command(flatten)]
+        filters: Filters,
+        /// Give up after this long: 90s, 10m, 2h, or plain seconds.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// First wait between polls, in seconds (at least 2); it grows to 60.
+        #[arg(long, default_value_t = 5.0, value_parser = parse_poll)]
+        every: f64,
+    },
     /// Show one agent, in any status.
     Agent {
         agent_id: String,
@@ -219,7 +234,8 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
-async fn list(api: &Api, filters: &Filters) -> anyhow::Result<bool> {
+/// Every match, following pages up to `--limit`, and the answer's `as_of`.
+async fn fetch(api: &Api, filters: &Filters) -> anyhow::Result<(Vec<serde_json::Value>, String)> {
     let query = query_string(filters);
     let wanted = filters.limit.unwrap_or(usize::MAX);
     let mut agents = Vec::new();
@@ -240,21 +256,86 @@ async fn list(api: &Api, filters: &Filters) -> anyhow::Result<bool> {
         }
     }
     agents.truncate(wanted);
-    let found = !agents.is_empty();
-    if filters.json {
+    Ok((agents, as_of))
+}
+
+fn print_agents(agents: Vec<serde_json::Value>, as_of: &str, json: bool) -> anyhow::Result<()> {
+    if json {
         println!("{}", serde_json::to_string_pretty(&agents)?);
-    } else if found {
+    } else if !agents.is_empty() {
         let views: Vec<AgentView> = agents
             .into_iter()
             .map(serde_json::from_value)
             .collect::<Result<_, _>>()
             .context("the API answered an agent record this CLI cannot read")?;
-        print!("{}", table(&views, parse_rfc3339(&as_of)));
+        print!("{}", table(&views, parse_rfc3339(as_of)));
     }
+    Ok(())
+}
+
+async fn list(api: &Api, filters: &Filters) -> anyhow::Result<bool> {
+    let (agents, as_of) = fetch(api, filters).await?;
+    let found = !agents.is_empty();
+    print_agents(agents, &as_of, filters.json)?;
     if !found {
         eprintln!("rollcall: no agent matches");
     }
     Ok(found)
+}
+
+/// The longest wait between two polls.
+const MAX_POLL: Duration = Duration::from_secs(60);
+
+/// Polls until something matches or `timeout` passes. The wait between polls
+/// starts at `every`, grows by half each time up to a minute, and is jittered
+/// by ±20 % so that many waiting schedulers do not poll in step.
+async fn wait(api: &Api, filters: &Filters, timeout: Duration, every: f64) -> anyhow::Result<bool> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_secs_f64(every);
+    loop {
+        let (agents, as_of) = fetch(api, filters).await?;
+        if !agents.is_empty() {
+            print_agents(agents, &as_of, filters.json)?;
+            return Ok(true);
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            eprintln!("rollcall: no agent matched within {}s", timeout.as_secs());
+            return Ok(false);
+        }
+        let jittered = pause
+            .mul_f64(0.8 + 0.4 * fastrand::f64())
+            .max(Duration::from_secs(2));
+        tokio::time::sleep(jittered.min(deadline - now)).await;
+        pause = pause.mul_f64(1.5).min(MAX_POLL);
+    }
+}
+
+/// `90s`, `10m`, `2h` or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let seconds_per = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{text:?}: use s, m or h, as in 90s, 10m, 2h")),
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n >= 0.0 && *n * seconds_per <= 7.0 * 86400.0)
+        .map(|n| Duration::from_secs_f64(n * seconds_per))
+        .ok_or_else(|| format!("{text:?} is not a duration of at most a week, as in 90s, 10m, 2h"))
+}
+
+fn parse_poll(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|seconds| (2.0..=60.0).contains(seconds))
+        .ok_or_else(|| format!("{text:?}: poll every 2 to 60 seconds"))
 }
 
 /// `online`, `offline`, or `online (draining)` when the operator asked for
@@ -383,6 +464,11 @@ fn main() -> ExitCode {
         let api = Api::new(&cli.connection)?;
         match &cli.command {
             Command::Agents(filters) => list(&api, filters).await,
+            Command::Wait {
+                filters,
+                timeout,
+                every,
+            } => wait(&api, filters, *timeout, *every).await,
             Command::Agent { agent_id, json } => show(&api, agent_id, *json).await,
         }
     });
@@ -393,5 +479,23 @@ fn main() -> ExitCode {
             eprintln!("rollcall: {}", format!("{error:#}").replace('\n', " "));
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        for bad in ["", "10x", "-5s", "1e9h", "NaNs"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert!(parse_poll("1").is_err());
+        assert_eq!(parse_poll("2"), Ok(2.0));
     }
 }

@@ -136,3 +136,65 @@ fn url_and_token_can_come_from_a_config_file() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn wait_returns_when_a_matching_agent_appears_and_times_out_with_1() {
+    let stack = seeded();
+    let waiting = Command::new(binary("rollcall"))
+        .args([
+            "wait",
+            "--min-gpu-vram",
+            "100",
+            "--timeout",
+            "60s",
+            "--every",
+            "2",
+            "--json",
+        ])
+        .env("ROLLCALL_URL", stack.query.url())
+        .env("ROLLCALL_TOKEN", &stack.token)
+        .env(
+            "ROLLCALL_CLI_CONFIG",
+            stack.dir.path().join("no-such-cli.toml"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nothing has 100 GB free yet; a machine with it reports a few seconds later.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let mut body = heartbeat("h200", now_ms());
+    body["gpus"] = json!([{"index": 0, "vendor": "nvidia", "memory_total_mb": 143_771, "memory_free_mb": 143_155}]);
+    assert_eq!(stack.post_heartbeat(&body).status, 202);
+    let started = std::time::Instant::now();
+    let output = waiting.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "it did not notice in time"
+    );
+    let agents: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(agents[0]["agent_id"], "h200", "{agents}");
+
+    let timed_out = cli(
+        &stack,
+        &[
+            "wait",
+            "--min-gpu-vram",
+            "500",
+            "--timeout",
+            "3s",
+            "--every",
+            "2",
+        ],
+    );
+    assert_eq!(timed_out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&timed_out.stderr).contains("no agent matched within 3s"));
+    let bad = cli(&stack, &["wait", "--timeout", "soon"]);
+    assert_eq!(bad.status.code(), Some(2));
+}

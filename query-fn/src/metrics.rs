@@ -123,6 +123,8 @@ struct PerAgent {
     gpu_free: Family<GpuLabels, FloatGauge>,
     gpu_total: Family<GpuLabels, FloatGauge>,
     gpu_busy: Family<GpuLabels, FloatGauge>,
+    collector_memory: Family<AgentLabels, FloatGauge>,
+    collector_cpu: Family<AgentLabels, FloatGauge>,
 }
 
 impl PerAgent {
@@ -144,6 +146,16 @@ impl PerAgent {
         self.since
             .get_or_create(&labels)
             .set((now_ms - agent.received_at_ms).max(0) as f64 / 1000.0);
+        if let Some(cost) = &heartbeat.collector {
+            if let Some(rss_mb) = cost.rss_mb {
+                self.collector_memory
+                    .get_or_create(&labels)
+                    .set(rss_mb * MIB);
+            }
+            if let Some(cpu_s) = cost.cpu_s {
+                self.collector_cpu.get_or_create(&labels).set(cpu_s);
+            }
+        }
         for gpu in &heartbeat.gpus {
             let gpu_labels = GpuLabels {
                 agent_id: heartbeat.agent_id.clone(),
@@ -203,6 +215,18 @@ impl PerAgent {
             "gpu_utilization_ratio",
             "GPU utilisation, 0 to 1, where the collector reports it",
             self.gpu_busy,
+        );
+        registry.register_with_unit(
+            "collector_resident_memory",
+            "The collector's own resident memory on its machine",
+            Unit::Bytes,
+            self.collector_memory,
+        );
+        registry.register_with_unit(
+            "collector_cpu",
+            "CPU time the collector has used since it started",
+            Unit::Seconds,
+            self.collector_cpu,
         );
     }
 }

@@ -54,6 +54,21 @@ pub struct Heartbeat {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub history: Vec<MinuteRollup>,
+    /// The collector's own cost on its machine (an addition to v1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector: Option<CollectorCost>,
+}
+
+/// What the collector itself uses on its machine, so that its overhead can
+/// be watched across the fleet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CollectorCost {
+    /// Resident memory, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_mb: Option<f64>,
+    /// CPU time, user and system, since the collector started, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_s: Option<f64>,
 }
 
 /// One minute of an agent's samples, rolled up by its collector.
@@ -329,6 +344,24 @@ impl Heartbeat {
                         "disk.free_gb",
                         "must not exceed disk.total_gb",
                     ));
+                }
+            }
+        }
+
+        if let Some(collector) = &self.collector {
+            // Bounds far past any real collector (1 TiB resident, 300 years of CPU).
+            for (field, value, max) in [
+                ("collector.rss_mb", collector.rss_mb, 1_048_576.0),
+                ("collector.cpu_s", collector.cpu_s, 1e10),
+            ] {
+                if let Some(value) = value {
+                    non_negative(field, value)?;
+                    if value > max {
+                        return Err(BodyError::new(
+                            field,
+                            format!("{value} is out of range (at most {max})"),
+                        ));
+                    }
                 }
             }
         }
@@ -706,6 +739,23 @@ pub(crate) mod tests {
         let at = invalid.windows(6).position(|w| w == b"lab-07").unwrap();
         invalid[at] = 0xff;
         assert!(Heartbeat::parse(&invalid).is_err());
+    }
+
+    #[test]
+    fn the_collectors_own_cost_is_optional_and_checked() {
+        let mut body = example();
+        body["collector"] = json!({"rss_mb": 4.5, "cpu_s": 0.25});
+        let heartbeat = parse(&body).unwrap();
+        assert_eq!(heartbeat.collector.unwrap().rss_mb, Some(4.5));
+        assert!(parse(&example()).unwrap().collector.is_none());
+        assert_eq!(
+            field_of(example(), |b| b["collector"] = json!({"rss_mb": -1.0})),
+            "collector.rss_mb"
+        );
+        assert_eq!(
+            field_of(example(), |b| b["collector"] = json!({"cpu_s": 1e200})),
+            "collector.cpu_s"
+        );
     }
 
     #[test]

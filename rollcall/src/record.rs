@@ -137,6 +137,8 @@ impl StoredAgent {
                     utilization_percent: gpu.utilization_percent,
                 })
                 .collect(),
+            collector_rss_mb: heartbeat.collector.as_ref().and_then(|c| c.rss_mb),
+            collector_cpu_s: heartbeat.collector.as_ref().and_then(|c| c.cpu_s),
         }
     }
 }
@@ -177,6 +179,12 @@ pub struct AgentView {
     pub gpu_vram_available_gb: f64,
     pub gpu_vram_available_max_gb: f64,
     pub gpus: Vec<GpuView>,
+    /// The collector's own resident memory (MiB) and CPU time (s), where it
+    /// reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector_rss_mb: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector_cpu_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -35,6 +35,7 @@ try {
     barWidths: [...tr.querySelectorAll(".bar span")].map((s) => s.style.width),
     sparkPoints: tr.querySelector("svg.spark polyline")?.getAttribute("points")?.split(" ").length || 0,
     offlineColour: getComputedStyle(tr.cells[0]).color,
+    collector: tr.cells[7]?.textContent,
   })));
   const summary = await page.textContent("#summary");
   // An injected inline handler must not run: the policy allows the page's

@@ -63,6 +63,22 @@ fn collector_once_reports_this_host_and_the_query_shows_it_online() {
 
     let agent = stack.agent("e2e-host").expect("stored");
     assert_eq!(agent["status"], "online");
+    // The collector reports its own cost, and /metrics passes it on.
+    let rss = agent["collector_rss_mb"]
+        .as_f64()
+        .expect("collector_rss_mb");
+    assert!(rss > 0.5 && rss < 1024.0, "{agent}");
+    assert!(
+        agent["collector_cpu_s"].as_f64().is_some_and(|s| s >= 0.0),
+        "{agent}"
+    );
+    let metrics = stack.get("/metrics?status=all").text();
+    assert!(
+        metrics.contains(
+            "rollcall_collector_resident_memory_bytes{agent_id=\"e2e-host\",pool=\"default\"}"
+        ),
+        "{metrics}"
+    );
     // Figures that do not move between two samples must match what this host reports.
     let printed = printed_body(&stack, "e2e-host");
     assert_eq!(

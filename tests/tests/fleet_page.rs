@@ -26,6 +26,7 @@ fn seed(stack: &Stack) {
         let spread = json!({"min": load, "avg": load, "max": load});
         json!({"minute": minute - back, "load_1m": spread, "memory_available_mb": spread})
     }).collect::<Vec<_>>());
+    alpha["collector"] = json!({"rss_mb": 4.5, "cpu_s": 1.25});
     assert_eq!(stack.post_heartbeat(&alpha).status, 202);
     assert_eq!(stack.post_heartbeat(&heartbeat("beta", now)).status, 202);
     let mut gamma = heartbeat("gamma", now);
@@ -87,6 +88,8 @@ fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
         "offline rows must look different"
     );
     assert_eq!(row("alpha")["bars"], 2);
+    assert_eq!(row("alpha")["collector"], "4.5 MB · 1.3 s CPU");
+    assert_eq!(row("beta")["collector"], "–");
     assert_eq!(row("alpha")["barWidths"], json!(["50%", "10%"]));
     assert!(
         row("alpha")["sparkPoints"].as_u64().unwrap() >= 2,

@@ -7,6 +7,7 @@ pub mod gpu;
 pub mod history;
 pub mod host;
 pub mod memory;
+pub mod own;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -76,6 +77,7 @@ impl Sampler {
             disk: disk::sample(&self.disk_path),
             gpus,
             history: Vec::new(),
+            collector: own::sample(),
         }
     }
 

@@ -227,7 +227,20 @@ impl Heartbeat {
         Ok(heartbeat)
     }
 
+    /// Every range check of PROTOCOL.md §1 check 3, section by section; the
+    /// first failure names its field.
     pub fn validate(&self) -> Result<(), BodyError> {
+        self.validate_identity()?;
+        self.validate_names()?;
+        self.validate_cpu()?;
+        self.validate_memory_and_disk()?;
+        self.validate_collector()?;
+        self.validate_history()?;
+        self.validate_gpus()
+    }
+
+    /// Version, agent id, times and integer ranges.
+    fn validate_identity(&self) -> Result<(), BodyError> {
         if self.v != PROTOCOL_VERSION {
             return Err(BodyError::new(
                 "v",
@@ -257,6 +270,11 @@ impl Heartbeat {
         if self.interval_s == 0 {
             return Err(BodyError::new("interval_s", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    /// Pool, labels and every free text: bounded, printable.
+    fn validate_names(&self) -> Result<(), BodyError> {
         if !is_valid_id(&self.pool, MAX_POOL_LEN) {
             return Err(BodyError::new(
                 "pool",
@@ -294,7 +312,11 @@ impl Heartbeat {
                 ));
             }
         }
+        Ok(())
+    }
 
+    /// Loads, usage and core counts that agree with each other.
+    fn validate_cpu(&self) -> Result<(), BodyError> {
         let cpu = &self.cpu;
         for (name, value) in [
             ("cpu.load_1m", cpu.load_1m),
@@ -321,7 +343,11 @@ impl Heartbeat {
                 "must not exceed cpu.cores_logical",
             ));
         }
+        Ok(())
+    }
 
+    /// Free never above total.
+    fn validate_memory_and_disk(&self) -> Result<(), BodyError> {
         let memory = &self.memory;
         at_most(
             "memory.available_mb",
@@ -347,7 +373,11 @@ impl Heartbeat {
                 }
             }
         }
+        Ok(())
+    }
 
+    /// The collector's own cost, within bounds far past any real one.
+    fn validate_collector(&self) -> Result<(), BodyError> {
         if let Some(collector) = &self.collector {
             // Bounds far past any real collector (1 TiB resident, 300 years of CPU).
             for (field, value, max) in [
@@ -365,8 +395,11 @@ impl Heartbeat {
                 }
             }
         }
+        Ok(())
+    }
 
-        self.validate_history()?;
+    /// At most 16 GPUs with distinct indexes, free never above total.
+    fn validate_gpus(&self) -> Result<(), BodyError> {
         if self.gpus.len() > MAX_GPUS {
             return Err(BodyError::new(
                 "gpus",

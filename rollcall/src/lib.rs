@@ -10,6 +10,7 @@
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
 //! - [`wire`]: answers both ends of the wire share (ingest's 202).
 //! - [`store`] (feature `server`): the store trait and the embedded SQLite store.
+//! - [`aws`] (feature `dynamodb`): the one AWS SDK configuration.
 //! - [`secrets`] (feature `dynamodb`): secrets from the environment, or from
 //!   Secrets Manager with a bounded refresh.
 //! - [`logging`] (feature `logging`): the log format every binary shares.
@@ -28,6 +29,8 @@ pub mod wire;
 
 #[cfg(feature = "server")]
 pub mod api;
+#[cfg(feature = "dynamodb")]
+pub mod aws;
 #[cfg(feature = "logging")]
 pub mod logging;
 #[cfg(feature = "dynamodb")]

@@ -171,16 +171,7 @@ async fn fetch_parsed<T>(
 /// A Secrets Manager client from the standard AWS configuration chain (it
 /// honours `AWS_ENDPOINT_URL`, so emulators work). Build it once per process.
 pub async fn client_from_env() -> Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .operation_attempt_timeout(Duration::from_secs(3))
-                .operation_timeout(Duration::from_secs(8))
-                .build(),
-        )
-        .load()
-        .await;
-    Client::new(&config)
+    Client::new(&crate::aws::sdk_config().await)
 }
 
 /// Where a function's secrets come from, given its environment: the text in

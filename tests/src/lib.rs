@@ -301,6 +301,34 @@ impl Stack {
     }
 }
 
+/// `body` signed with `secret`'s key for its agent under `key_id`, as any
+/// collector signs it: the headers and bytes of a `POST /v1/heartbeats`.
+pub fn signed_heartbeat(
+    secret: &FleetSecret,
+    key_id: &str,
+    body: &Value,
+) -> (Vec<(String, String)>, Vec<u8>) {
+    let agent_id = body["agent_id"].as_str().expect("agent_id");
+    let bytes = body.to_string().into_bytes();
+    let timestamp = now_s();
+    let signature = secret
+        .derive_agent_key(agent_id)
+        .signature_header(key_id, agent_id, timestamp, &bytes);
+    let headers = [
+        ("Content-Type", "application/json".to_owned()),
+        ("X-Rollcall-Agent", agent_id.to_owned()),
+        ("X-Rollcall-Key-Id", key_id.to_owned()),
+        ("X-Rollcall-Timestamp", timestamp.to_string()),
+        ("X-Rollcall-Signature", signature),
+    ];
+    (
+        headers
+            .map(|(name, value)| (name.to_owned(), value))
+            .to_vec(),
+        bytes,
+    )
+}
+
 /// A heartbeat body that passes every check.
 pub fn heartbeat(agent_id: &str, sent_at_ms: u64) -> Value {
     json!({

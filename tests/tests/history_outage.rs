@@ -14,25 +14,11 @@ use rollcall_ingest::keys::KeySource;
 use rollcall_ingest::{Ingest, router};
 use rollcall_tests::faults::HistoryOutage;
 use rollcall_tests::inprocess::{InProcess, request};
-use rollcall_tests::{KEY_ID, heartbeat, now_ms, now_s};
+use rollcall_tests::{KEY_ID, heartbeat, now_ms, signed_heartbeat};
 use serde_json::{Value, json};
 
 async fn post(server: &InProcess, secret: &FleetSecret, body: &Value) -> rollcall_tests::Response {
-    let agent_id = body["agent_id"].as_str().unwrap();
-    let bytes = body.to_string().into_bytes();
-    let timestamp = now_s();
-    let signature = secret
-        .derive_agent_key(agent_id)
-        .signature_header(KEY_ID, agent_id, timestamp, &bytes);
-    let headers = [
-        ("Content-Type", "application/json".to_owned()),
-        ("X-Rollcall-Agent", agent_id.to_owned()),
-        ("X-Rollcall-Key-Id", KEY_ID.to_owned()),
-        ("X-Rollcall-Timestamp", timestamp.to_string()),
-        ("X-Rollcall-Signature", signature),
-    ]
-    .map(|(name, value)| (name.to_owned(), value))
-    .to_vec();
+    let (headers, bytes) = signed_heartbeat(secret, KEY_ID, body);
     request(server.addr, "POST", "/v1/heartbeats".into(), headers, bytes).await
 }
 

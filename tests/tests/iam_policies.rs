@@ -15,7 +15,7 @@ use rollcall::store::dynamodb::DynamoStore;
 use rollcall::verify::Keyring;
 use rollcall_tests::iam::{Call, CallRecorder, recorded_dynamodb_client, secrets_client};
 use rollcall_tests::inprocess::{InProcess, request};
-use rollcall_tests::{KEY_ID, heartbeat, now_ms, now_s, unique_table};
+use rollcall_tests::{KEY_ID, heartbeat, now_ms, signed_heartbeat, unique_table};
 use serde_json::json;
 use serde_yaml::Value;
 
@@ -51,27 +51,6 @@ async fn fetch<T: Send + Sync + 'static>(
     .expect("fetch secret")
 }
 
-fn signed(
-    secret: &FleetSecret,
-    key_id: &str,
-    body: &serde_json::Value,
-) -> (Vec<(String, String)>, Vec<u8>) {
-    let agent_id = body["agent_id"].as_str().unwrap();
-    let bytes = body.to_string().into_bytes();
-    let timestamp = now_s();
-    let signature = secret
-        .derive_agent_key(agent_id)
-        .signature_header(key_id, agent_id, timestamp, &bytes);
-    let headers = [
-        ("Content-Type", "application/json".to_owned()),
-        ("X-Rollcall-Agent", agent_id.to_owned()),
-        ("X-Rollcall-Key-Id", key_id.to_owned()),
-        ("X-Rollcall-Timestamp", timestamp.to_string()),
-        ("X-Rollcall-Signature", signature),
-    ];
-    (headers.map(|(n, v)| (n.to_owned(), v)).to_vec(), bytes)
-}
-
 /// Every ingest path: fresh heartbeat with history, a stale one, an unknown key id.
 async fn drive_ingest(
     recorder: &CallRecorder,
@@ -100,7 +79,7 @@ async fn drive_ingest(
     let spread = json!({"min": 0.5, "avg": 1.0, "max": 1.5});
     body["history"] =
         json!([{"minute": now / 60_000 - 1, "load_1m": spread, "memory_available_mb": spread}]);
-    let (headers, bytes) = signed(secret, KEY_ID, &body);
+    let (headers, bytes) = signed_heartbeat(secret, KEY_ID, &body);
     let accepted = request(
         server.addr,
         "POST",
@@ -117,7 +96,8 @@ async fn drive_ingest(
     );
     let replay = request(server.addr, "POST", "/v1/heartbeats".into(), headers, bytes).await;
     assert_eq!(replay.status, 409, "{}", replay.text());
-    let (headers, bytes) = signed(secret, "unknown-kid", &heartbeat("iam-agent", now + 1));
+    let (headers, bytes) =
+        signed_heartbeat(secret, "unknown-kid", &heartbeat("iam-agent", now + 1));
     let unknown = request(server.addr, "POST", "/v1/heartbeats".into(), headers, bytes).await;
     assert_eq!(unknown.status, 401, "{}", unknown.text());
     server.stop().await;

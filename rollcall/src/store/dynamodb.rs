@@ -22,7 +22,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read as _;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -135,16 +134,7 @@ impl DynamoStore {
     /// `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_DYNAMODB`, so the same binary talks to
     /// AWS, LocalStack or ministack.
     pub async fn client_from_env() -> Client {
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .timeout_config(
-                aws_config::timeout::TimeoutConfig::builder()
-                    .operation_attempt_timeout(Duration::from_secs(3))
-                    .operation_timeout(Duration::from_secs(8))
-                    .build(),
-            )
-            .load()
-            .await;
-        Client::new(&config)
+        Client::new(&crate::aws::sdk_config().await)
     }
 
     pub fn table(&self) -> &str {

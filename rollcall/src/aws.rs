@@ -1,0 +1,19 @@
+//! One AWS SDK configuration for every client a function builds (DynamoDB,
+//! Secrets Manager): the standard chain, which honours `AWS_ENDPOINT_URL` so
+//! that the same binary talks to AWS, LocalStack or ministack, with timeouts
+//! that keep one stuck call from eating a Lambda invocation's whole budget.
+
+use std::time::Duration;
+
+/// Build it once per process and share it: clients pool their connections.
+pub async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .operation_attempt_timeout(Duration::from_secs(3))
+                .operation_timeout(Duration::from_secs(8))
+                .build(),
+        )
+        .load()
+        .await
+}

@@ -7,6 +7,8 @@
 #[cfg(feature = "dynamodb")]
 pub mod dynamodb;
 pub mod sqlite;
+#[cfg(feature = "dynamodb")]
+pub mod units;
 
 use async_trait::async_trait;
 

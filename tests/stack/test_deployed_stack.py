@@ -389,6 +389,51 @@ def test_the_cli_lists_the_agent_from_the_deployed_url(stack):
     assert table.returncode == 0 and "stack-runner" in table.stdout, table.stderr
 
 
+def test_rollcall_wait_returns_once_the_agent_is_there(stack):
+    result = subprocess.run(
+        [binary("rollcall"), "wait", "--status", "all", "--timeout", "60s", "--every", "2", "--json"],
+        env={**os.environ, "ROLLCALL_URL": stack["query"], "ROLLCALL_TOKEN": stack["token"],
+             "ROLLCALL_CLI_CONFIG": "/dev/null"},
+        capture_output=True, text=True, timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "stack-runner" in [agent["agent_id"] for agent in json.loads(result.stdout)]
+
+
+def test_the_record_carries_the_collectors_own_cost(stack):
+    status, agent = http("GET", f"{stack['query']}/v1/agents/stack-runner", {"Authorization": f"Bearer {stack['token']}"})
+    assert status == 200, agent
+    assert 0 < agent["collector_rss_mb"] < 1024 and agent["collector_cpu_s"] >= 0, agent
+
+
+def test_cursors_page_and_are_bound_to_their_filters(stack):
+    for agent_id in ("page-a", "page-b"):
+        assert collector(stack, agent_id, "once", "--skip-cpu-usage").returncode == 0
+    auth = {"Authorization": f"Bearer {stack['token']}"}
+    status, first = http("GET", f"{stack['query']}/v1/agents?status=all&limit=1", auth)
+    assert status == 200 and len(first["agents"]) == 1 and first["next_cursor"], first
+    cursor = first["next_cursor"]
+    status, second = http("GET", f"{stack['query']}/v1/agents?status=all&limit=1&cursor={cursor}", auth)
+    assert status == 200 and second["agents"][0]["agent_id"] != first["agents"][0]["agent_id"], second
+    status, replayed = http("GET", f"{stack['query']}/v1/agents?status=offline&limit=1&cursor={cursor}", auth)
+    assert status == 400 and replayed["error"].startswith("parameter cursor"), replayed
+
+
+def test_answers_forbid_sniffing_and_caching_and_the_page_runs_only_its_own_script(stack):
+    for url, headers in ((f"{stack['ingest']}/healthz", {}), (f"{stack['query']}/v1/agents", {}),
+                         (f"{stack['query']}/", {})):
+        request = urllib.request.Request(loopback_only(url), headers=headers)
+        try:
+            response = urllib.request.urlopen(request, timeout=30)
+        except urllib.error.HTTPError as error:
+            response = error
+        assert response.headers["X-Content-Type-Options"] == "nosniff", url
+        assert response.headers["Cache-Control"] == "no-store", url
+    policy = urllib.request.urlopen(loopback_only(f"{stack['query']}/"), timeout=30).headers["Content-Security-Policy"]
+    script_src = next(d.strip() for d in policy.split(";") if d.strip().startswith("script-src"))
+    assert script_src.startswith("script-src 'sha256-") and "unsafe-inline" not in script_src, policy
+
+
 def test_the_fleet_page_loads_from_the_deployed_url(stack):
     browser = ROOT / "tests" / "browser"
     assert (browser / "node_modules" / "playwright-core").exists(), "scripts/test installs playwright-core"

@@ -265,6 +265,61 @@ fn cases(stack: &Stack) -> Vec<Case> {
             false,
         );
     }
+
+    // Numbers past any machine (a store could not compare with 1e200:
+    // DynamoDB numbers have at most 38 digits) and unbounded repetition, on
+    // both routes that take a capacity query.
+    let labels = (0..33)
+        .map(|i| format!("label=k{i}=v"))
+        .collect::<Vec<_>>()
+        .join("&");
+    for query in [
+        "min_cpu_cores=1e200",
+        "min_memory_gb=1e300",
+        "min_gpu_vram_gb=1e39",
+        "min_gpus=17",
+        "include_draining=yes",
+        labels.as_str(),
+    ] {
+        for path in ["/v1/agents", "/metrics"] {
+            add(
+                &format!("query {path}?{query:.40}"),
+                Target::Query,
+                get(&format!("{path}?{query}"), &stack.token),
+                false,
+            );
+        }
+    }
+
+    // Body fields past their range.
+    let spread = serde_json::json!({"min": 1.0, "avg": 1.0, "max": 1.0});
+    let future_minute = now_ms() / 60_000 + 10;
+    for (name, field, value) in [
+        (
+            "collector.rss_mb below 0",
+            "collector",
+            serde_json::json!({"rss_mb": -1.0}),
+        ),
+        (
+            "collector.cpu_s of 1e200",
+            "collector",
+            serde_json::json!({"cpu_s": 1e200}),
+        ),
+        (
+            "a history minute after sent_at_ms",
+            "history",
+            serde_json::json!([{"minute": future_minute, "load_1m": spread, "memory_available_mb": spread}]),
+        ),
+    ] {
+        let mut body = heartbeat("victim", now_ms() + 60_000);
+        body[field] = value;
+        add(
+            name,
+            Target::Ingest,
+            signed_post(stack, body.to_string().as_bytes()),
+            false,
+        );
+    }
     cases
 }
 

@@ -54,7 +54,7 @@ async fn ctrl_c_in_a_terminal_leaves_the_agent_offline_at_once() {
     let online = wait_until(Duration::from_secs(300), || {
         db.exists()
             && SqliteStore::open(&db, Durability::Full).is_ok_and(|store| {
-                futures_lite_block(store.query(&Default::default(), None, now_ms() as i64))
+                block_on(store.query(&Default::default(), None, now_ms() as i64))
                     .is_ok_and(|page| page.agents.len() == 1)
             })
     });
@@ -88,7 +88,8 @@ async fn ctrl_c_in_a_terminal_leaves_the_agent_offline_at_once() {
     );
 }
 
-/// Runs a store future to completion from the synchronous polling closure.
-fn futures_lite_block<F: std::future::Future>(future: F) -> F::Output {
+/// Runs a store future to completion from the synchronous polling closure
+/// (the test runs on a multi-threaded runtime, so this thread may block).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }

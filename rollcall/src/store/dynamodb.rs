@@ -435,20 +435,23 @@ impl Store for DynamoStore {
                 .push(rollup);
         }
         for (window, rollups) in windows {
-            let mut assignments = vec!["#expires = :expires".to_owned()];
-            let mut names = HashMap::from([("#expires".to_owned(), TTL_ATTRIBUTE.to_owned())]);
-            let mut values = HashMap::from([(":expires".to_owned(), number(expires_at_s))]);
-            for (position, rollup) in rollups.iter().enumerate() {
-                let json = serde_json::to_string(rollup)
-                    .map_err(|e| StoreError::Corrupt(format!("cannot encode history: {e}")))?;
-                assignments.push(format!("#m{position} = :m{position}"));
-                names.insert(format!("#m{position}"), minute_attribute(rollup.minute));
-                values.insert(format!(":m{position}"), AttributeValue::S(json));
+            let key = history_key(agent_id, window);
+            let mut item = encode_history(&key, &rollups, expires_at_s)?;
+            item.remove(A_AGENT);
+            // Every other attribute of the window's item (its TTL and one per
+            // minute) is set by one UpdateItem, which merges without a read.
+            let mut assignments = Vec::new();
+            let mut names = HashMap::new();
+            let mut values = HashMap::new();
+            for (position, (name, value)) in item.into_iter().enumerate() {
+                assignments.push(format!("#a{position} = :a{position}"));
+                names.insert(format!("#a{position}"), name);
+                values.insert(format!(":a{position}"), value);
             }
             self.client
                 .update_item()
                 .table_name(&self.table)
-                .key(A_AGENT, AttributeValue::S(history_key(agent_id, window)))
+                .key(A_AGENT, AttributeValue::S(key))
                 .update_expression(format!("SET {}", assignments.join(", ")))
                 .set_expression_attribute_names(Some(names))
                 .set_expression_attribute_values(Some(values))

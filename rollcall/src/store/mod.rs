@@ -7,8 +7,6 @@
 #[cfg(feature = "dynamodb")]
 pub mod dynamodb;
 pub mod sqlite;
-#[cfg(feature = "dynamodb")]
-pub mod units;
 
 use async_trait::async_trait;
 
@@ -83,7 +81,7 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Shards of the DynamoDB capacity index unless configured (docs/dynamodb.md).
-pub const DEFAULT_SHARDS: u32 = 4;
+pub const DEFAULT_SHARDS: u32 = 8;
 
 /// How long per-minute history is kept by default.
 pub const DEFAULT_HISTORY_RETENTION_S: i64 = 24 * 3600;

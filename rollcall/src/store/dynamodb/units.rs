@@ -1,6 +1,6 @@
 //! DynamoDB capacity units by AWS's documented rules, worked out from the
 //! item before and after a write. The emulator does not model index writes,
-//! so the store's cost is computed, not read off it (issue 11 builds on this).
+//! so the store's cost is computed, not read off it.
 //!
 //! Writes: the table costs one unit per started KB of the larger of the old
 //! and new item. Each global secondary index costs, per item:
@@ -15,13 +15,7 @@
 //! projected attributes, and 100 bytes of overhead.
 //! Reads: one unit per started 4 KB, half for eventually consistent reads.
 
-use std::collections::HashMap;
-
-use aws_sdk_dynamodb::types::AttributeValue;
-
-use super::dynamodb::item_size;
-
-pub type Item = HashMap<String, AttributeValue>;
+use super::item::{Item, item_size};
 
 /// What a global secondary index holds.
 pub enum Projection {
@@ -138,6 +132,7 @@ pub fn read_units(bytes: usize, strongly_consistent: bool) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_sdk_dynamodb::types::AttributeValue;
 
     const KEY: &[&str] = &["id"];
 
@@ -248,11 +243,14 @@ mod tests {
         );
     }
 
-    /// Today's capacity index (shard, rank; ALL projected) under the model:
-    /// a steady heartbeat costs 2 units, one whose largest free VRAM moved 3.
-    /// Issue 11 is to bring the steady case to 1.
+    /// The capacity index under the model: a heartbeat whose largest free
+    /// VRAM stayed put costs one unit in all; one whose VRAM moved inside its
+    /// bucket rewrites the entry's `fv` (2); one that crossed a bucket moves
+    /// the entry (3). The index that projected everything cost 2 even when
+    /// nothing it ordered by had moved.
     #[test]
-    fn todays_item_costs_two_units_steady_and_three_when_free_vram_moves() {
+    fn a_steady_heartbeat_costs_one_unit_and_a_moved_one_two_or_three() {
+        use super::super::item::{BUCKET_MB, CAPACITY_INDEX, TABLE_KEY, encode};
         use crate::heartbeat::Heartbeat;
         use crate::record::{Deadlines, StoredAgent};
         let agent = |sent_at_ms: u64, free_mb: u64| {
@@ -264,26 +262,32 @@ mod tests {
             );
             let heartbeat = Heartbeat::parse(body.as_bytes()).unwrap();
             let stored = StoredAgent::accept(heartbeat, sent_at_ms as i64, Deadlines::default());
-            super::super::dynamodb::encode(&stored, 4).unwrap()
+            encode(&stored, 4).unwrap()
         };
-        let shape = [IndexShape {
-            hash: "shard",
-            range: Some("rank"),
-            projection: Projection::All,
-        }];
-        let key = &["agent_id"];
-        let first = agent(1_764_132_000_000, 20_000);
-        let steady = agent(1_764_132_030_000, 20_000);
-        let moved = agent(1_764_132_060_000, 12_000);
+        let shape = [CAPACITY_INDEX];
+        let first = agent(1_764_132_000_000, 5 * BUCKET_MB + 100);
+        let steady = agent(1_764_132_030_000, 5 * BUCKET_MB + 100);
+        let moved_inside = agent(1_764_132_060_000, 5 * BUCKET_MB + 900);
+        let moved_across = agent(1_764_132_090_000, 2 * BUCKET_MB + 900);
         assert_eq!(
-            write_units(key, None, &first, &shape),
+            write_units(TABLE_KEY, None, &first, &shape),
             WriteUnits {
                 table: 1,
                 indexes: 1
             }
         );
-        assert_eq!(write_units(key, Some(&first), &steady, &shape).total(), 2);
-        assert_eq!(write_units(key, Some(&steady), &moved, &shape).total(), 3);
+        assert_eq!(
+            write_units(TABLE_KEY, Some(&first), &steady, &shape).total(),
+            1
+        );
+        assert_eq!(
+            write_units(TABLE_KEY, Some(&steady), &moved_inside, &shape).total(),
+            2
+        );
+        assert_eq!(
+            write_units(TABLE_KEY, Some(&moved_inside), &moved_across, &shape).total(),
+            3
+        );
     }
 
     #[test]

@@ -1,0 +1,200 @@
+//! How an agent becomes one DynamoDB item, and what the capacity index holds.
+//!
+//! The index `by_vram_bucket` is keyed by `shard` (hash) and `bucket`
+//! (range: a coarse free-VRAM bucket, then the agent id) and projects two
+//! attributes that rarely change: `fv`, the exact largest free VRAM on one
+//! GPU, which orders answers, and `pool`. Every other attribute changes on
+//! every heartbeat and stays out of the index, so a heartbeat writes the
+//! index only when `fv` moved: an idle or steadily training GPU's heartbeat
+//! costs one write unit in all (docs/dynamodb.md).
+
+use std::collections::HashMap;
+use std::io::Read as _;
+
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use super::units::{IndexShape, Projection};
+use crate::record::StoredAgent;
+use crate::store::StoreError;
+
+pub type Item = HashMap<String, AttributeValue>;
+
+pub const INDEX_NAME: &str = "by_vram_bucket";
+pub const TTL_ATTRIBUTE: &str = "expires_at";
+
+pub(super) const A_AGENT: &str = "agent_id";
+pub(super) const A_SENT: &str = "sent";
+const A_UNTIL: &str = "until";
+pub(super) const A_POOL: &str = "pool";
+const A_CORES: &str = "cores";
+const A_MEMORY: &str = "mem";
+pub(super) const A_SHARD: &str = "shard";
+pub(super) const A_BUCKET: &str = "bucket";
+pub(super) const A_FREE_VRAM: &str = "fv";
+const A_RECORD: &str = "rec";
+
+/// The capacity index as the unit model sees it; `create_table` and
+/// `infra/template.yaml` declare the same shape.
+pub const CAPACITY_INDEX: IndexShape = IndexShape {
+    hash: A_SHARD,
+    range: Some(A_BUCKET),
+    projection: Projection::Include(&[A_FREE_VRAM, A_POOL]),
+};
+pub const TABLE_KEY: &[&str] = &[A_AGENT];
+
+/// Width of a free-VRAM bucket. Wide enough that a desktop's display and a
+/// training job's allocator rarely carry `fv` across a boundary (which costs
+/// a delete and a put in the index), narrow enough that a page reads few
+/// index entries below its last answer.
+pub const BUCKET_MB: u64 = 4096;
+/// Buckets are written inverted, so that ascending `bucket` is descending
+/// free VRAM: the order answers are in.
+pub const BUCKET_MAX: u64 = 999_999;
+
+pub fn bucket_of(free_mb: u64) -> u64 {
+    (free_mb / BUCKET_MB).min(BUCKET_MAX)
+}
+
+/// The bucket part of the index sort key; every key in `bucket` starts with it.
+pub fn bucket_prefix(bucket: u64) -> String {
+    format!("{:06}#", BUCKET_MAX - bucket.min(BUCKET_MAX))
+}
+
+pub fn bucket_key(free_mb: u64, agent_id: &str) -> String {
+    format!("{}{agent_id}", bucket_prefix(bucket_of(free_mb)))
+}
+
+/// FNV-1a: stable across builds and languages, unlike std's hasher.
+pub fn shard_of(agent_id: &str, shards: u32) -> u32 {
+    let hash = agent_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    (hash % u64::from(shards.max(1))) as u32
+}
+
+/// The item for one agent: the figures the write condition and the index
+/// need as attributes, and the whole record as a deflated blob, which keeps a
+/// two-GPU item under 1 KB.
+pub fn encode(agent: &StoredAgent, shards: u32) -> Result<Item, StoreError> {
+    let heartbeat = &agent.heartbeat;
+    let json = serde_json::to_vec(agent)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode agent record: {e}")))?;
+    let record = miniz_oxide::deflate::compress_to_vec(&json, 6);
+    let free_mb = heartbeat.gpu_free_max_mb();
+    Ok(HashMap::from([
+        (
+            A_AGENT.into(),
+            AttributeValue::S(heartbeat.agent_id.clone()),
+        ),
+        (A_SENT.into(), number(heartbeat.sent_at_ms)),
+        (A_UNTIL.into(), number(agent.online_until_ms)),
+        (TTL_ATTRIBUTE.into(), number(agent.expires_at_s)),
+        (A_POOL.into(), AttributeValue::S(heartbeat.pool.clone())),
+        (A_CORES.into(), number(heartbeat.cpu.cores_available)),
+        (A_MEMORY.into(), number(heartbeat.memory.available_mb)),
+        (
+            A_SHARD.into(),
+            AttributeValue::S(shard_of(&heartbeat.agent_id, shards).to_string()),
+        ),
+        (
+            A_BUCKET.into(),
+            AttributeValue::S(bucket_key(free_mb, &heartbeat.agent_id)),
+        ),
+        (A_FREE_VRAM.into(), number(free_mb)),
+        (A_RECORD.into(), AttributeValue::B(Blob::new(record))),
+    ]))
+}
+
+pub(super) fn decode(item: &Item) -> Result<StoredAgent, StoreError> {
+    let corrupt = |why: &str| StoreError::Corrupt(format!("agent item: {why}"));
+    let blob = item
+        .get(A_RECORD)
+        .and_then(|value| value.as_b().ok())
+        .ok_or_else(|| corrupt("no rec attribute"))?;
+    let mut json = Vec::new();
+    // Bounded so that a corrupt blob cannot inflate without limit.
+    miniz_oxide::inflate::decompress_to_vec_with_limit(blob.as_ref(), 1 << 20)
+        .map_err(|_| corrupt("rec does not inflate"))?
+        .as_slice()
+        .read_to_end(&mut json)
+        .map_err(|_| corrupt("rec unreadable"))?;
+    serde_json::from_slice(&json).map_err(|e| corrupt(&format!("rec is not an agent record: {e}")))
+}
+
+/// An item's size by DynamoDB's rules: each attribute name's UTF-8 bytes plus
+/// its value (strings: UTF-8 bytes; binary: raw bytes; numbers: about one byte
+/// per two significant digits, plus one).
+pub fn item_size(item: &Item) -> usize {
+    item.iter()
+        .map(|(name, value)| {
+            name.len()
+                + match value {
+                    AttributeValue::S(text) => text.len(),
+                    AttributeValue::B(blob) => blob.as_ref().len(),
+                    AttributeValue::N(digits) => number_size(digits),
+                    AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
+                    _ => 0,
+                }
+        })
+        .sum()
+}
+
+fn number_size(digits: &str) -> usize {
+    let significant = digits.trim_start_matches('-').replace('.', "");
+    let significant = significant.trim_start_matches('0').trim_end_matches('0');
+    significant.len().div_ceil(2) + 1
+}
+
+pub(super) fn number(value: impl ToString) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_keys_sort_as_answers_do_across_buckets() {
+        let mut keys = [
+            bucket_key(100, "b"),
+            bucket_key(20_000, "z"),
+            bucket_key(100, "a"),
+            bucket_key(81_000, "c"),
+        ];
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                bucket_key(81_000, "c"),
+                bucket_key(20_000, "z"),
+                bucket_key(100, "a"),
+                bucket_key(100, "b"),
+            ]
+        );
+        assert!(bucket_key(100, "a").starts_with(&bucket_prefix(0)));
+        assert_eq!(bucket_of(BUCKET_MB - 1), 0);
+        assert_eq!(bucket_of(BUCKET_MB), 1);
+        assert_eq!(bucket_of(u64::MAX), BUCKET_MAX);
+    }
+
+    #[test]
+    fn shards_spread_and_are_stable() {
+        assert_eq!(shard_of("lab-07", 4), shard_of("lab-07", 4));
+        let mut counts = [0; 4];
+        for i in 0..4000 {
+            counts[shard_of(&format!("node-{i}"), 4) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&count| count > 800), "{counts:?}");
+    }
+
+    #[test]
+    fn number_sizes_follow_dynamodb() {
+        assert_eq!(number_size("1764132000123"), 8);
+        assert_eq!(number_size("0"), 1);
+        assert_eq!(number_size("1000"), 2);
+        assert_eq!(number_size("-12.5"), 3);
+    }
+}

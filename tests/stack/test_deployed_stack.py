@@ -321,7 +321,11 @@ def test_each_function_role_can_do_its_job_and_nothing_more(stack):
 
     ingest_role = role_client(stack, "IngestFunctionRole")
     ingest_role.put_item(TableName=stack["table"], Item=item)
-    for forbidden in (lambda: ingest_role.get_item(TableName=stack["table"], Key=key),
+    ingest_role.get_item(TableName=stack["table"], Key=key)
+    index_query = dict(TableName=stack["table"], IndexName="by_vram_bucket", KeyConditionExpression="shard = :s",
+                       ExpressionAttributeValues={":s": {"S": "0"}})
+    query_role.query(**index_query)
+    for forbidden in (lambda: ingest_role.query(**index_query),
                       lambda: ingest_role.delete_item(TableName=stack["table"], Key=key),
                       lambda: ingest_role.scan(TableName=stack["table"])):
         with pytest.raises(botocore.exceptions.ClientError) as denied:

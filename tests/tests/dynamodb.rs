@@ -9,7 +9,7 @@ use rollcall::heartbeat::Heartbeat;
 use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::store::Store;
 use rollcall::store::dynamodb::{
-    BUCKET_MB, INDEX_NAME, ReadCost, TTL_ATTRIBUTE, encode, item_size,
+    BUCKET_MB, FV_SLACK_MB, INDEX_NAME, ReadCost, TTL_ATTRIBUTE, encode, item_size,
 };
 use rollcall_tests::{
     Stack, dynamodb_client, dynamodb_store, emulator_env, heartbeat, now_ms, request, unique_table,
@@ -111,12 +111,15 @@ async fn a_steady_heartbeat_costs_one_write_unit_through_the_store() {
         let heartbeat = Heartbeat::parse(body.to_string().as_bytes()).unwrap();
         StoredAgent::accept(heartbeat, (start + offset_ms) as i64, Deadlines::default())
     };
+    let base = 18 * BUCKET_MB + 5;
     let mut totals = Vec::new();
     for (offset_ms, free_mb) in [
-        (0, 18 * BUCKET_MB + 5),        // first: table and a new index entry
-        (30_000, 18 * BUCKET_MB + 5),   // steady: the table alone
-        (60_000, 18 * BUCKET_MB + 900), // moved inside its bucket: fv rewritten
-        (90_000, 3 * BUCKET_MB),        // a job started: the entry moves
+        (0, base),                           // first: the table and a new index entry
+        (30_000, base),                      // steady: the table alone
+        (60_000, base + 100),                // wandered: the entry keeps its figure, marked inexact
+        (90_000, base + 180),                // wandered within the slack: the table alone
+        (120_000, base + FV_SLACK_MB + 600), // moved past the slack: the entry's figure is rewritten
+        (150_000, 3 * BUCKET_MB),            // a job started: the entry moves to another bucket
     ] {
         let (_, cost) = store
             .upsert_measured(&write(offset_ms, free_mb))
@@ -127,7 +130,7 @@ async fn a_steady_heartbeat_costs_one_write_unit_through_the_store() {
         }
         totals.push(cost.computed.total());
     }
-    assert_eq!(totals, [2, 1, 2, 3]);
+    assert_eq!(totals, [2, 1, 2, 1, 2, 3]);
 }
 
 /// Within a bucket the index is in agent-id order, not answer order; every
@@ -142,17 +145,26 @@ async fn pages_are_in_exact_order_inside_crowded_buckets_and_across_them() {
     for i in 0..40u64 {
         // Free VRAM rises as the id rises, the reverse of the index's order
         // within a bucket; some share a value, some cross into other buckets.
-        let free_mb = 2 * BUCKET_MB + (i / 2) * 150;
+        let first_mb = 2 * BUCKET_MB + (i / 2) * 150;
+        // A third then wander within the slack, so that their entries keep
+        // a figure that is no longer exact, and may overtake a neighbour.
+        let free_mb = if i % 3 == 0 {
+            first_mb + 37 * (i % 7)
+        } else {
+            first_mb
+        };
         let id = format!("node-{i:02}");
-        let mut body = heartbeat(&id, now);
-        body["gpus"][0]["memory_total_mb"] = json!(81_559);
-        body["gpus"][0]["memory_free_mb"] = json!(free_mb);
-        let agent = StoredAgent::accept(
-            Heartbeat::parse(body.to_string().as_bytes()).unwrap(),
-            now as i64,
-            Deadlines::default(),
-        );
-        store.upsert(agent).await.unwrap();
+        for (sent_ms, mb) in [(now - 30_000, first_mb), (now, free_mb)] {
+            let mut body = heartbeat(&id, sent_ms);
+            body["gpus"][0]["memory_total_mb"] = json!(81_559);
+            body["gpus"][0]["memory_free_mb"] = json!(mb);
+            let agent = StoredAgent::accept(
+                Heartbeat::parse(body.to_string().as_bytes()).unwrap(),
+                sent_ms as i64,
+                Deadlines::default(),
+            );
+            store.upsert(agent).await.unwrap();
+        }
         expected.push((std::cmp::Reverse(free_mb), id));
     }
     expected.sort();
@@ -160,6 +172,7 @@ async fn pages_are_in_exact_order_inside_crowded_buckets_and_across_them() {
         ("limit=3", 0),
         ("limit=7&min_gpu_vram_gb=9.5", 9728),
         ("limit=1&min_gpu_vram_gb=10", 10240),
+        ("limit=2&min_gpu_vram_gb=10.05", 10292),
     ] {
         let query = CapacityQuery::from_query_string(text).unwrap();
         let mut seen = Vec::new();

@@ -1,12 +1,14 @@
 //! How an agent becomes one DynamoDB item, and what the capacity index holds.
 //!
 //! The index `by_vram_bucket` is keyed by `shard` (hash) and `bucket`
-//! (range: a coarse free-VRAM bucket, then the agent id) and projects two
-//! attributes that rarely change: `fv`, the exact largest free VRAM on one
-//! GPU, which orders answers, and `pool`. Every other attribute changes on
-//! every heartbeat and stays out of the index, so a heartbeat writes the
-//! index only when `fv` moved: an idle or steadily training GPU's heartbeat
-//! costs one write unit in all (docs/dynamodb.md).
+//! (range: a coarse free-VRAM bucket, then the agent id) and projects three
+//! attributes that rarely change: `fv`, the agent's largest free VRAM on one
+//! GPU as of the entry, `fx`, whether that figure is still exact, and `pool`.
+//! Every other attribute changes on every heartbeat and stays out of the
+//! index, so a heartbeat writes the index only when the entry's figure moves.
+//! An idle or steadily training GPU never moves it; a desktop whose display
+//! makes its free VRAM wander moves it only when it has wandered more than
+//! `FV_SLACK_MB` from the entry (docs/dynamodb.md).
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -32,6 +34,7 @@ const A_MEMORY: &str = "mem";
 pub(super) const A_SHARD: &str = "shard";
 pub(super) const A_BUCKET: &str = "bucket";
 pub(super) const A_FREE_VRAM: &str = "fv";
+pub(super) const A_EXACT: &str = "fx";
 const A_RECORD: &str = "rec";
 
 /// The capacity index as the unit model sees it; `create_table` and
@@ -39,7 +42,7 @@ const A_RECORD: &str = "rec";
 pub const CAPACITY_INDEX: IndexShape = IndexShape {
     hash: A_SHARD,
     range: Some(A_BUCKET),
-    projection: Projection::Include(&[A_FREE_VRAM, A_POOL]),
+    projection: Projection::Include(&[A_FREE_VRAM, A_EXACT, A_POOL]),
 };
 pub const TABLE_KEY: &[&str] = &[A_AGENT];
 
@@ -51,6 +54,64 @@ pub const BUCKET_MB: u64 = 4096;
 /// Buckets are written inverted, so that ascending `bucket` is descending
 /// free VRAM: the order answers are in.
 pub const BUCKET_MAX: u64 = 999_999;
+
+/// How far an agent's real largest free VRAM may wander from the figure its
+/// index entry holds before the entry is rewritten. A display's allocations
+/// move by tens of MiB; a job starting or ending moves by GiB.
+pub const FV_SLACK_MB: u64 = 256;
+
+/// What an index entry says about an agent's largest free VRAM on one GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexedVram {
+    pub free_mb: u64,
+    /// The agent really has `free_mb`; otherwise it has within
+    /// `FV_SLACK_MB` of it.
+    pub exact: bool,
+}
+
+impl IndexedVram {
+    pub fn exact(free_mb: u64) -> Self {
+        Self {
+            free_mb,
+            exact: true,
+        }
+    }
+
+    /// The figure to write for an agent that now has `free_mb`, given its
+    /// stored item: the stored figure while the real one stays within the
+    /// slack of it, so that the index entry is left alone.
+    pub fn choose(free_mb: u64, stored: Option<&Item>) -> Self {
+        let kept = stored
+            .and_then(|item| item.get(A_FREE_VRAM))
+            .and_then(|value| value.as_n().ok())
+            .and_then(|digits| digits.parse::<u64>().ok());
+        match kept {
+            Some(kept) if kept.abs_diff(free_mb) <= FV_SLACK_MB => Self {
+                free_mb: kept,
+                exact: kept == free_mb,
+            },
+            _ => Self::exact(free_mb),
+        }
+    }
+
+    /// The most free VRAM the agent can really have.
+    pub fn upper_mb(&self) -> u64 {
+        if self.exact {
+            self.free_mb
+        } else {
+            self.free_mb.saturating_add(FV_SLACK_MB)
+        }
+    }
+
+    /// The least free VRAM the agent can really have.
+    pub fn lower_mb(&self) -> u64 {
+        if self.exact {
+            self.free_mb
+        } else {
+            self.free_mb.saturating_sub(FV_SLACK_MB)
+        }
+    }
+}
 
 pub fn bucket_of(free_mb: u64) -> u64 {
     (free_mb / BUCKET_MB).min(BUCKET_MAX)
@@ -75,15 +136,27 @@ pub fn shard_of(agent_id: &str, shards: u32) -> u32 {
     (hash % u64::from(shards.max(1))) as u32
 }
 
+/// The item for one agent, its index entry exact.
+pub fn encode(agent: &StoredAgent, shards: u32) -> Result<Item, StoreError> {
+    encode_indexed(
+        agent,
+        shards,
+        IndexedVram::exact(agent.heartbeat.gpu_free_max_mb()),
+    )
+}
+
 /// The item for one agent: the figures the write condition and the index
 /// need as attributes, and the whole record as a deflated blob, which keeps a
 /// two-GPU item under 1 KB.
-pub fn encode(agent: &StoredAgent, shards: u32) -> Result<Item, StoreError> {
+pub fn encode_indexed(
+    agent: &StoredAgent,
+    shards: u32,
+    indexed: IndexedVram,
+) -> Result<Item, StoreError> {
     let heartbeat = &agent.heartbeat;
     let json = serde_json::to_vec(agent)
         .map_err(|e| StoreError::Corrupt(format!("cannot encode agent record: {e}")))?;
     let record = miniz_oxide::deflate::compress_to_vec(&json, 6);
-    let free_mb = heartbeat.gpu_free_max_mb();
     Ok(HashMap::from([
         (
             A_AGENT.into(),
@@ -101,9 +174,10 @@ pub fn encode(agent: &StoredAgent, shards: u32) -> Result<Item, StoreError> {
         ),
         (
             A_BUCKET.into(),
-            AttributeValue::S(bucket_key(free_mb, &heartbeat.agent_id)),
+            AttributeValue::S(bucket_key(indexed.free_mb, &heartbeat.agent_id)),
         ),
-        (A_FREE_VRAM.into(), number(free_mb)),
+        (A_FREE_VRAM.into(), number(indexed.free_mb)),
+        (A_EXACT.into(), AttributeValue::Bool(indexed.exact)),
         (A_RECORD.into(), AttributeValue::B(Blob::new(record))),
     ]))
 }
@@ -178,6 +252,36 @@ mod tests {
         assert_eq!(bucket_of(BUCKET_MB - 1), 0);
         assert_eq!(bucket_of(BUCKET_MB), 1);
         assert_eq!(bucket_of(u64::MAX), BUCKET_MAX);
+    }
+
+    #[test]
+    fn the_entry_keeps_its_figure_while_the_real_one_stays_within_the_slack() {
+        let stored = |free_mb: u64| HashMap::from([(A_FREE_VRAM.to_owned(), number(free_mb))]);
+        assert_eq!(IndexedVram::choose(9000, None), IndexedVram::exact(9000));
+        assert_eq!(
+            IndexedVram::choose(9000, Some(&stored(9000))),
+            IndexedVram::exact(9000)
+        );
+        let wandered = IndexedVram::choose(9000 + FV_SLACK_MB, Some(&stored(9000)));
+        assert_eq!(
+            wandered,
+            IndexedVram {
+                free_mb: 9000,
+                exact: false
+            }
+        );
+        assert!(
+            wandered.lower_mb() <= 9000 + FV_SLACK_MB && 9000 + FV_SLACK_MB <= wandered.upper_mb()
+        );
+        assert_eq!(
+            IndexedVram::choose(9001 + FV_SLACK_MB, Some(&stored(9000))),
+            IndexedVram::exact(9001 + FV_SLACK_MB)
+        );
+        assert_eq!(
+            IndexedVram::choose(100, Some(&stored(200))).lower_mb(),
+            0,
+            "bounds saturate at zero"
+        );
     }
 
     #[test]

@@ -30,10 +30,10 @@ use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
 
 pub use history::{encode_history, history_key};
-use item::{A_AGENT, A_BUCKET, A_FREE_VRAM, A_POOL, A_SENT, A_SHARD, decode, number};
+use item::{A_AGENT, A_BUCKET, A_EXACT, A_FREE_VRAM, A_POOL, A_SENT, A_SHARD, decode, number};
 pub use item::{
-    BUCKET_MB, CAPACITY_INDEX, INDEX_NAME, Item, TABLE_KEY, TTL_ATTRIBUTE, bucket_key, encode,
-    item_size, shard_of,
+    BUCKET_MB, CAPACITY_INDEX, FV_SLACK_MB, INDEX_NAME, IndexedVram, Item, TABLE_KEY,
+    TTL_ATTRIBUTE, bucket_key, encode, encode_indexed, item_size, shard_of,
 };
 use units::{WriteUnits, read_units, write_units};
 
@@ -44,13 +44,15 @@ pub struct DynamoStore {
     shards: u32,
 }
 
-/// What one heartbeat's write cost: computed by the unit model from the item
-/// before and after, and what DynamoDB reported (emulators report the table
-/// only, if at all).
+/// What one heartbeat cost: the write's units computed by the unit model
+/// from the item before and after, what DynamoDB reported for the table
+/// (emulators report the table only, if at all), and the read units of the
+/// look at the index figure before the write.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct WriteCost {
     pub computed: WriteUnits,
     pub reported_table: Option<f64>,
+    pub read_units: f64,
 }
 
 /// What a capacity query read, by DynamoDB's billing rules: an index `Query`
@@ -147,6 +149,7 @@ impl DynamoStore {
                         Projection::builder()
                             .projection_type(ProjectionType::Include)
                             .non_key_attributes(A_FREE_VRAM)
+                            .non_key_attributes(A_EXACT)
                             .non_key_attributes(A_POOL)
                             .build(),
                     )
@@ -172,6 +175,31 @@ impl DynamoStore {
         Ok(())
     }
 
+    /// The figure the agent's index entry holds now, if it can be read. An
+    /// eventually consistent read costs a tenth of a write, and it saves one
+    /// whenever the entry can stay as it is. A stale answer is harmless: the
+    /// entry is only kept when it is within the slack of the new figure.
+    async fn indexed_figure(&self, agent_id: &str) -> (Option<Item>, f64) {
+        let read = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(A_AGENT, AttributeValue::S(agent_id.to_owned()))
+            .projection_expression("#fv")
+            .expression_attribute_names("#fv", A_FREE_VRAM)
+            .send()
+            .await;
+        match read {
+            // Billed by the whole item (at most 4 KB), whatever is projected.
+            Ok(output) => (output.item().cloned(), units::read_units(1, false)),
+            Err(error) => {
+                // Only an optimisation: the write goes ahead with an exact figure.
+                tracing::debug!(agent_id, error = %DisplayErrorContext(&error), "index figure unread");
+                (None, 0.0)
+            }
+        }
+    }
+
     /// The conditional write, with what it cost. The old item comes back with
     /// the write (`ALL_OLD` costs nothing extra), so the units are computed
     /// from exactly the two versions DynamoDB billed.
@@ -179,7 +207,9 @@ impl DynamoStore {
         &self,
         agent: &StoredAgent,
     ) -> Result<(Upsert, WriteCost), StoreError> {
-        let item = encode(agent, self.shards)?;
+        let (stored, read_units) = self.indexed_figure(agent.agent_id()).await;
+        let vram = IndexedVram::choose(agent.heartbeat.gpu_free_max_mb(), stored.as_ref());
+        let item = encode_indexed(agent, self.shards, vram)?;
         let result = self
             .client
             .put_item()
@@ -207,6 +237,7 @@ impl DynamoStore {
                         .and_then(|c| c.table())
                         .and_then(|t| t.capacity_units())
                         .or_else(|| output.consumed_capacity().and_then(|c| c.capacity_units())),
+                    read_units,
                 };
                 Ok((Upsert::Written, cost))
             }
@@ -222,6 +253,7 @@ impl DynamoStore {
                         indexes: 0,
                     },
                     reported_table: None,
+                    read_units,
                 };
                 Ok((Upsert::Stale, cost))
             }

@@ -1,21 +1,22 @@
 //! Capacity queries: candidates from the index, exact answers from the table.
 //!
 //! The index orders agents by free-VRAM bucket, then agent id; within a
-//! bucket that is not answer order. But each entry also carries the exact
-//! free VRAM (`fv`), so once every shard has been read past a bucket, the
-//! entries of that bucket and all above it can be sorted exactly in memory:
-//! no agent still unread can come before them. Those candidates are then read
-//! from the table with `BatchGetItem`, in answer order, only as many as the
-//! page needs, and `CapacityQuery::matches` has the final word on each
-//! (status, cores, memory, labels, exact VRAM), as in every store.
+//! bucket that is not answer order. Each entry also says how much free VRAM
+//! the agent has, exactly or to within `FV_SLACK_MB`, so every entry bounds
+//! the earliest place in answer order its agent can take, and so does every
+//! bucket not read yet. Candidates are read from the table with
+//! `BatchGetItem` in the order of those bounds, only as many as the page
+//! needs, and an agent is answered once nothing unread or unfetched can come
+//! before it. `CapacityQuery::matches` has the final word on each (status,
+//! cores, memory, labels, exact VRAM), as in every store.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnConsumedCapacity};
 
 use super::item::{
-    A_AGENT, A_BUCKET, A_FREE_VRAM, A_POOL, A_SHARD, BUCKET_MAX, INDEX_NAME, Item, bucket_of,
-    bucket_prefix, decode, item_size,
+    A_AGENT, A_BUCKET, A_EXACT, A_FREE_VRAM, A_POOL, A_SHARD, BUCKET_MAX, BUCKET_MB, FV_SLACK_MB,
+    INDEX_NAME, IndexedVram, Item, bucket_of, bucket_prefix, decode, item_size,
 };
 use super::units::read_units;
 use super::{DynamoStore, ReadCost, build_error, unavailable};
@@ -24,17 +25,53 @@ use crate::record::StoredAgent;
 use crate::store::{Page, StoreError};
 
 /// Index entries per Query request after a shard's first one. Entries are
-/// about 60 bytes, so this stays well under a request's 1 MB.
+/// about 70 bytes, so this stays well under a request's 1 MB.
 const INDEX_BATCH: i32 = 1000;
 /// `BatchGetItem` takes at most 100 keys.
 const TABLE_BATCH: usize = 100;
 
-/// One index entry: where the agent stands in answer order, and its bucket.
+/// One index entry.
 #[derive(Debug, Clone)]
 struct Candidate {
-    position: Position,
+    agent_id: String,
     bucket: u64,
+    vram: IndexedVram,
     pool: Option<String>,
+}
+
+impl Candidate {
+    /// The earliest place in answer order this agent can really take.
+    fn earliest(&self) -> Position {
+        Position {
+            gpu_free_max_mb: self.vram.upper_mb(),
+            // Not exact: it may tie with anyone at the bound, so it goes first.
+            agent_id: if self.vram.exact {
+                self.agent_id.clone()
+            } else {
+                String::new()
+            },
+        }
+    }
+}
+
+/// An accepted agent, ordered so that a max-heap pops answer order.
+struct Answer(Position, StoredAgent);
+
+impl PartialEq for Answer {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for Answer {}
+impl PartialOrd for Answer {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Answer {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        answer_order(&other.0, &self.0)
+    }
 }
 
 /// The buckets a query reads, highest first.
@@ -44,18 +81,21 @@ struct BucketRange {
 }
 
 impl BucketRange {
-    /// `None` when no bucket can hold a match.
+    /// `None` when no bucket can hold a match. An entry may sit up to the
+    /// slack away from its agent's real figure, so the range is widened by it.
     fn new(query: &CapacityQuery, after: Option<&Position>) -> Option<Self> {
         let low = if query.required_gpus() > 0 {
             let min_free_mb = query.min_gpu_free_mb().ceil();
             if min_free_mb >= u64::MAX as f64 {
                 return None;
             }
-            bucket_of(min_free_mb as u64)
+            bucket_of((min_free_mb as u64).saturating_sub(FV_SLACK_MB))
         } else {
             0
         };
-        let high = after.map_or(BUCKET_MAX, |position| bucket_of(position.gpu_free_max_mb));
+        let high = after.map_or(BUCKET_MAX, |position| {
+            bucket_of(position.gpu_free_max_mb.saturating_add(FV_SLACK_MB))
+        });
         (low <= high).then_some(Self { high, low })
     }
 }
@@ -71,6 +111,27 @@ struct ShardReader {
     complete_from: u64,
 }
 
+impl ShardReader {
+    /// The earliest place an agent whose entry this shard has not returned
+    /// yet can take; `None` once the shard is read to the end.
+    fn unread_bound(&self) -> Option<Position> {
+        (!self.done).then(|| Position {
+            gpu_free_max_mb: (self.complete_from.saturating_mul(BUCKET_MB))
+                .saturating_sub(1)
+                .saturating_add(FV_SLACK_MB),
+            agent_id: String::new(),
+        })
+    }
+}
+
+/// Of two bounds, the one earlier in answer order.
+fn earlier(a: Option<Position>, b: Option<Position>) -> Option<Position> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if answer_order(&a, &b).is_le() { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
 impl DynamoStore {
     /// A capacity query, with what it read.
     pub async fn query_measured(
@@ -80,9 +141,9 @@ impl DynamoStore {
         now_ms: i64,
     ) -> Result<(Page, ReadCost), StoreError> {
         let mut cost = ReadCost::default();
-        let mut accepted: Vec<(Position, StoredAgent)> = Vec::new();
+        let mut answered: Vec<(Position, StoredAgent)> = Vec::new();
         let Some(range) = BucketRange::new(query, after) else {
-            return Ok((page(accepted, query.limit), cost));
+            return Ok((page(answered, query.limit), cost));
         };
         let mut readers: Vec<ShardReader> = (0..self.shards)
             .map(|shard| ShardReader {
@@ -93,52 +154,60 @@ impl DynamoStore {
                 complete_from: range.high + 1,
             })
             .collect();
-        let mut unsorted: Vec<Candidate> = Vec::new();
+        // Read from the index, not yet from the table; earliest bound last.
+        let mut pending: Vec<Candidate> = Vec::new();
+        let mut fetched: BinaryHeap<Answer> = BinaryHeap::new();
         let mut seen: HashSet<String> = HashSet::new();
         loop {
-            let complete_from = readers
+            let unread = readers
                 .iter()
-                .map(|reader| {
-                    if reader.done {
-                        range.low
-                    } else {
-                        reader.complete_from
-                    }
-                })
-                .max()
-                .unwrap_or(range.low);
-            // Entries at or above `complete_from` cannot be overtaken by one
-            // still unread, so they can be answered in exact order now.
-            let (mut ready, later): (Vec<Candidate>, Vec<Candidate>) = unsorted
-                .into_iter()
-                .partition(|candidate| candidate.bucket >= complete_from);
-            unsorted = later;
-            ready.sort_by(|a, b| answer_order(&a.position, &b.position));
-            let mut start = 0;
-            while start < ready.len() {
-                // Only as many as the page still needs: each costs a read.
-                let wanted = (query.limit + 1 - accepted.len()).min(TABLE_BATCH);
-                let end = (start + wanted).min(ready.len());
-                self.read_candidates(&ready[start..end], query, now_ms, &mut accepted, &mut cost)
-                    .await?;
-                start = end;
-                if accepted.len() > query.limit {
-                    return Ok((page(accepted, query.limit), cost));
-                }
-            }
-            if readers.iter().all(|reader| reader.done) {
-                return Ok((page(accepted, query.limit), cost));
-            }
-            let bottleneck = complete_from;
-            let entries = self
-                .read_index(&mut readers, bottleneck, query, &range, &mut cost)
-                .await?;
-            for candidate in entries {
-                if worth_reading(&candidate, query, after)
-                    && seen.insert(candidate.position.agent_id.clone())
+                .filter_map(ShardReader::unread_bound)
+                .fold(None, |earliest, bound| earlier(earliest, Some(bound)));
+            let next_pending = pending.last().map(Candidate::earliest);
+            let frontier = earlier(unread.clone(), next_pending.clone());
+            // Everything fetched that nothing else can overtake is answered.
+            while let Some(Answer(position, _)) = fetched.peek() {
+                if frontier
+                    .as_ref()
+                    .is_some_and(|bound| answer_order(position, bound).is_ge())
                 {
-                    unsorted.push(candidate);
+                    break;
                 }
+                let Some(Answer(position, agent)) = fetched.pop() else {
+                    break;
+                };
+                answered.push((position, agent));
+                if answered.len() > query.limit {
+                    return Ok((page(answered, query.limit), cost));
+                }
+            }
+            let Some(frontier) = frontier else {
+                return Ok((page(answered, query.limit), cost));
+            };
+            if next_pending.is_some_and(|next| next == frontier) {
+                // Only as many as the page still needs: each costs a read.
+                let wanted = (query.limit + 1)
+                    .saturating_sub(answered.len() + fetched.len())
+                    .clamp(1, TABLE_BATCH);
+                let batch: Vec<Candidate> = pending
+                    .drain(pending.len().saturating_sub(wanted)..)
+                    .rev()
+                    .collect();
+                self.read_candidates(&batch, query, after, now_ms, &mut fetched, &mut cost)
+                    .await?;
+            } else {
+                let bottleneck = unread.map(|bound| bound.gpu_free_max_mb);
+                for candidate in self
+                    .read_index(&mut readers, bottleneck, query, &range, &mut cost)
+                    .await?
+                {
+                    if worth_reading(&candidate, query, after)
+                        && seen.insert(candidate.agent_id.clone())
+                    {
+                        pending.push(candidate);
+                    }
+                }
+                pending.sort_by(|a, b| answer_order(&b.earliest(), &a.earliest()));
             }
         }
     }
@@ -147,14 +216,17 @@ impl DynamoStore {
     async fn read_index(
         &self,
         readers: &mut [ShardReader],
-        bottleneck: u64,
+        bottleneck: Option<u64>,
         query: &CapacityQuery,
         range: &BucketRange,
         cost: &mut ReadCost,
     ) -> Result<Vec<Candidate>, StoreError> {
         let mut requests = tokio::task::JoinSet::new();
         for (position, reader) in readers.iter_mut().enumerate() {
-            if reader.done || reader.complete_from != bottleneck {
+            let holds_back = reader
+                .unread_bound()
+                .is_some_and(|bound| Some(bound.gpu_free_max_mb) == bottleneck);
+            if !holds_back {
                 continue;
             }
             // A shard's first page may hold the whole answer; later ones are
@@ -171,11 +243,12 @@ impl DynamoStore {
                 .table_name(&self.table)
                 .index_name(INDEX_NAME)
                 .key_condition_expression("#shard = :shard AND #bucket BETWEEN :from AND :to")
-                .projection_expression("#agent, #bucket, #fv, #pool")
+                .projection_expression("#agent, #bucket, #fv, #fx, #pool")
                 .expression_attribute_names("#shard", A_SHARD)
                 .expression_attribute_names("#bucket", A_BUCKET)
                 .expression_attribute_names("#agent", A_AGENT)
                 .expression_attribute_names("#fv", A_FREE_VRAM)
+                .expression_attribute_names("#fx", A_EXACT)
                 .expression_attribute_names("#pool", A_POOL)
                 .expression_attribute_values(":shard", AttributeValue::S(reader.shard.to_string()))
                 .expression_attribute_values(":from", AttributeValue::S(bucket_prefix(range.high)))
@@ -218,21 +291,22 @@ impl DynamoStore {
         Ok(candidates)
     }
 
-    /// Reads `candidates` from the table and keeps, in their order, those
-    /// that match now.
+    /// Reads `candidates` from the table and keeps those that match now and
+    /// come after the cursor, by their real figures.
     async fn read_candidates(
         &self,
         candidates: &[Candidate],
         query: &CapacityQuery,
+        after: Option<&Position>,
         now_ms: i64,
-        accepted: &mut Vec<(Position, StoredAgent)>,
+        fetched: &mut BinaryHeap<Answer>,
         cost: &mut ReadCost,
     ) -> Result<(), StoreError> {
         let mut keys = KeysAndAttributes::builder();
         for candidate in candidates {
             keys = keys.keys(HashMap::from([(
                 A_AGENT.to_owned(),
-                AttributeValue::S(candidate.position.agent_id.clone()),
+                AttributeValue::S(candidate.agent_id.clone()),
             )]));
         }
         let mut pending = Some(HashMap::from([(
@@ -268,11 +342,11 @@ impl DynamoStore {
             }
             pending = output.unprocessed_keys().cloned();
         }
-        for candidate in candidates {
-            if let Some(agent) = found.remove(&candidate.position.agent_id)
-                && query.matches(&agent, now_ms)
-            {
-                accepted.push((candidate.position.clone(), agent));
+        for agent in found.into_values() {
+            let position = Position::of(&agent);
+            let after_cursor = after.is_none_or(|cursor| answer_order(cursor, &position).is_lt());
+            if after_cursor && query.matches(&agent, now_ms) {
+                fetched.push(Answer(position, agent));
             }
         }
         Ok(())
@@ -282,10 +356,20 @@ impl DynamoStore {
 /// What the index entry alone rules out, so that it costs no table read: a
 /// place at or before the cursor, too little free VRAM, another pool.
 fn worth_reading(candidate: &Candidate, query: &CapacityQuery, after: Option<&Position>) -> bool {
-    let after_cursor = after
-        .is_none_or(|cursor| answer_order(cursor, &candidate.position) == std::cmp::Ordering::Less);
-    let enough_vram = query.required_gpus() == 0
-        || candidate.position.gpu_free_max_mb as f64 >= query.min_gpu_free_mb();
+    let latest = Position {
+        gpu_free_max_mb: candidate.vram.lower_mb(),
+        agent_id: candidate.agent_id.clone(),
+    };
+    let after_cursor = after.is_none_or(|cursor| {
+        if candidate.vram.exact {
+            answer_order(cursor, &latest).is_lt()
+        } else {
+            // It may really sit anywhere down to its lower bound.
+            latest.gpu_free_max_mb <= cursor.gpu_free_max_mb
+        }
+    });
+    let enough_vram =
+        query.required_gpus() == 0 || candidate.vram.upper_mb() as f64 >= query.min_gpu_free_mb();
     let in_pool = query
         .pool
         .as_ref()
@@ -314,12 +398,16 @@ fn candidate(entry: &Item) -> Result<Candidate, StoreError> {
         .and_then(|value| value.as_n().ok())
         .and_then(|digits| digits.parse().ok())
         .ok_or_else(|| corrupt("no fv"))?;
+    // An entry without the flag was written exact.
+    let exact = entry
+        .get(A_EXACT)
+        .and_then(|value| value.as_bool().ok())
+        .copied()
+        .unwrap_or(true);
     Ok(Candidate {
+        agent_id: agent_id.clone(),
         bucket: bucket_of(free_mb),
-        position: Position {
-            gpu_free_max_mb: free_mb,
-            agent_id: agent_id.clone(),
-        },
+        vram: IndexedVram { free_mb, exact },
         pool: text(A_POOL).cloned(),
     })
 }

@@ -1,0 +1,598 @@
+//! rollcall-dynamo-sim: what DynamoDB bills for a fleet whose free VRAM moves
+//! the way real machines' does.
+//!
+//! `model` runs the churn model for a long simulated time in memory and
+//! applies the unit model (`rollcall::store::dynamodb::units`) to every
+//! heartbeat under each index design weighed in docs/dynamodb.md.
+//! `emulator` writes a fleet through the real store to a DynamoDB emulator,
+//! a few intervals of churn, then times capacity queries that match 5 %.
+//!
+//! The churn model, per agent:
+//! - GPUs: 45 % have 24 GB cards, 30 % 48 GB, 25 % 80 GB; 70 % have one GPU,
+//!   20 % two, 10 % four. An idle GPU's free memory is its total less a
+//!   per-machine driver reservation of 250–700 MiB, and it does not move:
+//!   nothing allocates on an idle headless GPU.
+//! - Jobs: a machine is busy about 35 % of the time. A job's length is
+//!   log-normal (median 2 h, σ 1.2): heavy-tailed, as in published GPU
+//!   cluster traces, most short and a few running for days. A job takes
+//!   30–95 % of each GPU's memory when it starts; PyTorch's caching allocator
+//!   then holds that footprint flat, so it moves (±200 MiB) in only 2 % of
+//!   intervals.
+//! - 5 % are desktops whose first GPU drives a display: its free memory
+//!   wanders by tens of MiB every interval.
+//!
+//! Loopback emulators only: the endpoint comes from AWS_ENDPOINT_URL.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use rollcall::capacity::CapacityQuery;
+use rollcall::heartbeat::Heartbeat;
+use rollcall::record::{Deadlines, StoredAgent};
+use rollcall::store::dynamodb::units::{
+    IndexShape, Projection, WriteUnits, read_units, write_units,
+};
+use rollcall::store::dynamodb::{
+    BUCKET_MB, CAPACITY_INDEX, DynamoStore, IndexedVram, Item, ReadCost, TABLE_KEY, encode,
+    encode_indexed, item_size, shard_of,
+};
+use serde_json::json;
+
+/// DynamoDB write and read units for a simulated fleet with realistic churn.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// The unit model over a long run, in memory, for every index design.
+    Model {
+        #[arg(long, default_value_t = 2000)]
+        agents: usize,
+        /// Simulated hours at a 30 s interval.
+        #[arg(long, default_value_t = 24.0)]
+        hours: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// The real store on an emulator at AWS_ENDPOINT_URL: writes, then queries.
+    Emulator {
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        /// Intervals of churn written after the first heartbeat of each agent.
+        #[arg(long, default_value_t = 2)]
+        intervals: u32,
+        /// Capacity queries timed per kind.
+        #[arg(long, default_value_t = 20)]
+        queries: usize,
+        #[arg(long, default_value_t = rollcall::store::DEFAULT_SHARDS)]
+        shards: u32,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+const INTERVAL_MS: u64 = 30_000;
+const STEPS_PER_HOUR: f64 = 120.0;
+
+struct Job {
+    steps_left: u64,
+    used_mb: Vec<u64>,
+}
+
+struct SimAgent {
+    id: String,
+    totals_mb: Vec<u64>,
+    reserved_mb: u64,
+    display: Option<u64>,
+    job: Option<Job>,
+}
+
+impl SimAgent {
+    fn free_mb(&self) -> Vec<u64> {
+        self.totals_mb
+            .iter()
+            .enumerate()
+            .map(|(gpu, total)| {
+                let used = self.job.as_ref().map_or(0, |job| job.used_mb[gpu]);
+                let display = if gpu == 0 {
+                    self.display.unwrap_or(0)
+                } else {
+                    0
+                };
+                total.saturating_sub(self.reserved_mb + used + display)
+            })
+            .collect()
+    }
+}
+
+struct Fleet {
+    agents: Vec<SimAgent>,
+    rng: fastrand::Rng,
+}
+
+/// Mean idle time that makes a machine busy 35 % of the time, given the job
+/// length's mean (log-normal: median × e^(σ²/2)).
+fn job_start_probability() -> f64 {
+    let mean_job_steps = 2.0 * STEPS_PER_HOUR * (1.2f64 * 1.2 / 2.0).exp();
+    let mean_idle_steps = mean_job_steps * 0.65 / 0.35;
+    1.0 / mean_idle_steps
+}
+
+impl Fleet {
+    fn new(count: usize, seed: u64) -> Self {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let agents = (0..count)
+            .map(|n| {
+                let total = match rng.f64() {
+                    x if x < 0.45 => 24_564,
+                    x if x < 0.75 => 49_140,
+                    _ => 81_559,
+                };
+                let gpus = match rng.f64() {
+                    x if x < 0.7 => 1,
+                    x if x < 0.9 => 2,
+                    _ => 4,
+                };
+                SimAgent {
+                    id: format!("sim-{n:07}"),
+                    totals_mb: vec![total; gpus],
+                    reserved_mb: rng.u64(250..=700),
+                    display: (rng.f64() < 0.05).then(|| rng.u64(300..1500)),
+                    job: None,
+                }
+            })
+            .collect();
+        let mut fleet = Self { agents, rng };
+        // Start in the steady state: about 35 % busy, mid-job.
+        for index in 0..fleet.agents.len() {
+            if fleet.rng.f64() < 0.35 {
+                let job = fleet.new_job(index);
+                fleet.agents[index].job = Some(job);
+            }
+        }
+        fleet
+    }
+
+    fn new_job(&mut self, index: usize) -> Job {
+        let normal = self.standard_normal();
+        let steps = (2.0 * STEPS_PER_HOUR * (1.2 * normal).exp()).max(1.0) as u64;
+        let used_mb = self.agents[index]
+            .totals_mb
+            .iter()
+            .map(|total| (*total as f64 * (0.30 + 0.65 * self.rng.f64())) as u64)
+            .collect();
+        Job {
+            steps_left: steps,
+            used_mb,
+        }
+    }
+
+    fn standard_normal(&mut self) -> f64 {
+        // Box–Muller: fastrand has no normal distribution.
+        let u = self.rng.f64().max(f64::MIN_POSITIVE);
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * self.rng.f64()).cos()
+    }
+
+    /// One interval passes for every agent.
+    fn step(&mut self) {
+        let start = job_start_probability();
+        for index in 0..self.agents.len() {
+            if let Some(level) = self.agents[index].display {
+                let drift = (self.standard_normal() * 40.0) as i64;
+                self.agents[index].display = Some((level as i64 + drift).clamp(150, 3000) as u64);
+            }
+            let agent = &mut self.agents[index];
+            match &mut agent.job {
+                Some(job) if job.steps_left <= 1 => agent.job = None,
+                Some(job) => {
+                    job.steps_left -= 1;
+                    if self.rng.f64() < 0.02 {
+                        for used in &mut job.used_mb {
+                            *used = used.saturating_add_signed(self.rng.i64(-200..=200));
+                        }
+                    }
+                }
+                None if self.rng.f64() < start => {
+                    let job = self.new_job(index);
+                    self.agents[index].job = Some(job);
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn heartbeat(&self, index: usize, sent_at_ms: u64) -> anyhow::Result<StoredAgent> {
+        let agent = &self.agents[index];
+        let gpus: Vec<_> = agent
+            .free_mb()
+            .iter()
+            .zip(&agent.totals_mb)
+            .enumerate()
+            .map(|(gpu, (free, total))| {
+                json!({"index": gpu, "vendor": "nvidia", "name": "NVIDIA RTX 6000 Ada Generation",
+                       "uuid": format!("GPU-5f1c2d3e-1234-5678-9abc-{index:08}{gpu:04}"),
+                       "memory_total_mb": total, "memory_free_mb": free,
+                       "utilization_percent": if agent.job.is_some() { 97.0 } else { 0.0 },
+                       "temperature_c": 41.0, "power_w": 31.5})
+            })
+            .collect();
+        let body = json!({
+            "v": 1, "agent_id": agent.id, "sent_at_ms": sent_at_ms, "interval_s": 30,
+            "pool": "render", "labels": {"site": "b2", "rack": format!("r{}", index % 40)},
+            "host": {"hostname": format!("{}.lab.example.org", agent.id), "os": "Linux (Ubuntu 24.04.1 LTS)", "uptime_s": 864_000},
+            "cpu": {"cores_physical": 16, "cores_logical": 32, "cores_available": 12 + index % 20,
+                    "load_1m": 1.5, "load_5m": 1.2, "load_15m": 0.8, "usage_percent": 23.5},
+            "memory": {"total_mb": 128_000, "available_mb": 64_000 + (sent_at_ms / 1000) % 4096},
+            "disk": {"path": "/", "total_gb": 931.51, "free_gb": 402.27},
+            "gpus": gpus,
+        });
+        let heartbeat = Heartbeat::parse(body.to_string().as_bytes())
+            .map_err(|e| anyhow::anyhow!("simulated heartbeat rejected: {e}"))?;
+        Ok(StoredAgent::accept(
+            heartbeat,
+            sent_at_ms as i64,
+            Deadlines::default(),
+        ))
+    }
+}
+
+/// How a design turns a heartbeat into the item it writes.
+#[derive(Clone, Copy)]
+enum Encoding {
+    /// The earlier layout: an exact rank as the index's sort key.
+    ExactRank,
+    /// Bucket and exact `fv`, rewritten whenever the figure moves.
+    ExactFigure,
+    /// Bucket and `fv` kept while within the slack (the store's own choice).
+    SlackFigure,
+}
+
+/// The index designs weighed in docs/dynamodb.md, as the unit model sees them.
+fn designs() -> Vec<(&'static str, IndexShape, Encoding)> {
+    let rank = |projection| IndexShape {
+        hash: "shard",
+        range: Some("rank"),
+        projection,
+    };
+    vec![
+        (
+            "exact rank, all attributes projected (before)",
+            rank(Projection::All),
+            Encoding::ExactRank,
+        ),
+        (
+            "exact rank, keys only",
+            rank(Projection::KeysOnly),
+            Encoding::ExactRank,
+        ),
+        (
+            "4 GiB bucket, keys only",
+            IndexShape {
+                hash: "shard",
+                range: Some("bucket"),
+                projection: Projection::KeysOnly,
+            },
+            Encoding::ExactFigure,
+        ),
+        (
+            "4 GiB bucket + exact fv, pool",
+            CAPACITY_INDEX,
+            Encoding::ExactFigure,
+        ),
+        (
+            "4 GiB bucket + fv within 256 MiB, fx, pool (chosen)",
+            CAPACITY_INDEX,
+            Encoding::SlackFigure,
+        ),
+    ]
+}
+
+fn encode_as(
+    encoding: Encoding,
+    stored: &StoredAgent,
+    previous: Option<&Item>,
+) -> anyhow::Result<Item> {
+    let free_mb = stored.heartbeat.gpu_free_max_mb();
+    let shards = rollcall::store::DEFAULT_SHARDS;
+    Ok(match encoding {
+        Encoding::ExactRank => with_exact_rank(
+            &encode(stored, shards)?,
+            free_mb,
+            &stored.heartbeat.agent_id,
+        ),
+        Encoding::ExactFigure => encode(stored, shards)?,
+        Encoding::SlackFigure => {
+            encode_indexed(stored, shards, IndexedVram::choose(free_mb, previous))?
+        }
+    })
+}
+
+/// The item the earlier design wrote: an exact rank instead of bucket and fv.
+fn with_exact_rank(item: &Item, free_mb: u64, agent_id: &str) -> Item {
+    let mut item = item.clone();
+    item.remove("bucket");
+    item.remove("fv");
+    item.insert(
+        "rank".into(),
+        aws_sdk_dynamodb::types::AttributeValue::S(format!(
+            "{:010}#{agent_id}",
+            9_999_999_999 - free_mb
+        )),
+    );
+    item
+}
+
+fn run_model(agents: usize, hours: f64, seed: u64) -> anyhow::Result<()> {
+    let mut fleet = Fleet::new(agents, seed);
+    let steps = (hours * STEPS_PER_HOUR) as u64;
+    let designs = designs();
+    let mut totals = vec![WriteUnits::default(); designs.len()];
+    let mut busiest_index_step = vec![0u64; designs.len()];
+    let mut previous: Vec<Vec<Option<Item>>> = vec![vec![None; agents]; designs.len()];
+    let mut last_free: Vec<Option<u64>> = vec![None; agents];
+    let (mut moved, mut crossed, mut heartbeats) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    for step in 0..=steps {
+        if step > 0 {
+            fleet.step();
+        }
+        let mut step_index_units = vec![0u64; designs.len()];
+        for index in 0..agents {
+            let stored = fleet.heartbeat(index, 1_764_000_000_000 + step * INTERVAL_MS)?;
+            let free_mb = stored.heartbeat.gpu_free_max_mb();
+            // Only steady-state heartbeats count: each agent's first is a one-off.
+            if let Some(old_free) = last_free[index] {
+                heartbeats += 1;
+                moved += u64::from(old_free != free_mb);
+                crossed += u64::from(old_free / BUCKET_MB != free_mb / BUCKET_MB);
+            }
+            last_free[index] = Some(free_mb);
+            for (design, (_, shape, encoding)) in designs.iter().enumerate() {
+                let old = previous[design][index].take();
+                let new = encode_as(*encoding, &stored, old.as_ref())?;
+                if let Some(old) = &old {
+                    let units =
+                        write_units(TABLE_KEY, Some(old), &new, std::slice::from_ref(shape));
+                    totals[design].table += units.table;
+                    totals[design].indexes += units.indexes;
+                    step_index_units[design] += units.indexes;
+                }
+                previous[design][index] = Some(new);
+            }
+        }
+        for (design, units) in step_index_units.into_iter().enumerate() {
+            busiest_index_step[design] = busiest_index_step[design].max(units);
+        }
+    }
+    println!(
+        "churn model: {agents} agents, {hours} h at 30 s ({heartbeats} steady-state heartbeats, seed {seed}, {:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "largest free VRAM moved in {:.2} % of heartbeats; crossed a {} GiB bucket in {:.3} %",
+        100.0 * moved as f64 / heartbeats as f64,
+        BUCKET_MB / 1024,
+        100.0 * crossed as f64 / heartbeats as f64
+    );
+    println!();
+    println!(
+        "| index design | table units | index units | write units per heartbeat | busiest interval, index units per heartbeat |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    for (design, (name, _, _)) in designs.iter().enumerate() {
+        let per = |units: u64| units as f64 / heartbeats as f64;
+        println!(
+            "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |",
+            per(totals[design].table),
+            per(totals[design].indexes),
+            per(totals[design].total()),
+            busiest_index_step[design] as f64 / agents as f64
+        );
+    }
+    println!(
+        "\n(the chosen design also reads the item before writing it: 0.5 read units, priced like a tenth of a write unit)"
+    );
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn run_emulator(
+    agents: usize,
+    intervals: u32,
+    queries: usize,
+    shards: u32,
+    concurrency: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL")
+        .context("set AWS_ENDPOINT_URL to the emulator, e.g. http://127.0.0.1:4566")?;
+    let host = endpoint
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split([':', '/']).next())
+        .unwrap_or_default();
+    if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+        bail!(
+            "{endpoint} is not a loopback address: this simulator only talks to a local emulator"
+        );
+    }
+    let client = DynamoStore::client_from_env().await;
+    let table = format!("rollcall-sim-{}-{}", std::process::id(), seed);
+    let store = Arc::new(DynamoStore::new(client, table.clone(), shards));
+    store.create_table().await?;
+    let mut fleet = Fleet::new(agents, seed);
+    let start_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64
+        - u64::from(intervals) * INTERVAL_MS;
+    let mut computed = WriteUnits::default();
+    let mut steady = 0u64;
+    let mut disagreements = 0u64;
+    let mut read_units_total = 0.0;
+    let started = Instant::now();
+    for interval in 0..=intervals {
+        if interval > 0 {
+            fleet.step();
+        }
+        let sent_ms = start_ms + u64::from(interval) * INTERVAL_MS;
+        let heartbeats: Vec<StoredAgent> = (0..agents)
+            .map(|index| fleet.heartbeat(index, sent_ms))
+            .collect::<anyhow::Result<_>>()?;
+        let heartbeats = Arc::new(heartbeats);
+        let mut workers = tokio::task::JoinSet::new();
+        for worker in 0..concurrency {
+            let (store, heartbeats) = (Arc::clone(&store), Arc::clone(&heartbeats));
+            workers.spawn(async move {
+                let mut units = WriteUnits::default();
+                let mut read_units = 0.0;
+                let mut disagreements = 0u64;
+                for agent in heartbeats.iter().skip(worker).step_by(concurrency) {
+                    let (_, cost) = store.upsert_measured(agent).await?;
+                    units.table += cost.computed.table;
+                    units.indexes += cost.computed.indexes;
+                    read_units += cost.read_units;
+                    disagreements += u64::from(
+                        cost.reported_table
+                            .is_some_and(|reported| reported != cost.computed.table as f64),
+                    );
+                }
+                anyhow::Ok((units, read_units, disagreements))
+            });
+        }
+        while let Some(done) = workers.join_next().await {
+            let (units, reads, disagree) = done??;
+            if interval > 0 {
+                computed.table += units.table;
+                computed.indexes += units.indexes;
+                read_units_total += reads;
+                disagreements += disagree;
+            }
+        }
+        if interval > 0 {
+            steady += agents as u64;
+        }
+        eprintln!(
+            "interval {interval}: {agents} heartbeats written ({:.0} s so far)",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let per = |units: u64| units as f64 / steady.max(1) as f64;
+    println!(
+        "{agents} agents on the emulator, {shards} shards: {steady} steady-state heartbeats written through the store: {:.4} table + {:.4} index = {:.4} write units per heartbeat (computed from each write's old item), and {:.2} read units; the emulator's table figure disagreed with the model {disagreements} times",
+        per(computed.table),
+        per(computed.indexes),
+        per(computed.total()),
+        read_units_total / steady.max(1) as f64
+    );
+
+    // 5 % of the fleet have at least this much free on one GPU.
+    let mut free: Vec<u64> = (0..agents)
+        .map(|index| fleet.agents[index].free_mb().into_iter().max().unwrap_or(0))
+        .collect();
+    free.sort_unstable_by(|a, b| b.cmp(a));
+    let bound_mb = free[(agents / 20).max(1) - 1];
+    let matching = free.iter().filter(|mb| **mb >= bound_mb).count();
+    let bound_gb = (bound_mb as f64 / 1024.0 * 1e6).floor() / 1e6;
+    let now_ms = (start_ms + u64::from(intervals) * INTERVAL_MS) as i64 + 1000;
+    let last_sizes: HashMap<String, usize> = (0..agents)
+        .map(|index| {
+            let stored = fleet.heartbeat(index, now_ms as u64)?;
+            let free_mb = stored.heartbeat.gpu_free_max_mb();
+            let item = encode(&stored, shards)?;
+            Ok((
+                stored.heartbeat.agent_id.clone(),
+                item_size(&with_exact_rank(&item, free_mb, &stored.heartbeat.agent_id)),
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for (label, text, bound) in [
+        (
+            format!("5 % match ({matching} agents with ≥ {bound_gb} GiB free)"),
+            format!("min_gpu_vram_gb={bound_gb}&limit=100"),
+            Some(bound_mb),
+        ),
+        ("no filter".to_owned(), "limit=100".to_owned(), None),
+    ] {
+        let query = CapacityQuery::from_query_string(&text)
+            .map_err(|e| anyhow::anyhow!("query {text}: {e:?}"))?;
+        let mut latencies = Vec::new();
+        let mut cost = ReadCost::default();
+        let mut answers = 0;
+        for _ in 0..queries {
+            let started = Instant::now();
+            let (page, page_cost) = store.query_measured(&query, None, now_ms).await?;
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+            cost = page_cost;
+            answers = page.agents.len();
+        }
+        latencies.sort_by(f64::total_cmp);
+        let before = earlier_design_page_units(&fleet, &last_sizes, bound, 100);
+        println!(
+            "{agents} agents, {label}, first page of 100: {answers} answers; {} index entries and {} items read in {} requests = {:.1} read units (the earlier exact-rank index, 4 shards: {before:.1}); p50 {:.1} ms, p99 {:.1} ms on the emulator",
+            cost.index_entries,
+            cost.items_read,
+            cost.requests,
+            cost.units,
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+        );
+    }
+    Ok(())
+}
+
+/// What the earlier design read for the same first page: per shard (it had
+/// 4), one Query of up to limit + 1 items from the top of the VRAM range,
+/// billed by their summed size.
+fn earlier_design_page_units(
+    fleet: &Fleet,
+    sizes: &HashMap<String, usize>,
+    bound_mb: Option<u64>,
+    limit: usize,
+) -> f64 {
+    let mut shards: Vec<Vec<(u64, &str)>> = vec![Vec::new(); 4];
+    for agent in &fleet.agents {
+        let free = agent.free_mb().into_iter().max().unwrap_or(0);
+        if bound_mb.is_none_or(|bound| free >= bound) {
+            shards[shard_of(&agent.id, 4) as usize].push((free, &agent.id));
+        }
+    }
+    shards
+        .iter_mut()
+        .map(|shard| {
+            shard.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+            let bytes: usize = shard.iter().take(limit + 1).map(|(_, id)| sizes[*id]).sum();
+            read_units(bytes, false)
+        })
+        .sum()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().mode {
+        Mode::Model {
+            agents,
+            hours,
+            seed,
+        } => run_model(agents, hours, seed),
+        Mode::Emulator {
+            agents,
+            intervals,
+            queries,
+            shards,
+            concurrency,
+            seed,
+        } => run_emulator(agents, intervals, queries, shards, concurrency, seed).await,
+    }
+}

@@ -9,7 +9,7 @@ use rollcall::heartbeat::Heartbeat;
 use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::store::Store;
 use rollcall::store::dynamodb::{
-    BUCKET_MB, FV_SLACK_MB, INDEX_NAME, ReadCost, TTL_ATTRIBUTE, encode, item_size,
+    FV_SLACK_MB, INDEX_NAME, ReadCost, TTL_ATTRIBUTE, encode, item_size,
 };
 use rollcall_tests::{
     Stack, dynamodb_client, dynamodb_store, emulator_env, heartbeat, now_ms, request, unique_table,
@@ -111,15 +111,15 @@ async fn a_steady_heartbeat_costs_one_write_unit_through_the_store() {
         let heartbeat = Heartbeat::parse(body.to_string().as_bytes()).unwrap();
         StoredAgent::accept(heartbeat, (start + offset_ms) as i64, Deadlines::default())
     };
-    let base = 18 * BUCKET_MB + 5;
+    let base = 73_000;
     let mut totals = Vec::new();
     for (offset_ms, free_mb) in [
         (0, base),                           // first: the table and a new index entry
         (30_000, base),                      // steady: the table alone
-        (60_000, base + 100),                // wandered: the entry keeps its figure, marked inexact
-        (90_000, base + 180),                // wandered within the slack: the table alone
-        (120_000, base + FV_SLACK_MB + 600), // moved past the slack: the entry's figure is rewritten
-        (150_000, 3 * BUCKET_MB),            // a job started: the entry moves to another bucket
+        (60_000, base + 100), // wandered: the entry keeps its figure, re-ranked as inexact
+        (90_000, base + 180), // wandered within the slack: the table alone
+        (120_000, base + FV_SLACK_MB + 600), // past the slack: re-ranked at the exact figure
+        (150_000, 12_000),    // a job started: re-ranked
     ] {
         let (_, cost) = store
             .upsert_measured(&write(offset_ms, free_mb))
@@ -130,22 +130,21 @@ async fn a_steady_heartbeat_costs_one_write_unit_through_the_store() {
         }
         totals.push(cost.computed.total());
     }
-    assert_eq!(totals, [2, 1, 2, 1, 2, 3]);
+    assert_eq!(totals, [2, 1, 3, 1, 3, 3]);
 }
 
-/// Within a bucket the index is in agent-id order, not answer order; every
-/// page must still come out exactly in answer order and resume where the
-/// last one stopped, across buckets and shards.
+/// Entries whose figure wandered are ranked by the most their agent can
+/// have, not by what it has; every page must still come out exactly in
+/// answer order and resume where the last one stopped, across shards.
 #[tokio::test]
 #[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
-async fn pages_are_in_exact_order_inside_crowded_buckets_and_across_them() {
+async fn pages_are_in_exact_order_when_entries_have_wandered() {
     let store = dynamodb_store(3).await;
     let now = now_ms();
     let mut expected = Vec::new();
     for i in 0..40u64 {
-        // Free VRAM rises as the id rises, the reverse of the index's order
-        // within a bucket; some share a value, some cross into other buckets.
-        let first_mb = 2 * BUCKET_MB + (i / 2) * 150;
+        // Free VRAM rises as the id rises, and pairs share a value.
+        let first_mb = 8192 + (i / 2) * 150;
         // A third then wander within the slack, so that their entries keep
         // a figure that is no longer exact, and may overtake a neighbour.
         let free_mb = if i % 3 == 0 {

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use aws_sdk_dynamodb::types::AttributeValue;
 use clap::{Parser, Subcommand};
 use rollcall::capacity::CapacityQuery;
 use rollcall::heartbeat::Heartbeat;
@@ -36,8 +37,8 @@ use rollcall::store::dynamodb::units::{
     IndexShape, Projection, WriteUnits, read_units, write_units,
 };
 use rollcall::store::dynamodb::{
-    BUCKET_MB, CAPACITY_INDEX, DynamoStore, IndexedVram, Item, ReadCost, TABLE_KEY, encode,
-    encode_indexed, item_size, shard_of,
+    CAPACITY_INDEX, DynamoStore, IndexedVram, Item, ReadCost, TABLE_KEY, encode, encode_indexed,
+    item_size, shard_of,
 };
 use serde_json::json;
 
@@ -248,50 +249,49 @@ impl Fleet {
 /// How a design turns a heartbeat into the item it writes.
 #[derive(Clone, Copy)]
 enum Encoding {
-    /// The earlier layout: an exact rank as the index's sort key.
+    /// Ranked by the exact figure, rewritten whenever it moves.
     ExactRank,
-    /// Bucket and exact `fv`, rewritten whenever the figure moves.
-    ExactFigure,
-    /// Bucket and `fv` kept while within the slack (the store's own choice).
-    SlackFigure,
+    /// A coarse bucket as the sort key, with the exact figure beside it.
+    Bucket,
+    /// Ranked by a figure kept while within the slack (the store's own).
+    SlackRank,
 }
+
+/// Width of the buckets the bucket designs were weighed with.
+const BUCKET_MB: u64 = 4096;
 
 /// The index designs weighed in docs/dynamodb.md, as the unit model sees them.
 fn designs() -> Vec<(&'static str, IndexShape, Encoding)> {
-    let rank = |projection| IndexShape {
+    let shape = |range, projection| IndexShape {
         hash: "shard",
-        range: Some("rank"),
+        range: Some(range),
         projection,
     };
     vec![
         (
             "exact rank, all attributes projected (before)",
-            rank(Projection::All),
+            shape("rank", Projection::All),
             Encoding::ExactRank,
         ),
         (
             "exact rank, keys only",
-            rank(Projection::KeysOnly),
+            shape("rank", Projection::KeysOnly),
             Encoding::ExactRank,
         ),
         (
             "4 GiB bucket, keys only",
-            IndexShape {
-                hash: "shard",
-                range: Some("bucket"),
-                projection: Projection::KeysOnly,
-            },
-            Encoding::ExactFigure,
+            shape("bucket", Projection::KeysOnly),
+            Encoding::Bucket,
         ),
         (
-            "4 GiB bucket + exact fv, pool",
-            CAPACITY_INDEX,
-            Encoding::ExactFigure,
+            "4 GiB bucket + exact figure",
+            shape("bucket", Projection::Include(&["fv", "pool"])),
+            Encoding::Bucket,
         ),
         (
-            "4 GiB bucket + fv within 256 MiB, fx, pool (chosen)",
+            "rank of a figure kept within 256 MiB (chosen)",
             CAPACITY_INDEX,
-            Encoding::SlackFigure,
+            Encoding::SlackRank,
         ),
     ]
 }
@@ -304,31 +304,24 @@ fn encode_as(
     let free_mb = stored.heartbeat.gpu_free_max_mb();
     let shards = rollcall::store::DEFAULT_SHARDS;
     Ok(match encoding {
-        Encoding::ExactRank => with_exact_rank(
-            &encode(stored, shards)?,
-            free_mb,
-            &stored.heartbeat.agent_id,
-        ),
-        Encoding::ExactFigure => encode(stored, shards)?,
-        Encoding::SlackFigure => {
+        Encoding::ExactRank => encode(stored, shards)?,
+        Encoding::Bucket => {
+            let mut item = encode(stored, shards)?;
+            item.remove("rank");
+            item.insert(
+                "bucket".into(),
+                AttributeValue::S(format!(
+                    "{:06}#{}",
+                    999_999 - free_mb / BUCKET_MB,
+                    stored.heartbeat.agent_id
+                )),
+            );
+            item
+        }
+        Encoding::SlackRank => {
             encode_indexed(stored, shards, IndexedVram::choose(free_mb, previous))?
         }
     })
-}
-
-/// The item the earlier design wrote: an exact rank instead of bucket and fv.
-fn with_exact_rank(item: &Item, free_mb: u64, agent_id: &str) -> Item {
-    let mut item = item.clone();
-    item.remove("bucket");
-    item.remove("fv");
-    item.insert(
-        "rank".into(),
-        aws_sdk_dynamodb::types::AttributeValue::S(format!(
-            "{:010}#{agent_id}",
-            9_999_999_999 - free_mb
-        )),
-    );
-    item
 }
 
 fn run_model(agents: usize, hours: f64, seed: u64) -> anyhow::Result<()> {
@@ -509,12 +502,8 @@ async fn run_emulator(
     let last_sizes: HashMap<String, usize> = (0..agents)
         .map(|index| {
             let stored = fleet.heartbeat(index, now_ms as u64)?;
-            let free_mb = stored.heartbeat.gpu_free_max_mb();
             let item = encode(&stored, shards)?;
-            Ok((
-                stored.heartbeat.agent_id.clone(),
-                item_size(&with_exact_rank(&item, free_mb, &stored.heartbeat.agent_id)),
-            ))
+            Ok((stored.heartbeat.agent_id.clone(), item_size(&item)))
         })
         .collect::<anyhow::Result<_>>()?;
     for (label, text, bound) in [

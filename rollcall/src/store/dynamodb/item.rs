@@ -1,14 +1,16 @@
 //! How an agent becomes one DynamoDB item, and what the capacity index holds.
 //!
-//! The index `by_vram_bucket` is keyed by `shard` (hash) and `bucket`
-//! (range: a coarse free-VRAM bucket, then the agent id) and projects three
-//! attributes that rarely change: `fv`, the agent's largest free VRAM on one
-//! GPU as of the entry, `fx`, whether that figure is still exact, and `pool`.
-//! Every other attribute changes on every heartbeat and stays out of the
-//! index, so a heartbeat writes the index only when the entry's figure moves.
-//! An idle or steadily training GPU never moves it; a desktop whose display
-//! makes its free VRAM wander moves it only when it has wandered more than
-//! `FV_SLACK_MB` from the entry (docs/dynamodb.md).
+//! The index `by_vram_rank` is keyed by `shard` (hash) and `rank` (range:
+//! the most free VRAM on one GPU the agent can have, inverted so that
+//! ascending is answer order, then the agent id). It projects only what
+//! rarely changes: `fx`, whether that figure is exact, and `pool`. Every other
+//! attribute changes on every heartbeat and stays out of the index.
+//!
+//! The figure behind the rank is kept while the agent's real figure stays
+//! within `FV_SLACK_MB` of it, so the entry is rewritten only when a job
+//! starts or ends, or a display's allocations have wandered far: an idle or
+//! steadily training GPU's heartbeat costs one write unit in all, and a
+//! wandering desktop's nearly so (docs/dynamodb.md).
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -22,7 +24,7 @@ use crate::store::StoreError;
 
 pub type Item = HashMap<String, AttributeValue>;
 
-pub const INDEX_NAME: &str = "by_vram_bucket";
+pub const INDEX_NAME: &str = "by_vram_rank";
 pub const TTL_ATTRIBUTE: &str = "expires_at";
 
 pub(super) const A_AGENT: &str = "agent_id";
@@ -32,7 +34,7 @@ pub(super) const A_POOL: &str = "pool";
 const A_CORES: &str = "cores";
 const A_MEMORY: &str = "mem";
 pub(super) const A_SHARD: &str = "shard";
-pub(super) const A_BUCKET: &str = "bucket";
+pub(super) const A_RANK: &str = "rank";
 pub(super) const A_FREE_VRAM: &str = "fv";
 pub(super) const A_EXACT: &str = "fx";
 const A_RECORD: &str = "rec";
@@ -41,19 +43,10 @@ const A_RECORD: &str = "rec";
 /// `infra/template.yaml` declare the same shape.
 pub const CAPACITY_INDEX: IndexShape = IndexShape {
     hash: A_SHARD,
-    range: Some(A_BUCKET),
-    projection: Projection::Include(&[A_FREE_VRAM, A_EXACT, A_POOL]),
+    range: Some(A_RANK),
+    projection: Projection::Include(&[A_EXACT, A_POOL]),
 };
 pub const TABLE_KEY: &[&str] = &[A_AGENT];
-
-/// Width of a free-VRAM bucket. Wide enough that a desktop's display and a
-/// training job's allocator rarely carry `fv` across a boundary (which costs
-/// a delete and a put in the index), narrow enough that a page reads few
-/// index entries below its last answer.
-pub const BUCKET_MB: u64 = 4096;
-/// Buckets are written inverted, so that ascending `bucket` is descending
-/// free VRAM: the order answers are in.
-pub const BUCKET_MAX: u64 = 999_999;
 
 /// How far an agent's real largest free VRAM may wander from the figure its
 /// index entry holds before the entry is rewritten. A display's allocations
@@ -94,7 +87,7 @@ impl IndexedVram {
         }
     }
 
-    /// The most free VRAM the agent can really have.
+    /// The most free VRAM the agent can really have: what the rank orders by.
     pub fn upper_mb(&self) -> u64 {
         if self.exact {
             self.free_mb
@@ -113,17 +106,30 @@ impl IndexedVram {
     }
 }
 
-pub fn bucket_of(free_mb: u64) -> u64 {
-    (free_mb / BUCKET_MB).min(BUCKET_MAX)
+/// Ranks are written as `RANK_MAX − figure`, so that ascending is answer order.
+const RANK_MAX: u64 = 9_999_999_999;
+
+/// The rank prefix of every entry whose upper figure is `upper_mb`; it sorts
+/// just before all of them.
+pub fn rank_prefix(upper_mb: u64) -> String {
+    format!("{:010}#", RANK_MAX - upper_mb.min(RANK_MAX))
 }
 
-/// The bucket part of the index sort key; every key in `bucket` starts with it.
-pub fn bucket_prefix(bucket: u64) -> String {
-    format!("{:06}#", BUCKET_MAX - bucket.min(BUCKET_MAX))
+/// A rank bound that sorts just after every entry whose upper figure is `upper_mb`.
+pub fn rank_prefix_end(upper_mb: u64) -> String {
+    // '$' sorts just after '#'.
+    format!("{:010}$", RANK_MAX - upper_mb.min(RANK_MAX))
 }
 
-pub fn bucket_key(free_mb: u64, agent_id: &str) -> String {
-    format!("{}{agent_id}", bucket_prefix(bucket_of(free_mb)))
+pub fn rank_key(vram: IndexedVram, agent_id: &str) -> String {
+    format!("{}{agent_id}", rank_prefix(vram.upper_mb()))
+}
+
+/// The upper figure and agent id a rank holds.
+pub(super) fn parse_rank(rank: &str) -> Option<(u64, &str)> {
+    let (inverted, agent_id) = rank.split_once('#')?;
+    let inverted: u64 = inverted.parse().ok()?;
+    Some((RANK_MAX.checked_sub(inverted)?, agent_id))
 }
 
 /// FNV-1a: stable across builds and languages, unlike std's hasher.
@@ -173,8 +179,8 @@ pub fn encode_indexed(
             AttributeValue::S(shard_of(&heartbeat.agent_id, shards).to_string()),
         ),
         (
-            A_BUCKET.into(),
-            AttributeValue::S(bucket_key(indexed.free_mb, &heartbeat.agent_id)),
+            A_RANK.into(),
+            AttributeValue::S(rank_key(indexed, &heartbeat.agent_id)),
         ),
         (A_FREE_VRAM.into(), number(indexed.free_mb)),
         (A_EXACT.into(), AttributeValue::Bool(indexed.exact)),
@@ -231,27 +237,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bucket_keys_sort_as_answers_do_across_buckets() {
-        let mut keys = [
-            bucket_key(100, "b"),
-            bucket_key(20_000, "z"),
-            bucket_key(100, "a"),
-            bucket_key(81_000, "c"),
+    fn ranks_sort_as_answers_do() {
+        let rank = |free_mb, id| rank_key(IndexedVram::exact(free_mb), id);
+        let mut ranks = [
+            rank(100, "b"),
+            rank(20_000, "z"),
+            rank(100, "a"),
+            rank(0, "c"),
         ];
-        keys.sort();
+        ranks.sort();
         assert_eq!(
-            keys,
+            ranks,
             [
-                bucket_key(81_000, "c"),
-                bucket_key(20_000, "z"),
-                bucket_key(100, "a"),
-                bucket_key(100, "b"),
+                rank(20_000, "z"),
+                rank(100, "a"),
+                rank(100, "b"),
+                rank(0, "c")
             ]
         );
-        assert!(bucket_key(100, "a").starts_with(&bucket_prefix(0)));
-        assert_eq!(bucket_of(BUCKET_MB - 1), 0);
-        assert_eq!(bucket_of(BUCKET_MB), 1);
-        assert_eq!(bucket_of(u64::MAX), BUCKET_MAX);
+        let wandered = IndexedVram {
+            free_mb: 9000,
+            exact: false,
+        };
+        assert_eq!(
+            parse_rank(&rank_key(wandered, "lab-07")),
+            Some((9000 + FV_SLACK_MB, "lab-07"))
+        );
+        assert!(rank_prefix(100) < rank(100, "a") && rank(100, "a") < rank_prefix_end(100));
+        assert_eq!(parse_rank("garbage"), None);
     }
 
     #[test]

@@ -30,10 +30,10 @@ use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
 
 pub use history::{encode_history, history_key};
-use item::{A_AGENT, A_BUCKET, A_EXACT, A_FREE_VRAM, A_POOL, A_SENT, A_SHARD, decode, number};
+use item::{A_AGENT, A_EXACT, A_FREE_VRAM, A_POOL, A_RANK, A_SENT, A_SHARD, decode, number};
 pub use item::{
-    BUCKET_MB, CAPACITY_INDEX, FV_SLACK_MB, INDEX_NAME, IndexedVram, Item, TABLE_KEY,
-    TTL_ATTRIBUTE, bucket_key, encode, encode_indexed, item_size, shard_of,
+    CAPACITY_INDEX, FV_SLACK_MB, INDEX_NAME, IndexedVram, Item, TABLE_KEY, TTL_ATTRIBUTE, encode,
+    encode_indexed, item_size, rank_key, shard_of,
 };
 use units::{WriteUnits, read_units, write_units};
 
@@ -138,17 +138,16 @@ impl DynamoStore {
             .billing_mode(BillingMode::PayPerRequest)
             .attribute_definitions(attribute(A_AGENT)?)
             .attribute_definitions(attribute(A_SHARD)?)
-            .attribute_definitions(attribute(A_BUCKET)?)
+            .attribute_definitions(attribute(A_RANK)?)
             .key_schema(key(A_AGENT, KeyType::Hash)?)
             .global_secondary_indexes(
                 GlobalSecondaryIndex::builder()
                     .index_name(INDEX_NAME)
                     .key_schema(key(A_SHARD, KeyType::Hash)?)
-                    .key_schema(key(A_BUCKET, KeyType::Range)?)
+                    .key_schema(key(A_RANK, KeyType::Range)?)
                     .projection(
                         Projection::builder()
                             .projection_type(ProjectionType::Include)
-                            .non_key_attributes(A_FREE_VRAM)
                             .non_key_attributes(A_EXACT)
                             .non_key_attributes(A_POOL)
                             .build(),

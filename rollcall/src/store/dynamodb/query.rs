@@ -1,22 +1,22 @@
 //! Capacity queries: candidates from the index, exact answers from the table.
 //!
-//! The index orders agents by free-VRAM bucket, then agent id; within a
-//! bucket that is not answer order. Each entry also says how much free VRAM
-//! the agent has, exactly or to within `FV_SLACK_MB`, so every entry bounds
-//! the earliest place in answer order its agent can take, and so does every
-//! bucket not read yet. Candidates are read from the table with
-//! `BatchGetItem` in the order of those bounds, only as many as the page
-//! needs, and an agent is answered once nothing unread or unfetched can come
-//! before it. `CapacityQuery::matches` has the final word on each (status,
-//! cores, memory, labels, exact VRAM), as in every store.
+//! The index orders agents by the most free VRAM each can have (its rank),
+//! then agent id: exactly answer order for an agent whose figure is exact,
+//! and an upper bound for one whose figure has wandered within the slack.
+//! So no agent can come before the entry a shard has read last, and none
+//! before its own entry. Candidates are read from the table with
+//! `BatchGetItem` in index order, only as many as the page needs, and an
+//! agent is answered once nothing unread or unfetched can come before it.
+//! `CapacityQuery::matches` has the final word on each (status, cores,
+//! memory, labels, exact VRAM), as in every store.
 
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnConsumedCapacity};
 
 use super::item::{
-    A_AGENT, A_BUCKET, A_EXACT, A_FREE_VRAM, A_POOL, A_SHARD, BUCKET_MAX, BUCKET_MB, FV_SLACK_MB,
-    INDEX_NAME, IndexedVram, Item, bucket_of, bucket_prefix, decode, item_size,
+    A_AGENT, A_EXACT, A_POOL, A_RANK, A_SHARD, FV_SLACK_MB, INDEX_NAME, Item, decode, item_size,
+    parse_rank, rank_prefix, rank_prefix_end,
 };
 use super::units::read_units;
 use super::{DynamoStore, ReadCost, build_error, unavailable};
@@ -24,8 +24,8 @@ use crate::capacity::{CapacityQuery, Position, answer_order};
 use crate::record::StoredAgent;
 use crate::store::{Page, StoreError};
 
-/// Index entries per Query request after a shard's first one. Entries are
-/// about 70 bytes, so this stays well under a request's 1 MB.
+/// The most index entries one Query request asks for. Entries are about 60
+/// bytes, so this stays well under a request's 1 MB.
 const INDEX_BATCH: i32 = 1000;
 /// `BatchGetItem` takes at most 100 keys.
 const TABLE_BATCH: usize = 100;
@@ -33,23 +33,23 @@ const TABLE_BATCH: usize = 100;
 /// One index entry.
 #[derive(Debug, Clone)]
 struct Candidate {
-    agent_id: String,
-    bucket: u64,
-    vram: IndexedVram,
+    /// The earliest place in answer order the agent can take: its rank.
+    earliest: Position,
+    exact: bool,
     pool: Option<String>,
 }
 
 impl Candidate {
-    /// The earliest place in answer order this agent can really take.
-    fn earliest(&self) -> Position {
-        Position {
-            gpu_free_max_mb: self.vram.upper_mb(),
-            // Not exact: it may tie with anyone at the bound, so it goes first.
-            agent_id: if self.vram.exact {
-                self.agent_id.clone()
-            } else {
-                String::new()
-            },
+    /// The least free VRAM the agent can really have.
+    fn lower_mb(&self) -> u64 {
+        if self.exact {
+            self.earliest.gpu_free_max_mb
+        } else {
+            // The rank is the kept figure plus the slack; the real one may
+            // sit the slack below the kept figure.
+            self.earliest
+                .gpu_free_max_mb
+                .saturating_sub(2 * FV_SLACK_MB)
         }
     }
 }
@@ -74,29 +74,33 @@ impl Ord for Answer {
     }
 }
 
-/// The buckets a query reads, highest first.
-struct BucketRange {
-    high: u64,
-    low: u64,
+/// The ranks a query reads: from the cursor's, widened by what an inexact
+/// entry may hide, down to the VRAM bound.
+struct RankRange {
+    from: String,
+    to: String,
 }
 
-impl BucketRange {
-    /// `None` when no bucket can hold a match. An entry may sit up to the
-    /// slack away from its agent's real figure, so the range is widened by it.
+impl RankRange {
+    /// `None` when no rank can hold a match.
     fn new(query: &CapacityQuery, after: Option<&Position>) -> Option<Self> {
-        let low = if query.required_gpus() > 0 {
+        let min_mb = if query.required_gpus() > 0 {
             let min_free_mb = query.min_gpu_free_mb().ceil();
             if min_free_mb >= u64::MAX as f64 {
                 return None;
             }
-            bucket_of((min_free_mb as u64).saturating_sub(FV_SLACK_MB))
+            min_free_mb as u64
         } else {
             0
         };
-        let high = after.map_or(BUCKET_MAX, |position| {
-            bucket_of(position.gpu_free_max_mb.saturating_add(FV_SLACK_MB))
-        });
-        (low <= high).then_some(Self { high, low })
+        let from = match after {
+            // An inexact entry ranked up to twice the slack above the cursor
+            // may still really come after it.
+            Some(cursor) => rank_prefix(cursor.gpu_free_max_mb.saturating_add(2 * FV_SLACK_MB)),
+            None => "0".to_owned(),
+        };
+        let to = rank_prefix_end(min_mb);
+        (from <= to).then_some(Self { from, to })
     }
 }
 
@@ -106,21 +110,21 @@ struct ShardReader {
     next_key: Option<Item>,
     done: bool,
     requests: u32,
-    /// Every entry of this shard in a bucket at or above this one has been
-    /// read. Starts above the range: nothing read yet.
-    complete_from: u64,
+    /// The last entry read: nothing unread in this shard comes before it.
+    last: Option<Position>,
 }
 
 impl ShardReader {
     /// The earliest place an agent whose entry this shard has not returned
     /// yet can take; `None` once the shard is read to the end.
     fn unread_bound(&self) -> Option<Position> {
-        (!self.done).then(|| Position {
-            gpu_free_max_mb: (self.complete_from.saturating_mul(BUCKET_MB))
-                .saturating_sub(1)
-                .saturating_add(FV_SLACK_MB),
+        if self.done {
+            return None;
+        }
+        Some(self.last.clone().unwrap_or(Position {
+            gpu_free_max_mb: u64::MAX,
             agent_id: String::new(),
-        })
+        }))
     }
 }
 
@@ -142,7 +146,7 @@ impl DynamoStore {
     ) -> Result<(Page, ReadCost), StoreError> {
         let mut cost = ReadCost::default();
         let mut answered: Vec<(Position, StoredAgent)> = Vec::new();
-        let Some(range) = BucketRange::new(query, after) else {
+        let Some(range) = RankRange::new(query, after) else {
             return Ok((page(answered, query.limit), cost));
         };
         let mut readers: Vec<ShardReader> = (0..self.shards)
@@ -151,10 +155,10 @@ impl DynamoStore {
                 next_key: None,
                 done: false,
                 requests: 0,
-                complete_from: range.high + 1,
+                last: None,
             })
             .collect();
-        // Read from the index, not yet from the table; earliest bound last.
+        // Read from the index, not yet from the table; earliest last.
         let mut pending: Vec<Candidate> = Vec::new();
         let mut fetched: BinaryHeap<Answer> = BinaryHeap::new();
         let mut seen: HashSet<String> = HashSet::new();
@@ -163,7 +167,7 @@ impl DynamoStore {
                 .iter()
                 .filter_map(ShardReader::unread_bound)
                 .fold(None, |earliest, bound| earlier(earliest, Some(bound)));
-            let next_pending = pending.last().map(Candidate::earliest);
+            let next_pending = pending.last().map(|candidate| candidate.earliest.clone());
             let frontier = earlier(unread.clone(), next_pending.clone());
             // Everything fetched that nothing else can overtake is answered.
             while let Some(Answer(position, _)) = fetched.peek() {
@@ -196,18 +200,17 @@ impl DynamoStore {
                 self.read_candidates(&batch, query, after, now_ms, &mut fetched, &mut cost)
                     .await?;
             } else {
-                let bottleneck = unread.map(|bound| bound.gpu_free_max_mb);
                 for candidate in self
-                    .read_index(&mut readers, bottleneck, query, &range, &mut cost)
+                    .read_index(&mut readers, unread.as_ref(), query, &range, &mut cost)
                     .await?
                 {
                     if worth_reading(&candidate, query, after)
-                        && seen.insert(candidate.agent_id.clone())
+                        && seen.insert(candidate.earliest.agent_id.clone())
                     {
                         pending.push(candidate);
                     }
                 }
-                pending.sort_by(|a, b| answer_order(&b.earliest(), &a.earliest()));
+                pending.sort_by(|a, b| answer_order(&b.earliest, &a.earliest));
             }
         }
     }
@@ -216,47 +219,38 @@ impl DynamoStore {
     async fn read_index(
         &self,
         readers: &mut [ShardReader],
-        bottleneck: Option<u64>,
+        bottleneck: Option<&Position>,
         query: &CapacityQuery,
-        range: &BucketRange,
+        range: &RankRange,
         cost: &mut ReadCost,
     ) -> Result<Vec<Candidate>, StoreError> {
+        let shards = readers.len().max(1);
         let mut requests = tokio::task::JoinSet::new();
         for (position, reader) in readers.iter_mut().enumerate() {
-            let holds_back = reader
-                .unread_bound()
-                .is_some_and(|bound| Some(bound.gpu_free_max_mb) == bottleneck);
-            if !holds_back {
+            if reader.unread_bound().as_ref() != bottleneck {
                 continue;
             }
-            // A shard's first page may hold the whole answer; later ones are
-            // for crowded buckets, read in bulk.
-            let limit = if reader.requests == 0 {
-                i32::try_from(query.limit + 1).unwrap_or(INDEX_BATCH)
-            } else {
-                INDEX_BATCH
-            };
+            // A shard's first page holds about its share of the answer, with
+            // room to spare; each later one twice the last, for crowds.
+            let first = (query.limit + 1) * 3 / 2 / shards + 8;
+            let limit = i32::try_from(first << reader.requests.min(10))
+                .unwrap_or(INDEX_BATCH)
+                .min(INDEX_BATCH);
             reader.requests += 1;
             let request = self
                 .client
                 .query()
                 .table_name(&self.table)
                 .index_name(INDEX_NAME)
-                .key_condition_expression("#shard = :shard AND #bucket BETWEEN :from AND :to")
-                .projection_expression("#agent, #bucket, #fv, #fx, #pool")
+                .key_condition_expression("#shard = :shard AND #rank BETWEEN :from AND :to")
+                .projection_expression("#rank, #fx, #pool")
                 .expression_attribute_names("#shard", A_SHARD)
-                .expression_attribute_names("#bucket", A_BUCKET)
-                .expression_attribute_names("#agent", A_AGENT)
-                .expression_attribute_names("#fv", A_FREE_VRAM)
+                .expression_attribute_names("#rank", A_RANK)
                 .expression_attribute_names("#fx", A_EXACT)
                 .expression_attribute_names("#pool", A_POOL)
                 .expression_attribute_values(":shard", AttributeValue::S(reader.shard.to_string()))
-                .expression_attribute_values(":from", AttributeValue::S(bucket_prefix(range.high)))
-                .expression_attribute_values(
-                    // '$' sorts just after '#': every key of the lowest bucket.
-                    ":to",
-                    AttributeValue::S(bucket_prefix(range.low).replace('#', "$")),
-                )
+                .expression_attribute_values(":from", AttributeValue::S(range.from.clone()))
+                .expression_attribute_values(":to", AttributeValue::S(range.to.clone()))
                 .set_exclusive_start_key(reader.next_key.take())
                 .limit(limit)
                 .return_consumed_capacity(ReturnConsumedCapacity::Total);
@@ -268,21 +262,22 @@ impl DynamoStore {
                 joined.map_err(|e| StoreError::Unavailable(format!("index read failed: {e}")))?;
             let output = output.map_err(unavailable)?;
             let reader = &mut readers[position];
-            // Billed by the projected attributes' sizes, `shard` included.
+            // Billed by the entries' projected attributes: the keys (the
+            // table's included) and what the index projects.
             let shard_bytes = A_SHARD.len() + reader.shard.to_string().len();
             let bytes: usize = output
                 .items()
                 .iter()
-                .map(|entry| item_size(entry) + shard_bytes)
+                .map(|entry| item_size(entry) + shard_bytes + A_AGENT.len())
                 .sum();
             cost.add_index_read(
                 output.items().len(),
                 read_units(bytes, false),
                 output.consumed_capacity().and_then(|c| c.capacity_units()),
             );
-            for item in output.items() {
-                let candidate = candidate(item)?;
-                reader.complete_from = reader.complete_from.min(candidate.bucket + 1);
+            for entry in output.items() {
+                let candidate = candidate(entry)?;
+                reader.last = Some(candidate.earliest.clone());
                 candidates.push(candidate);
             }
             reader.next_key = output.last_evaluated_key().cloned();
@@ -306,7 +301,7 @@ impl DynamoStore {
         for candidate in candidates {
             keys = keys.keys(HashMap::from([(
                 A_AGENT.to_owned(),
-                AttributeValue::S(candidate.agent_id.clone()),
+                AttributeValue::S(candidate.earliest.agent_id.clone()),
             )]));
         }
         let mut pending = Some(HashMap::from([(
@@ -356,20 +351,16 @@ impl DynamoStore {
 /// What the index entry alone rules out, so that it costs no table read: a
 /// place at or before the cursor, too little free VRAM, another pool.
 fn worth_reading(candidate: &Candidate, query: &CapacityQuery, after: Option<&Position>) -> bool {
-    let latest = Position {
-        gpu_free_max_mb: candidate.vram.lower_mb(),
-        agent_id: candidate.agent_id.clone(),
-    };
     let after_cursor = after.is_none_or(|cursor| {
-        if candidate.vram.exact {
-            answer_order(cursor, &latest).is_lt()
+        if candidate.exact {
+            answer_order(cursor, &candidate.earliest).is_lt()
         } else {
             // It may really sit anywhere down to its lower bound.
-            latest.gpu_free_max_mb <= cursor.gpu_free_max_mb
+            candidate.lower_mb() <= cursor.gpu_free_max_mb
         }
     });
-    let enough_vram =
-        query.required_gpus() == 0 || candidate.vram.upper_mb() as f64 >= query.min_gpu_free_mb();
+    let enough_vram = query.required_gpus() == 0
+        || candidate.earliest.gpu_free_max_mb as f64 >= query.min_gpu_free_mb();
     let in_pool = query
         .pool
         .as_ref()
@@ -391,23 +382,25 @@ fn page(mut accepted: Vec<(Position, StoredAgent)>, limit: usize) -> Page {
 
 fn candidate(entry: &Item) -> Result<Candidate, StoreError> {
     let corrupt = |why: &str| StoreError::Corrupt(format!("index entry: {why}"));
-    let text = |name: &str| entry.get(name).and_then(|value| value.as_s().ok());
-    let agent_id = text(A_AGENT).ok_or_else(|| corrupt("no agent_id"))?;
-    let free_mb: u64 = entry
-        .get(A_FREE_VRAM)
-        .and_then(|value| value.as_n().ok())
-        .and_then(|digits| digits.parse().ok())
-        .ok_or_else(|| corrupt("no fv"))?;
-    // An entry without the flag was written exact.
-    let exact = entry
-        .get(A_EXACT)
-        .and_then(|value| value.as_bool().ok())
-        .copied()
-        .unwrap_or(true);
+    let rank = entry
+        .get(A_RANK)
+        .and_then(|value| value.as_s().ok())
+        .ok_or_else(|| corrupt("no rank"))?;
+    let (upper_mb, agent_id) = parse_rank(rank).ok_or_else(|| corrupt("unreadable rank"))?;
     Ok(Candidate {
-        agent_id: agent_id.clone(),
-        bucket: bucket_of(free_mb),
-        vram: IndexedVram { free_mb, exact },
-        pool: text(A_POOL).cloned(),
+        earliest: Position {
+            gpu_free_max_mb: upper_mb,
+            agent_id: agent_id.to_owned(),
+        },
+        // An entry without the flag was written exact.
+        exact: entry
+            .get(A_EXACT)
+            .and_then(|value| value.as_bool().ok())
+            .copied()
+            .unwrap_or(true),
+        pool: entry
+            .get(A_POOL)
+            .and_then(|value| value.as_s().ok())
+            .cloned(),
     })
 }

@@ -33,8 +33,8 @@ impl Backend {
     }
 }
 
-/// A clock for the test: "now" a little in the future of the wall clock, so
-/// records look current to every backend (SQLite prunes by the wall clock).
+/// The test's "now": the wall clock, so that records look current to every
+/// backend (SQLite prunes by the wall clock).
 fn base_ms() -> i64 {
     now_ms() as i64
 }

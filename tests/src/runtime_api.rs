@@ -3,6 +3,8 @@
 //! without AWS: it hands out queued events on `invocation/next` and collects
 //! what the function posts back.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -226,7 +228,7 @@ pub fn http_event(
     });
     if let Some(body) = body {
         event["body"] = Value::String(if base64 {
-            base64_encode(body)
+            BASE64.encode(body)
         } else {
             String::from_utf8_lossy(body).into_owned()
         });
@@ -238,46 +240,9 @@ pub fn http_event(
 pub fn response_body(outcome: &Outcome) -> Value {
     let body = outcome.body["body"].as_str().unwrap_or("");
     let bytes = if outcome.body["isBase64Encoded"].as_bool() == Some(true) {
-        base64_decode(body)
+        BASE64.decode(body).unwrap_or_default()
     } else {
         body.as_bytes().to_vec()
     };
     serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-}
-
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-pub fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16)
-            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*chunk.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn base64_decode(text: &str) -> Vec<u8> {
-    let mut bits = 0u32;
-    let mut count = 0;
-    let mut out = Vec::new();
-    for byte in text.bytes().filter(|b| *b != b'=') {
-        let Some(value) = ALPHABET.iter().position(|c| *c == byte) else {
-            continue;
-        };
-        bits = (bits << 6) | value as u32;
-        count += 6;
-        if count >= 8 {
-            count -= 8;
-            out.push((bits >> count) as u8);
-        }
-    }
-    out
 }

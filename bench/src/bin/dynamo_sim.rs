@@ -37,8 +37,8 @@ use rollcall::store::dynamodb::units::{
     IndexShape, Projection, WriteUnits, read_units, write_units,
 };
 use rollcall::store::dynamodb::{
-    CAPACITY_INDEX, DynamoStore, IndexedVram, Item, ReadCost, TABLE_KEY, encode, encode_indexed,
-    item_size, shard_of,
+    CAPACITY_INDEX, DynamoStore, IndexedVram, Item, ReadCost, TABLE_KEY, encode, item_size,
+    set_index_figure, shard_of,
 };
 use serde_json::json;
 
@@ -296,32 +296,29 @@ fn designs() -> Vec<(&'static str, IndexShape, Encoding)> {
     ]
 }
 
+/// The item `encoding` writes, from the item with an exact figure (deflating
+/// the record once per heartbeat, not once per design).
 fn encode_as(
     encoding: Encoding,
+    exact: &Item,
     stored: &StoredAgent,
     previous: Option<&Item>,
-) -> anyhow::Result<Item> {
+) -> Item {
     let free_mb = stored.heartbeat.gpu_free_max_mb();
-    let shards = rollcall::store::DEFAULT_SHARDS;
-    Ok(match encoding {
-        Encoding::ExactRank => encode(stored, shards)?,
+    let agent_id = &stored.heartbeat.agent_id;
+    let mut item = exact.clone();
+    match encoding {
+        Encoding::ExactRank => {}
         Encoding::Bucket => {
-            let mut item = encode(stored, shards)?;
             item.remove("rank");
-            item.insert(
-                "bucket".into(),
-                AttributeValue::S(format!(
-                    "{:06}#{}",
-                    999_999 - free_mb / BUCKET_MB,
-                    stored.heartbeat.agent_id
-                )),
-            );
-            item
+            let bucket = format!("{:06}#{agent_id}", 999_999 - free_mb / BUCKET_MB);
+            item.insert("bucket".into(), AttributeValue::S(bucket));
         }
         Encoding::SlackRank => {
-            encode_indexed(stored, shards, IndexedVram::choose(free_mb, previous))?
+            set_index_figure(&mut item, agent_id, IndexedVram::choose(free_mb, previous));
         }
-    })
+    }
+    item
 }
 
 fn run_model(agents: usize, hours: f64, seed: u64) -> anyhow::Result<()> {
@@ -349,9 +346,10 @@ fn run_model(agents: usize, hours: f64, seed: u64) -> anyhow::Result<()> {
                 crossed += u64::from(old_free / BUCKET_MB != free_mb / BUCKET_MB);
             }
             last_free[index] = Some(free_mb);
+            let exact = encode(&stored, rollcall::store::DEFAULT_SHARDS)?;
             for (design, (_, shape, encoding)) in designs.iter().enumerate() {
                 let old = previous[design][index].take();
-                let new = encode_as(*encoding, &stored, old.as_ref())?;
+                let new = encode_as(*encoding, &exact, &stored, old.as_ref());
                 if let Some(old) = &old {
                     let units =
                         write_units(TABLE_KEY, Some(old), &new, std::slice::from_ref(shape));
@@ -464,16 +462,25 @@ async fn run_emulator(
                 anyhow::Ok((units, read_units, disagreements))
             });
         }
+        let mut this_interval = WriteUnits::default();
         while let Some(done) = workers.join_next().await {
             let (units, reads, disagree) = done??;
+            this_interval.table += units.table;
+            this_interval.indexes += units.indexes;
             if interval > 0 {
-                computed.table += units.table;
-                computed.indexes += units.indexes;
                 read_units_total += reads;
                 disagreements += disagree;
             }
         }
         if interval > 0 {
+            // The first interval after the first heartbeats also marks every
+            // wandering display's entry inexact, once.
+            println!(
+                "interval {interval}: {:.4} write units per heartbeat",
+                this_interval.total() as f64 / agents as f64
+            );
+            computed.table += this_interval.table;
+            computed.indexes += this_interval.indexes;
             steady += agents as u64;
         }
         eprintln!(

@@ -163,7 +163,7 @@ pub fn encode_indexed(
     let json = serde_json::to_vec(agent)
         .map_err(|e| StoreError::Corrupt(format!("cannot encode agent record: {e}")))?;
     let record = miniz_oxide::deflate::compress_to_vec(&json, 6);
-    Ok(HashMap::from([
+    let mut item = HashMap::from([
         (
             A_AGENT.into(),
             AttributeValue::S(heartbeat.agent_id.clone()),
@@ -178,14 +178,20 @@ pub fn encode_indexed(
             A_SHARD.into(),
             AttributeValue::S(shard_of(&heartbeat.agent_id, shards).to_string()),
         ),
-        (
-            A_RANK.into(),
-            AttributeValue::S(rank_key(indexed, &heartbeat.agent_id)),
-        ),
-        (A_FREE_VRAM.into(), number(indexed.free_mb)),
-        (A_EXACT.into(), AttributeValue::Bool(indexed.exact)),
         (A_RECORD.into(), AttributeValue::B(Blob::new(record))),
-    ]))
+    ]);
+    set_index_figure(&mut item, &heartbeat.agent_id, indexed);
+    Ok(item)
+}
+
+/// Sets the attributes that say where the agent stands in the index.
+pub fn set_index_figure(item: &mut Item, agent_id: &str, indexed: IndexedVram) {
+    item.insert(
+        A_RANK.into(),
+        AttributeValue::S(rank_key(indexed, agent_id)),
+    );
+    item.insert(A_FREE_VRAM.into(), number(indexed.free_mb));
+    item.insert(A_EXACT.into(), AttributeValue::Bool(indexed.exact));
 }
 
 pub(super) fn decode(item: &Item) -> Result<StoredAgent, StoreError> {

@@ -33,7 +33,7 @@ pub use history::{encode_history, history_key};
 use item::{A_AGENT, A_EXACT, A_FREE_VRAM, A_POOL, A_RANK, A_SENT, A_SHARD, decode, number};
 pub use item::{
     CAPACITY_INDEX, FV_SLACK_MB, INDEX_NAME, IndexedVram, Item, TABLE_KEY, TTL_ATTRIBUTE, encode,
-    encode_indexed, item_size, rank_key, shard_of,
+    encode_indexed, item_size, rank_key, set_index_figure, shard_of,
 };
 use units::{WriteUnits, read_units, write_units};
 

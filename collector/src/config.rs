@@ -261,8 +261,19 @@ pub fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>, Config
         .collect()
 }
 
-/// `/var/lib/rollcall` for root (a system service), else the XDG state folder.
+/// The folder systemd made for the service (`StateDirectory=`), else
+/// `/var/lib/rollcall` for root, else the XDG state folder.
 pub fn default_state_dir() -> PathBuf {
+    if let Some(first) = std::env::var_os("STATE_DIRECTORY")
+        .and_then(|dirs| {
+            dirs.to_str()
+                .and_then(|d| d.split(':').next())
+                .map(PathBuf::from)
+        })
+        .filter(|dir| dir.is_absolute())
+    {
+        return first;
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         return PathBuf::from("/var/lib/rollcall");

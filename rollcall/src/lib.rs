@@ -9,7 +9,9 @@
 //! - [`record`]: what is stored per agent, its deadlines, and the API's agent record.
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
 //! - [`wire`]: answers both ends of the wire share (ingest's 202).
-//! - [`store`] (feature `server`): the store trait and the embedded SQLite store.
+//! - [`store`] (feature `server`): the store trait, the embedded SQLite store,
+//!   and (feature `dynamodb`) the DynamoDB store: its item and index keys,
+//!   capacity queries, history and capacity-unit model.
 //! - [`aws`] (feature `dynamodb`): the one AWS SDK configuration.
 //! - [`secrets`] (feature `dynamodb`): secrets from the environment, or from
 //!   Secrets Manager with a bounded refresh.

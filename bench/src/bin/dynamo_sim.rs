@@ -419,7 +419,18 @@ async fn run_emulator(
             "{endpoint} is not a loopback address: this simulator only talks to a local emulator"
         );
     }
-    let client = DynamoStore::client_from_env().await;
+    // The emulator answers a Query over 100,000 items far slower than
+    // DynamoDB; the functions' 8 s budget would cut the measurement short.
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .operation_timeout(std::time::Duration::from_secs(300))
+                .operation_attempt_timeout(std::time::Duration::from_secs(300))
+                .build(),
+        )
+        .load()
+        .await;
+    let client = aws_sdk_dynamodb::Client::new(&config);
     let table = format!("rollcall-sim-{}-{}", std::process::id(), seed);
     let store = Arc::new(DynamoStore::new(client, table.clone(), shards));
     store.create_table().await?;

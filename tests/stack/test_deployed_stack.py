@@ -322,8 +322,8 @@ def test_each_function_role_can_do_its_job_and_nothing_more(stack):
     ingest_role = role_client(stack, "IngestFunctionRole")
     ingest_role.put_item(TableName=stack["table"], Item=item)
     ingest_role.get_item(TableName=stack["table"], Key=key)
-    index_query = dict(TableName=stack["table"], IndexName="by_vram_rank", KeyConditionExpression="shard = :s",
-                       ExpressionAttributeValues={":s": {"S": "0"}})
+    index_query = dict(TableName=stack["table"], IndexName="by_vram_rank", KeyConditionExpression="#shard = :s",
+                       ExpressionAttributeNames={"#shard": "shard"}, ExpressionAttributeValues={":s": {"S": "0"}})
     query_role.query(**index_query)
     for forbidden in (lambda: ingest_role.query(**index_query),
                       lambda: ingest_role.delete_item(TableName=stack["table"], Key=key),

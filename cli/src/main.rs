@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use rollcall::heartbeat::AgentState;
-use rollcall::record::{AgentView, parse_rfc3339};
+use rollcall::record::AgentView;
+use rollcall::time::parse_rfc3339;
+use rollcall::wire::{AgentPage, ErrorBody};
 use serde::Deserialize;
 
 /// Ask rollcall which machines are online and what they have free.
@@ -112,13 +114,6 @@ struct FileConfig {
     token: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct Page {
-    agents: Vec<serde_json::Value>,
-    next_cursor: Option<String>,
-    as_of: String,
-}
-
 struct Api {
     client: reqwest::Client,
     url: String,
@@ -178,7 +173,9 @@ impl Api {
             return Ok(None);
         }
         if !status.is_success() {
-            let reason = body["error"].as_str().unwrap_or("no reason given");
+            let reason = serde_json::from_str::<ErrorBody>(&text)
+                .map(|body| body.error)
+                .unwrap_or_else(|_| "no reason given".to_owned());
             bail!("the API answered {}: {reason}", status.as_u16());
         }
         Ok(Some(body))
@@ -235,7 +232,7 @@ fn encode(value: &str) -> String {
 }
 
 /// Every match, following pages up to `--limit`, and the answer's `as_of`.
-async fn fetch(api: &Api, filters: &Filters) -> anyhow::Result<(Vec<serde_json::Value>, String)> {
+async fn fetch(api: &Api, filters: &Filters) -> anyhow::Result<(Vec<AgentView>, String)> {
     let query = query_string(filters);
     let wanted = filters.limit.unwrap_or(usize::MAX);
     let mut agents = Vec::new();
@@ -246,7 +243,7 @@ async fn fetch(api: &Api, filters: &Filters) -> anyhow::Result<(Vec<serde_json::
             Some(cursor) => format!("/v1/agents?{query}&cursor={}", encode(cursor)),
             None => format!("/v1/agents?{query}"),
         };
-        let page: Page = serde_json::from_value(api.get(&path).await?.unwrap_or_default())
+        let page: AgentPage = serde_json::from_value(api.get(&path).await?.unwrap_or_default())
             .context("the API answered something that is not a page of agents")?;
         as_of = page.as_of;
         agents.extend(page.agents);
@@ -259,16 +256,11 @@ async fn fetch(api: &Api, filters: &Filters) -> anyhow::Result<(Vec<serde_json::
     Ok((agents, as_of))
 }
 
-fn print_agents(agents: Vec<serde_json::Value>, as_of: &str, json: bool) -> anyhow::Result<()> {
+fn print_agents(agents: Vec<AgentView>, as_of: &str, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&agents)?);
     } else if !agents.is_empty() {
-        let views: Vec<AgentView> = agents
-            .into_iter()
-            .map(serde_json::from_value)
-            .collect::<Result<_, _>>()
-            .context("the API answered an agent record this CLI cannot read")?;
-        print!("{}", table(&views, parse_rfc3339(as_of)));
+        print!("{}", table(&agents, parse_rfc3339(as_of)));
     }
     Ok(())
 }
@@ -426,7 +418,7 @@ async fn show(api: &Api, agent_id: &str, json: bool) -> anyhow::Result<bool> {
     }
     let view: AgentView = serde_json::from_value(agent)
         .context("the API answered an agent record this CLI cannot read")?;
-    let now = rollcall::record::now_ms();
+    let now = rollcall::time::now_ms();
     print!("{}", table(std::slice::from_ref(&view), Some(now)));
     println!(
         "\npool {}  labels {:?}  state {:?}  online until {}",

@@ -95,7 +95,7 @@ impl Sender {
     pub async fn send(&self, heartbeat: &Heartbeat) -> Result<Accepted, SendError> {
         let body = serde_json::to_vec(heartbeat)
             .map_err(|error| SendError::Network(format!("cannot encode heartbeat: {error}")))?;
-        let timestamp = rollcall::record::now_ms().div_euclid(1000);
+        let timestamp = rollcall::time::now_ms().div_euclid(1000);
         let signature =
             self.agent_key
                 .signature_header(&self.key_id, &heartbeat.agent_id, timestamp, &body);

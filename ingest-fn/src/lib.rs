@@ -16,8 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use rollcall::api::{self, ApiError};
 use rollcall::heartbeat::{MAX_BODY_BYTES, MinuteRollup};
-use rollcall::record::{Deadlines, StoredAgent, now_ms, rfc3339};
+use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::store::{Store, Upsert};
+use rollcall::time::{now_ms, rfc3339};
 use rollcall::verify::{Rejection, is_json_content_type};
 use rollcall::wire::{Accepted, EXTENSION_HISTORY};
 

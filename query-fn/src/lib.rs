@@ -17,10 +17,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use rollcall::api::{self, ApiError};
 use rollcall::capacity::{CapacityQuery, CursorSealer};
-use rollcall::record::{AgentView, now_ms, rfc3339};
+use rollcall::record::AgentView;
 use rollcall::secrets::Secret;
 use rollcall::signing::{AGENT_ID_RULE, is_valid_agent_id};
 use rollcall::store::Store;
+use rollcall::time::{now_ms, rfc3339};
+use rollcall::wire::AgentPage;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -148,17 +150,10 @@ async fn require_token(
     Ok(next.run(request).await)
 }
 
-#[derive(Serialize)]
-struct AgentList {
-    agents: Vec<AgentView>,
-    next_cursor: Option<String>,
-    as_of: String,
-}
-
 async fn list_agents(
     State(api): State<Arc<QueryApi>>,
     RawQuery(query): RawQuery,
-) -> Result<Json<AgentList>, ApiError> {
+) -> Result<Json<AgentPage>, ApiError> {
     let query = CapacityQuery::from_query_string(query.as_deref().unwrap_or(""))
         .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
     let after = query
@@ -169,7 +164,7 @@ async fn list_agents(
         .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
     let now = now_ms();
     let page = api.store.query(&query, after.as_ref(), now).await?;
-    Ok(Json(AgentList {
+    Ok(Json(AgentPage {
         agents: page.agents.iter().map(|agent| agent.view(now)).collect(),
         next_cursor: page
             .next

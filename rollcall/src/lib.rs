@@ -8,7 +8,8 @@
 //! - [`verify`]: ingest's request checks, in the protocol's order.
 //! - [`record`]: what is stored per agent, its deadlines, and the API's agent record.
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
-//! - [`wire`]: answers both ends of the wire share (ingest's 202).
+//! - [`wire`]: answers both ends of the wire share (ingest's 202, a page of agents).
+//! - [`time`]: the clock in epoch milliseconds, and RFC 3339 as the protocol writes it.
 //! - [`store`] (feature `server`): the store trait, the embedded SQLite store,
 //!   and (feature `dynamodb`) the DynamoDB store: its item and index keys,
 //!   capacity queries, history and capacity-unit model.
@@ -26,6 +27,7 @@ pub mod capacity;
 pub mod heartbeat;
 pub mod record;
 pub mod signing;
+pub mod time;
 pub mod verify;
 pub mod wire;
 

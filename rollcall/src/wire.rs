@@ -3,9 +3,22 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::record::AgentView;
+
 /// An extension of the heartbeat that is stored apart from the agent record
 /// (PROTOCOL.md §3). Its wire name is what `not_stored` lists.
 pub const EXTENSION_HISTORY: &str = "history";
+
+/// The capacity API's answer to `GET /v1/agents`: one page of agents in
+/// answer order (PROTOCOL.md §2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentPage {
+    pub agents: Vec<AgentView>,
+    /// Opaque; pass it back as `cursor` for the next page. `null` on the last.
+    pub next_cursor: Option<String>,
+    /// RFC 3339: when the answer was read.
+    pub as_of: String,
+}
 
 /// Ingest's `202` answer to a heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

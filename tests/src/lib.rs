@@ -340,11 +340,9 @@ pub fn heartbeat(agent_id: &str, sent_at_ms: u64) -> Value {
     })
 }
 
+/// `rollcall::time::now_ms` as the unsigned figure heartbeats carry.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    u64::try_from(rollcall::time::now_ms()).unwrap_or(0)
 }
 
 pub fn now_s() -> i64 {

@@ -146,11 +146,7 @@ impl RuntimeApi {
             };
             state.handed_out.push((id.clone(), Instant::now()));
             drop(state);
-            let deadline = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis()
-                + 30_000;
+            let deadline = rollcall::time::now_ms() + 30_000;
             let payload = event.to_string();
             return format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nLambda-Runtime-Aws-Request-Id: {id}\r\n\

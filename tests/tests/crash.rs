@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rollcall::record::now_ms;
 use rollcall::signing::FleetSecret;
 use rollcall::store::{Durability, SqliteStore, Store};
+use rollcall::time::now_ms;
 use rollcall_tests::{Server, Stack, heartbeat, now_s, request, try_raw_request, wait_until};
 
 const AGENTS_PER_CLIENT: usize = 25;

@@ -435,10 +435,7 @@ async fn run_emulator(
     let store = Arc::new(DynamoStore::new(client, table.clone(), shards));
     store.create_table().await?;
     let mut fleet = Fleet::new(agents, seed);
-    let start_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis() as u64
-        - u64::from(intervals) * INTERVAL_MS;
+    let start_ms = u64::try_from(rollcall::time::now_ms())? - u64::from(intervals) * INTERVAL_MS;
     let mut computed = WriteUnits::default();
     let mut steady = 0u64;
     let mut disagreements = 0u64;

@@ -101,10 +101,7 @@ fn loopback(url: &str) -> anyhow::Result<SocketAddr> {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
+    u64::try_from(rollcall::time::now_ms()).unwrap_or(0)
 }
 
 fn body(agent: &str, sent_at_ms: u64, seed: u64) -> String {

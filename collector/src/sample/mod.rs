@@ -84,7 +84,7 @@ impl Sampler {
     /// Strictly increasing even if the wall clock steps back, because ingest
     /// refuses anything not newer than what it holds.
     fn next_sent_at_ms(&mut self) -> u64 {
-        let now = u64::try_from(rollcall::record::now_ms()).unwrap_or(0);
+        let now = u64::try_from(rollcall::time::now_ms()).unwrap_or(0);
         self.last_sent_at_ms = now.max(self.last_sent_at_ms + 1);
         self.last_sent_at_ms
     }

@@ -432,7 +432,7 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
 }
 
 fn prune_expired(connection: &Connection) {
-    let now_s = crate::record::now_ms().div_euclid(1000);
+    let now_s = crate::time::now_ms().div_euclid(1000);
     let pruned = connection
         .execute(PRUNE, params![now_s])
         .and_then(|agents| Ok((agents, connection.execute(PRUNE_HISTORY, params![now_s])?)));

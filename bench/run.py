@@ -406,7 +406,7 @@ Machine: {machine()}.
 
 Reproduce it with:
 
-    bench/run                 # full run: peers installed, ~15 minutes
+    bench/run                 # full run: peers installed, ~45 minutes (half of it the DynamoDB simulator)
     bench/run --quick         # shorter loads, for a quick check
 
 | what | rollcall | peers, same run | target |

@@ -87,6 +87,18 @@ impl IndexedVram {
         }
     }
 
+    /// The figure an entry holds, from its rank (`upper_mb`) and flag.
+    pub fn from_rank(upper_mb: u64, exact: bool) -> Self {
+        Self {
+            free_mb: if exact {
+                upper_mb
+            } else {
+                upper_mb.saturating_sub(FV_SLACK_MB)
+            },
+            exact,
+        }
+    }
+
     /// The most free VRAM the agent can really have: what the rank orders by.
     pub fn upper_mb(&self) -> u64 {
         if self.exact {

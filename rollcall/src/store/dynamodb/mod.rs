@@ -245,12 +245,10 @@ impl DynamoStore {
                     .as_service_error()
                     .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
             {
-                // A failed condition still bills the write of the item's size.
+                // A failed condition still bills the table write, and
+                // changes no index.
                 let cost = WriteCost {
-                    computed: WriteUnits {
-                        table: item_size(&item).div_ceil(1024) as u64,
-                        indexes: 0,
-                    },
+                    computed: write_units(TABLE_KEY, None, &item, &[]),
                     reported_table: None,
                     read_units,
                 };

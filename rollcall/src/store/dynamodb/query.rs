@@ -15,8 +15,8 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnConsumedCapacity};
 
 use super::item::{
-    A_AGENT, A_EXACT, A_POOL, A_RANK, A_SHARD, FV_SLACK_MB, INDEX_NAME, Item, decode, item_size,
-    parse_rank, rank_prefix, rank_prefix_end,
+    A_AGENT, A_EXACT, A_POOL, A_RANK, A_SHARD, FV_SLACK_MB, INDEX_NAME, IndexedVram, Item, decode,
+    item_size, parse_rank, rank_prefix, rank_prefix_end,
 };
 use super::units::read_units;
 use super::{DynamoStore, ReadCost, build_error, unavailable};
@@ -35,23 +35,8 @@ const TABLE_BATCH: usize = 100;
 struct Candidate {
     /// The earliest place in answer order the agent can take: its rank.
     earliest: Position,
-    exact: bool,
+    vram: IndexedVram,
     pool: Option<String>,
-}
-
-impl Candidate {
-    /// The least free VRAM the agent can really have.
-    fn lower_mb(&self) -> u64 {
-        if self.exact {
-            self.earliest.gpu_free_max_mb
-        } else {
-            // The rank is the kept figure plus the slack; the real one may
-            // sit the slack below the kept figure.
-            self.earliest
-                .gpu_free_max_mb
-                .saturating_sub(2 * FV_SLACK_MB)
-        }
-    }
 }
 
 /// An accepted agent, ordered so that a max-heap pops answer order.
@@ -352,11 +337,11 @@ impl DynamoStore {
 /// place at or before the cursor, too little free VRAM, another pool.
 fn worth_reading(candidate: &Candidate, query: &CapacityQuery, after: Option<&Position>) -> bool {
     let after_cursor = after.is_none_or(|cursor| {
-        if candidate.exact {
+        if candidate.vram.exact {
             answer_order(cursor, &candidate.earliest).is_lt()
         } else {
             // It may really sit anywhere down to its lower bound.
-            candidate.lower_mb() <= cursor.gpu_free_max_mb
+            candidate.vram.lower_mb() <= cursor.gpu_free_max_mb
         }
     });
     let enough_vram = query.required_gpus() == 0
@@ -387,17 +372,18 @@ fn candidate(entry: &Item) -> Result<Candidate, StoreError> {
         .and_then(|value| value.as_s().ok())
         .ok_or_else(|| corrupt("no rank"))?;
     let (upper_mb, agent_id) = parse_rank(rank).ok_or_else(|| corrupt("unreadable rank"))?;
+    // An entry without the flag was written exact.
+    let exact = entry
+        .get(A_EXACT)
+        .and_then(|value| value.as_bool().ok())
+        .copied()
+        .unwrap_or(true);
     Ok(Candidate {
         earliest: Position {
             gpu_free_max_mb: upper_mb,
             agent_id: agent_id.to_owned(),
         },
-        // An entry without the flag was written exact.
-        exact: entry
-            .get(A_EXACT)
-            .and_then(|value| value.as_bool().ok())
-            .copied()
-            .unwrap_or(true),
+        vram: IndexedVram::from_rank(upper_mb, exact),
         pool: entry
             .get(A_POOL)
             .and_then(|value| value.as_s().ok())

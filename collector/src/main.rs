@@ -1,6 +1,7 @@
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -9,7 +10,7 @@ use rollcall::signing::{AGENT_ID_RULE, FleetSecret, is_valid_agent_id};
 use rollcall_collector::config::{self, Overrides, Settings};
 use rollcall_collector::drain;
 use rollcall_collector::sample::{GpuReaders, Identity, Sampler};
-use rollcall_collector::send::Sender;
+use rollcall_collector::send::{self, Sender};
 use rollcall_collector::{agent_id, service};
 
 /// rollcall collector: reports this machine's free CPU, memory, disk and GPU
@@ -211,7 +212,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         } => {
             let settings = common.settings()?;
             let identity = identity(&settings, true)?;
-            let sender = sender(&settings, common.insecure_plain_http)?;
+            let sender = sender(&settings, common.insecure_plain_http, send::REQUEST_TIMEOUT)?;
             let heartbeat = sample_once(&settings, &identity, skip_cpu_usage, true).await;
             let accepted = sender.send(&heartbeat).await?;
             if verbose {
@@ -225,7 +226,12 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Run(common) => {
             let settings = common.settings()?;
             let identity = identity(&settings, true)?;
-            let sender = sender(&settings, common.insecure_plain_http)?;
+            let interval = Duration::from_secs(u64::from(identity.interval_s));
+            let sender = sender(
+                &settings,
+                common.insecure_plain_http,
+                send::attempt_timeout(interval),
+            )?;
             let shutdown = service::shutdown_on_signals().context("cannot listen for signals")?;
             tracing::info!(
                 agent_id = %identity.agent_id,
@@ -290,7 +296,11 @@ async fn sample_once(
         .await
 }
 
-fn sender(settings: &Settings, insecure_plain_http: bool) -> anyhow::Result<Sender> {
+fn sender(
+    settings: &Settings,
+    insecure_plain_http: bool,
+    timeout: Duration,
+) -> anyhow::Result<Sender> {
     let endpoint = settings.endpoint.as_deref().context(
         "no ingest endpoint: set --endpoint, ROLLCALL_ENDPOINT or endpoint in the config file",
     )?;
@@ -306,6 +316,7 @@ fn sender(settings: &Settings, insecure_plain_http: bool) -> anyhow::Result<Send
         key_id,
         agent_key,
         insecure_plain_http,
+        timeout,
     )?)
 }
 

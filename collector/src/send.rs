@@ -7,7 +7,17 @@ use rollcall::signing::{
     AgentKey, HEADER_AGENT, HEADER_KEY_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest one attempt may take, connection included; `run` lowers it
+/// to half the interval (see [`attempt_timeout`]).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long one attempt of `run` may take: half the interval, at most
+/// [`REQUEST_TIMEOUT`]. An attempt stuck on a link that silently drops
+/// packets gives way to a retry, and the sample after it still goes out on
+/// time, instead of the agent waiting out a long timeout toward its deadline.
+pub fn attempt_timeout(interval: Duration) -> Duration {
+    REQUEST_TIMEOUT.min(interval / 2)
+}
 
 pub struct Sender {
     client: reqwest::Client,
@@ -58,12 +68,14 @@ impl SendError {
 impl Sender {
     /// `endpoint` is ingest's base URL; `/v1/heartbeats` is appended unless
     /// present. Plain `http://` is refused unless it goes to this machine or
-    /// `insecure_plain_http` says the operator accepts the risk.
+    /// `insecure_plain_http` says the operator accepts the risk. `timeout`
+    /// bounds each attempt, connecting included.
     pub fn new(
         endpoint: &str,
         key_id: String,
         agent_key: AgentKey,
         insecure_plain_http: bool,
+        timeout: Duration,
     ) -> Result<Self, SendError> {
         let base = endpoint.trim_end_matches('/');
         let url = if base.ends_with("/v1/heartbeats") {
@@ -73,7 +85,7 @@ impl Sender {
         };
         check_transport(&url, insecure_plain_http)?;
         let client = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(timeout)
             .user_agent(concat!("rollcall-collector/", env!("CARGO_PKG_VERSION")))
             // A redirect would re-send the signed body and headers to
             // wherever it points; a 3xx is an error to report instead.
@@ -200,6 +212,15 @@ mod tests {
             .map(|_| backoff(6, Duration::from_millis(500), cap))
             .sum();
         assert!(late > early * 4, "{early:?} {late:?}");
+    }
+
+    #[test]
+    fn an_attempt_never_outlasts_half_the_interval() {
+        assert_eq!(
+            attempt_timeout(Duration::from_secs(5)),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(attempt_timeout(Duration::from_secs(30)), REQUEST_TIMEOUT);
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! started together does not pulse), retries with backoff until the next
 //! sample is due, and a final `leaving` heartbeat on SIGTERM/SIGINT.
 //!
+//! Timing at interval `T`: each attempt gives up after `T/2` (at most 10 s,
+//! [`crate::send::attempt_timeout`]); the wait before a retry is drawn from
+//! `[0, min(1 s × 2^n, T/2, 30 s))`, so once a network heals the next attempt
+//! starts within one backoff step, `T/2` (2.5 s at the 5 s minimum); the
+//! `leaving` heartbeat gets at most 5 s.
+//!
 //! Heartbeats are state, not events: a sample that could not be delivered
 //! before the next one is due is dropped for the newer one, so nothing queues.
 
@@ -70,7 +76,7 @@ pub async fn run(
                         );
                     }
                     outage.recovered();
-                    tracing::debug!(online_until = %accepted.online_until, "heartbeat accepted");
+                    tracing::debug!(attempts = attempt + 1, online_until = %accepted.online_until, "heartbeat accepted");
                     break;
                 }
                 Err(error) if error.is_stale() => {
@@ -89,10 +95,10 @@ pub async fn run(
                 Err(error) => {
                     let wait = backoff(attempt, RETRY_BASE, retry_cap);
                     if Instant::now() + wait >= next_due {
-                        outage.failed(&error, None);
+                        outage.failed(&error, attempt + 1, None);
                         break;
                     }
-                    outage.failed(&error, Some(wait));
+                    outage.failed(&error, attempt + 1, Some(wait));
                     attempt += 1;
                     tokio::select! {
                         _ = sleep(wait) => {}
@@ -126,25 +132,36 @@ async fn send_leaving(
     }
 }
 
-/// Keeps the log to one line per change of state rather than one per retry.
+/// Keeps the log to one line when an outage begins and one when it ends,
+/// rather than one per retry: an attempt that fails and is retried in time
+/// is not news (it is at debug), a sample that missed its interval is. Each
+/// sample's outcome is logged at debug with its `attempts`, so that a
+/// fleet's retry rate can be read from its logs.
 #[derive(Default)]
 struct Outage {
+    /// Attempts that failed since the last delivery.
     failures: u64,
+    /// When the first of them failed.
+    since: Option<Instant>,
+    /// The outage's warning is out (a sample missed its interval).
+    announced: bool,
     skew_reported: bool,
 }
 
 impl Outage {
-    fn failed(&mut self, error: &SendError, retry_in: Option<Duration>) {
+    fn failed(&mut self, error: &SendError, attempts: u32, retry_in: Option<Duration>) {
         self.failures += 1;
+        self.since.get_or_insert_with(Instant::now);
         match retry_in {
-            Some(wait) if self.failures == 1 => {
-                tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "heartbeat not delivered; retrying with backoff")
-            }
             Some(wait) => {
-                tracing::debug!(%error, retry_in_ms = wait.as_millis() as u64, "retrying")
+                tracing::debug!(%error, attempts, retry_in_ms = wait.as_millis() as u64, "heartbeat attempt failed; retrying")
+            }
+            None if !self.announced => {
+                self.announced = true;
+                tracing::warn!(%error, attempts, "heartbeat not delivered within its interval; retrying with backoff (one line when delivered again)")
             }
             None => {
-                tracing::warn!(%error, failures = self.failures, "heartbeat not delivered before the next sample; dropping it for the newer one")
+                tracing::debug!(%error, attempts, "heartbeat not delivered within its interval; dropping it for the newer one")
             }
         }
     }
@@ -157,9 +174,13 @@ impl Outage {
     }
 
     fn recovered(&mut self) {
-        if self.failures > 0 || self.skew_reported {
+        let outage_ms = self
+            .since
+            .map_or(0, |since| since.elapsed().as_millis() as u64);
+        if self.announced || self.skew_reported {
             tracing::info!(
                 failed_attempts = self.failures,
+                outage_ms,
                 "heartbeats delivered again"
             );
         }

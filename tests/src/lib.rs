@@ -74,9 +74,14 @@ pub struct Server {
 impl Server {
     /// Starts `name` with `--listen 127.0.0.1:0` and waits for its address.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_on(name, "127.0.0.1:0", args, env)
+    }
+
+    /// [`Server::start`] listening on `listen`.
+    pub fn start_on(name: &str, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut command = Command::new(binary(name));
         command
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -164,6 +169,15 @@ impl Stack {
         Self::start_on(dir, &store_args, &[], ingest_args)
     }
 
+    /// [`Stack::start`] with both functions listening on `ip` (ephemeral
+    /// ports) instead of loopback: for hosts in other network namespaces.
+    pub fn start_listening_on(ip: &str) -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("rollcall.db").display().to_string();
+        let store_args: Vec<String> = vec!["--db".into(), db];
+        Self::start_listening(dir, &format!("{ip}:0"), &store_args, &[], &[])
+    }
+
     /// Both functions on a fresh DynamoDB table on the emulator.
     pub async fn start_dynamodb() -> Stack {
         let table = dynamodb_store(4).await.table().to_owned();
@@ -185,6 +199,16 @@ impl Stack {
         env: &[(String, String)],
         ingest_args: &[&str],
     ) -> Stack {
+        Self::start_listening(dir, "127.0.0.1:0", store_args, env, ingest_args)
+    }
+
+    fn start_listening(
+        dir: tempfile::TempDir,
+        listen: &str,
+        store_args: &[String],
+        env: &[(String, String)],
+        ingest_args: &[&str],
+    ) -> Stack {
         let secret = FleetSecret::from_bytes(
             (0..32u8)
                 .map(|i| i.wrapping_mul(7).wrapping_add(3))
@@ -200,9 +224,9 @@ impl Stack {
         let mut query_env = ingest_env.clone();
         ingest_env.push(("ROLLCALL_FLEET_SECRETS", &secrets));
         query_env.push(("ROLLCALL_QUERY_TOKENS", &token));
-        let ingest = Server::start("rollcall-ingest", &args, &ingest_env);
+        let ingest = Server::start_on("rollcall-ingest", listen, &args, &ingest_env);
         let store_only: Vec<&str> = store_args.iter().map(String::as_str).collect();
-        let query = Server::start("rollcall-query", &store_only, &query_env);
+        let query = Server::start_on("rollcall-query", listen, &store_only, &query_env);
         Stack {
             dir,
             secret,

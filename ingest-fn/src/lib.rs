@@ -1,4 +1,5 @@
-//! The ingest function: `POST /v1/heartbeats` (PROTOCOL.md §1) and `/healthz`.
+//! The ingest function: `POST /v1/heartbeats` (PROTOCOL.md §1), `/healthz`
+//! and `/openapi.json`.
 //!
 //! The handler is thin: it runs the protocol's checks (in `rollcall::verify`),
 //! asks the store for the newer-only write, then stores the optional history
@@ -24,6 +25,10 @@ use rollcall::wire::{Accepted, EXTENSION_HISTORY};
 
 use crate::keys::KeySource;
 
+/// This function's OpenAPI 3.1 document (PROTOCOL.md §3), served at
+/// `/openapi.json`; `tests/tests/openapi.rs` holds it to the router.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
 pub struct Ingest {
     /// The fleet secrets: fixed locally, fetched and refreshed in AWS.
     pub keyring: KeySource,
@@ -37,8 +42,12 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
     Router::new()
         .route("/v1/heartbeats", post(heartbeat))
         .route("/healthz", get(api::healthz))
+        .route(
+            "/openapi.json",
+            get(|| async { api::openapi_json(OPENAPI) }),
+        )
         .method_not_allowed_fallback(|| async {
-            api::method_not_allowed("POST for /v1/heartbeats, GET for /healthz")
+            api::method_not_allowed("POST for /v1/heartbeats, GET for /healthz and /openapi.json")
         })
         .fallback(api::not_found)
         .layer(axum::middleware::map_response(api::no_sniff_no_store))

@@ -1,8 +1,8 @@
 //! The query function: the capacity API of PROTOCOL.md §2.
 //!
 //! `GET /v1/agents`, `GET /v1/agents/{agent_id}`, its `/history`, and
-//! `GET /metrics` (see [`metrics`]) behind bearer tokens; `/healthz` and the
-//! live fleet page at `/` without. The handlers parse, ask the store, and shape the answer;
+//! `GET /metrics` (see [`metrics`]) behind bearer tokens; `/healthz`,
+//! `/openapi.json` and the live fleet page at `/` without. The handlers parse, ask the store, and shape the answer;
 //! the match rule and answer order live in `rollcall::capacity`.
 
 pub mod metrics;
@@ -26,6 +26,10 @@ use rollcall::wire::AgentPage;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+/// This function's OpenAPI 3.1 document (PROTOCOL.md §3), served at
+/// `/openapi.json`; `tests/tests/openapi.rs` holds it to the router.
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Query tokens shorter than this are refused at start-up.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -123,6 +127,10 @@ pub fn router(api: Arc<QueryApi>) -> Router {
     Router::new()
         .merge(protected)
         .route("/healthz", get(api::healthz))
+        .route(
+            "/openapi.json",
+            get(|| async { api::openapi_json(OPENAPI) }),
+        )
         .route("/", get(fleet_page))
         .method_not_allowed_fallback(|| async { api::method_not_allowed("GET") })
         .fallback(api::not_found)

@@ -111,6 +111,12 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `GET /openapi.json`: the function's OpenAPI document, the very file its
+/// crate keeps (`openapi.json`, compiled in), so the two cannot differ.
+pub fn openapi_json(document: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], document).into_response()
+}
+
 /// `GET /healthz`: no authentication and no store access, so it says only
 /// that the process answers.
 pub async fn healthz() -> Json<serde_json::Value> {

@@ -265,6 +265,14 @@ def test_health_checks_answer_without_credentials(stack):
         assert http("GET", f"{url}/healthz") == (200, {"ok": True})
 
 
+def test_each_function_serves_its_openapi_document_without_credentials(stack):
+    for url, kept in ((stack["ingest"], "ingest-fn/openapi.json"), (stack["query"], "query-fn/openapi.json")):
+        status, document = http("GET", f"{url}/openapi.json")
+        assert status == 200, document
+        assert document == json.loads((ROOT / kept).read_text()), f"{url}/openapi.json is not {kept}"
+        assert document["openapi"] == "3.1.0"
+
+
 def test_a_real_collector_reports_through_the_deployed_stack(stack):
     result = collector(stack, "stack-agent", "once", "--skip-cpu-usage", "--verbose")
     assert result.returncode == 0, result.stderr

@@ -316,9 +316,21 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, St
         Durability::Full => "FULL",
         Durability::Normal => "NORMAL",
     };
+    // The busy timeout first: switching a new file to WAL takes a lock, and
+    // ingest and query opening one file at the same moment must wait for
+    // each other rather than fail.
     connection
-        .execute_batch(&format!("PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; PRAGMA busy_timeout = 5000;"))
-        .map_err(|e| StoreError::Unavailable(format!("cannot configure {}: {e}", path.display())))?;
+        .busy_timeout(Duration::from_secs(5))
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot configure {}: {e}", path.display()))
+        })?;
+    connection
+        .execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous};"
+        ))
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot configure {}: {e}", path.display()))
+        })?;
     Ok(connection)
 }
 
@@ -470,4 +482,29 @@ fn decode(text: &str) -> Result<StoredAgent, StoreError> {
 
 fn unavailable(error: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `scripts/up` and a laptop's service manager start ingest and query
+    /// together on one new file: neither may fail for the other's lock.
+    #[test]
+    fn openers_of_one_new_file_wait_for_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..20 {
+            let path = dir.path().join(format!("race-{round}.db"));
+            let openers: Vec<_> = (0..3)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || SqliteStore::open(&path, Durability::Full).map(drop))
+                })
+                .collect();
+            for opener in openers {
+                let opened = opener.join().unwrap();
+                assert!(opened.is_ok(), "round {round}: {opened:?}");
+            }
+        }
+    }
 }

@@ -316,22 +316,31 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, St
         Durability::Full => "FULL",
         Durability::Normal => "NORMAL",
     };
-    // The busy timeout first: switching a new file to WAL takes a lock, and
-    // ingest and query opening one file at the same moment must wait for
-    // each other rather than fail.
+    // Switching a new file to WAL takes an exclusive lock, and SQLite answers
+    // "locked" at once, without its busy handler, when another connection
+    // holds the file for the same switch: ingest and query started together
+    // on one new file would fail. So that switch is retried for a while.
     connection
         .busy_timeout(Duration::from_secs(5))
-        .map_err(|e| {
-            StoreError::Unavailable(format!("cannot configure {}: {e}", path.display()))
-        })?;
-    connection
-        .execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous};"
-        ))
-        .map_err(|e| {
-            StoreError::Unavailable(format!("cannot configure {}: {e}", path.display()))
-        })?;
+        .map_err(|e| configure_error(path, e))?;
+    let pragmas = format!("PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous};");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match connection.execute_batch(&pragmas) {
+            Ok(()) => break,
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if error.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => return Err(configure_error(path, error)),
+        }
+    }
     Ok(connection)
+}
+
+fn configure_error(path: &Path, error: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(format!("cannot configure {}: {error}", path.display()))
 }
 
 fn run_writer(mut connection: Connection, commands: mpsc::Receiver<Command>) {

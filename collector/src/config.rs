@@ -134,92 +134,66 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
 
 impl Settings {
     pub fn resolve(file: FileConfig, overrides: Overrides) -> Result<Self, ConfigError> {
-        let endpoint = overrides.endpoint.or(file.endpoint);
-        if let Some(url) = &endpoint
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return Err(ConfigError::Invalid(format!(
-                "endpoint {url:?} must start with http:// or https://"
-            )));
-        }
-        let key_id = overrides.key_id.or(file.key_id);
-        if let Some(key_id) = &key_id
-            && !is_valid_id(key_id, MAX_KEY_ID_LEN)
-        {
-            return Err(ConfigError::Invalid(format!(
-                "key id {key_id:?} must be 1-32 characters of A-Z a-z 0-9 . _ -"
-            )));
-        }
-        let agent_key_text = match (
+        let endpoint = optional(
+            overrides.endpoint.or(file.endpoint),
+            |url| url.starts_with("http://") || url.starts_with("https://"),
+            |url| format!("endpoint {url:?} must start with http:// or https://"),
+        )?;
+        let key_id = optional(
+            overrides.key_id.or(file.key_id),
+            |id| is_valid_id(id, MAX_KEY_ID_LEN),
+            |id| format!("key id {id:?} must be 1-32 characters of A-Z a-z 0-9 . _ -"),
+        )?;
+        let agent_key = read_agent_key(
             overrides.agent_key,
             overrides.agent_key_file.or(file.agent_key_file),
-        ) {
-            (Some(key), _) => Some(key),
-            (None, Some(path)) => {
-                Some(
-                    std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                        path: path.clone(),
-                        source,
-                    })?,
-                )
-            }
-            (None, None) => None,
-        };
-        let agent_key = agent_key_text
-            .map(|text| AgentKey::from_hex(&text))
-            .transpose()
-            .map_err(|error| ConfigError::Invalid(format!("agent key: {error}")))?;
-        let agent_id = overrides.agent_id.or(file.agent_id);
-        if let Some(id) = &agent_id
-            && !is_valid_agent_id(id)
-        {
-            return Err(ConfigError::Invalid(format!(
-                "agent id {id:?} {AGENT_ID_RULE}"
-            )));
-        }
-        let pool = overrides
-            .pool
-            .or(file.pool)
-            .unwrap_or_else(|| DEFAULT_POOL.to_owned());
-        if !is_valid_id(&pool, MAX_POOL_LEN) {
-            return Err(ConfigError::Invalid(format!(
-                "pool {pool:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
-            )));
-        }
+        )?;
+        let agent_id = optional(
+            overrides.agent_id.or(file.agent_id),
+            |id| is_valid_agent_id(id),
+            |id| format!("agent id {id:?} {AGENT_ID_RULE}"),
+        )?;
+        let pool = checked(
+            overrides
+                .pool
+                .or(file.pool)
+                .unwrap_or_else(|| DEFAULT_POOL.to_owned()),
+            |pool| is_valid_id(pool, MAX_POOL_LEN),
+            |pool| format!("pool {pool:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+        )?;
         let labels = match overrides.labels {
             Some(pairs) => parse_labels(&pairs)?,
             None => file.labels.unwrap_or_default(),
         };
-        if labels.len() > MAX_LABELS {
-            return Err(ConfigError::Invalid(format!("at most {MAX_LABELS} labels")));
-        }
-        let interval_s = overrides
-            .interval_s
-            .or(file.interval_s)
-            .unwrap_or(DEFAULT_INTERVAL_S);
-        if !(1..=3600).contains(&interval_s) {
-            return Err(ConfigError::Invalid(format!(
-                "interval {interval_s}s must be 1-3600 seconds"
-            )));
-        }
-        let gpu_timeout_s = overrides
-            .gpu_timeout_s
-            .or(file.gpu_timeout_s)
-            .unwrap_or(DEFAULT_GPU_TIMEOUT_S);
-        if !(gpu_timeout_s.is_finite() && gpu_timeout_s > 0.0 && gpu_timeout_s <= 60.0) {
-            return Err(ConfigError::Invalid(format!(
-                "GPU timeout {gpu_timeout_s}s must be more than 0 and at most 60 seconds"
-            )));
-        }
-        let history_window_minutes = overrides
-            .history_window_minutes
-            .or(file.history_window_minutes)
-            .unwrap_or(DEFAULT_HISTORY_WINDOW_MINUTES);
-        if !(1..=30).contains(&history_window_minutes) {
-            return Err(ConfigError::Invalid(format!(
-                "history window {history_window_minutes} min must be 1-30 minutes"
-            )));
-        }
+        let labels = checked(
+            labels,
+            |labels| labels.len() <= MAX_LABELS,
+            |_| format!("at most {MAX_LABELS} labels"),
+        )?;
+        let interval_s = checked(
+            overrides
+                .interval_s
+                .or(file.interval_s)
+                .unwrap_or(DEFAULT_INTERVAL_S),
+            |s| (1..=3600).contains(s),
+            |s| format!("interval {s}s must be 1-3600 seconds"),
+        )?;
+        let gpu_timeout_s = checked(
+            overrides
+                .gpu_timeout_s
+                .or(file.gpu_timeout_s)
+                .unwrap_or(DEFAULT_GPU_TIMEOUT_S),
+            |s| s.is_finite() && *s > 0.0 && *s <= 60.0,
+            |s| format!("GPU timeout {s}s must be more than 0 and at most 60 seconds"),
+        )?;
+        let history_window_minutes = checked(
+            overrides
+                .history_window_minutes
+                .or(file.history_window_minutes)
+                .unwrap_or(DEFAULT_HISTORY_WINDOW_MINUTES),
+            |minutes| (1..=30).contains(minutes),
+            |minutes| format!("history window {minutes} min must be 1-30 minutes"),
+        )?;
         Ok(Settings {
             history_window_minutes,
             endpoint,
@@ -240,6 +214,47 @@ impl Settings {
                 .unwrap_or_else(default_state_dir),
         })
     }
+}
+
+/// `value` if `valid` says so, else the error `message` describes.
+fn checked<T>(
+    value: T,
+    valid: impl FnOnce(&T) -> bool,
+    message: impl FnOnce(&T) -> String,
+) -> Result<T, ConfigError> {
+    if valid(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Invalid(message(&value)))
+    }
+}
+
+/// [`checked`] for a setting that may be absent.
+fn optional<T>(
+    value: Option<T>,
+    valid: impl FnOnce(&T) -> bool,
+    message: impl FnOnce(&T) -> String,
+) -> Result<Option<T>, ConfigError> {
+    value
+        .map(|value| checked(value, valid, message))
+        .transpose()
+}
+
+/// The agent key from `ROLLCALL_AGENT_KEY`, else from its file.
+fn read_agent_key(
+    from_env: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<AgentKey>, ConfigError> {
+    let text = match (from_env, file) {
+        (Some(key), _) => key,
+        (None, Some(path)) => {
+            std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path, source })?
+        }
+        (None, None) => return Ok(None),
+    };
+    AgentKey::from_hex(&text)
+        .map(Some)
+        .map_err(|error| ConfigError::Invalid(format!("agent key: {error}")))
 }
 
 /// `key=value` pairs from `--label` or `ROLLCALL_LABELS`.

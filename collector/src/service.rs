@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use rollcall::heartbeat::AgentState;
+use rollcall::heartbeat::{AgentState, Heartbeat};
 use rollcall::wire::EXTENSION_HISTORY;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
@@ -40,10 +40,10 @@ pub async fn run(
     let mut history = History::new(identity.history_window_minutes);
     let mut next_due = Instant::now();
     let mut reported_state = AgentState::Up;
-    'samples: loop {
+    loop {
         tokio::select! {
             _ = sleep_until(next_due) => {}
-            _ = shutdown.wait_for(|stop| *stop) => break 'samples,
+            _ = shutdown.wait_for(|stop| *stop) => break,
         }
         let state = crate::drain::current_state(&identity.state_dir);
         if state != reported_state {
@@ -57,13 +57,52 @@ pub async fn run(
         history.record(&heartbeat);
         heartbeat.history = history.due(heartbeat.sent_at_ms / 60_000);
         next_due = Instant::now() + interval.mul_f64(0.9 + 0.2 * fastrand::f64());
+        let attempts = Attempts {
+            sender: &sender,
+            next_due,
+            retry_cap,
+        };
+        if let Delivery::ShuttingDown = attempts
+            .deliver(&heartbeat, &mut outage, &mut history, &mut shutdown)
+            .await
+        {
+            break;
+        }
+    }
+    send_leaving(&mut sampler, &identity, &sender, &mut history).await;
+}
+
+/// Why [`Attempts::deliver`] returned.
+enum Delivery {
+    /// Delivered, refused for good, or given up for the next sample.
+    Done,
+    ShuttingDown,
+}
+
+/// How one sample is delivered: to whom, and until when a retry may start.
+struct Attempts<'a> {
+    sender: &'a Sender,
+    next_due: Instant,
+    retry_cap: Duration,
+}
+
+impl Attempts<'_> {
+    /// Sends `heartbeat`, retrying with backoff while a retry can still
+    /// start before the next sample is due.
+    async fn deliver(
+        &self,
+        heartbeat: &Heartbeat,
+        outage: &mut Outage,
+        history: &mut History,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Delivery {
         let mut attempt = 0;
         loop {
             let result = tokio::select! {
-                result = sender.send(&heartbeat) => result,
-                _ = shutdown.wait_for(|stop| *stop) => break 'samples,
+                result = self.sender.send(heartbeat) => result,
+                _ = shutdown.wait_for(|stop| *stop) => return Delivery::ShuttingDown,
             };
-            match result {
+            let error = match result {
                 Ok(accepted) => {
                     // History is optional on ingest's side (PROTOCOL.md §3):
                     // what it could not store now rides along again.
@@ -77,38 +116,36 @@ pub async fn run(
                     }
                     outage.recovered();
                     tracing::debug!(attempts = attempt + 1, online_until = %accepted.online_until, "heartbeat accepted");
-                    break;
+                    return Delivery::Done;
                 }
-                Err(error) if error.is_stale() => {
-                    // A stale heartbeat stores nothing, history included: it goes out again.
-                    tracing::debug!(%error, "a newer heartbeat is already stored");
-                    break;
-                }
-                Err(error) if error.is_clock_skew() => {
-                    outage.clock_skew(&error);
-                    break;
-                }
-                Err(error) if !error.is_retryable() => {
-                    tracing::error!(%error, "heartbeat refused; fix the configuration (this sample is dropped)");
-                    break;
-                }
-                Err(error) => {
-                    let wait = backoff(attempt, RETRY_BASE, retry_cap);
-                    if Instant::now() + wait >= next_due {
-                        outage.failed(&error, attempt + 1, None);
-                        break;
-                    }
-                    outage.failed(&error, attempt + 1, Some(wait));
-                    attempt += 1;
-                    tokio::select! {
-                        _ = sleep(wait) => {}
-                        _ = shutdown.wait_for(|stop| *stop) => break 'samples,
-                    }
-                }
+                Err(error) => error,
+            };
+            if error.is_stale() {
+                // A stale heartbeat stores nothing, history included: it goes out again.
+                tracing::debug!(%error, "a newer heartbeat is already stored");
+                return Delivery::Done;
+            }
+            if error.is_clock_skew() {
+                outage.clock_skew(&error);
+                return Delivery::Done;
+            }
+            if !error.is_retryable() {
+                tracing::error!(%error, "heartbeat refused; fix the configuration (this sample is dropped)");
+                return Delivery::Done;
+            }
+            let wait = backoff(attempt, RETRY_BASE, self.retry_cap);
+            if Instant::now() + wait >= self.next_due {
+                outage.failed(&error, attempt + 1, None);
+                return Delivery::Done;
+            }
+            outage.failed(&error, attempt + 1, Some(wait));
+            attempt += 1;
+            tokio::select! {
+                _ = sleep(wait) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return Delivery::ShuttingDown,
             }
         }
     }
-    send_leaving(&mut sampler, &identity, &sender, &mut history).await;
 }
 
 async fn send_leaving(

@@ -220,6 +220,7 @@ fn scenario(collector_binary: &Path) {
     report.attempts("loss", loss_started, loss_ended);
     report.attempts("partition and heal", partition_started, leaving_started);
     report.one_line_each_for_outage_and_recovery(&partitioned, partition_started);
+    report.refused_attempts_are_retried(partition_started, healed);
     for collector in &mut collectors {
         collector.terminate();
     }
@@ -479,11 +480,15 @@ impl Collector {
     }
 
     fn lines_since(&self, since: Instant) -> Vec<String> {
+        self.lines_between(since, Instant::now() + Duration::from_secs(3600))
+    }
+
+    fn lines_between(&self, from: Instant, to: Instant) -> Vec<String> {
         self.log
             .lock()
             .unwrap()
             .iter()
-            .filter(|(at, _)| *at >= since)
+            .filter(|(at, _)| *at >= from && *at < to)
             .map(|(_, line)| line.clone())
             .collect()
     }
@@ -791,6 +796,25 @@ impl Report<'_> {
             most <= MAX_ATTEMPTS_PER_SAMPLE,
             "a sample took {most} attempts during {label}: a retry storm"
         );
+    }
+
+    /// Where the network refuses at once, a collector retries within the
+    /// interval rather than waiting for its next sample: each refused host
+    /// logged a sample that took more than one attempt while it was cut off.
+    fn refused_attempts_are_retried(&self, cut: Instant, healed: Instant) {
+        for &i in &REFUSED {
+            let most = self.collectors[i]
+                .lines_between(cut, healed)
+                .iter()
+                .filter(|line| line.contains("not delivered within its interval"))
+                .filter_map(|line| field(line, "attempts"))
+                .max();
+            assert!(
+                most.is_some_and(|most| most >= 2),
+                "{} never retried a refused heartbeat within its interval (most attempts: {most:?})",
+                agent_id(i)
+            );
+        }
     }
 
     /// A partitioned collector says once that it lost ingest and once that

@@ -18,38 +18,81 @@ pub const DEFAULT_INTERVAL_S: u32 = 30;
 pub const DEFAULT_GPU_TIMEOUT_S: f64 = 5.0;
 pub const DEFAULT_HISTORY_WINDOW_MINUTES: u64 = 5;
 
-/// The TOML file, every key optional.
-#[derive(Debug, Default, Deserialize)]
+/// Every setting but the agent key: one type that serde fills from the TOML
+/// file and clap from `ROLLCALL_*` and the flags (`rollcall-collector
+/// <command> --help` shows these docs), merged by [`Options::or`]. A field
+/// is `None` where its layer is silent; [`Settings::resolve`] applies the
+/// defaults and checks.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub struct Options {
+    /// Ingest's base URL, e.g. https://abc.lambda-url.eu-west-1.on.aws
+    #[arg(long, env = "ROLLCALL_ENDPOINT")]
     pub endpoint: Option<String>,
+    /// Id of the fleet secret this agent's key was derived from.
+    #[arg(long, env = "ROLLCALL_KEY_ID")]
     pub key_id: Option<String>,
+    /// File holding the agent key (hex); the key itself is only ever read from ROLLCALL_AGENT_KEY.
+    #[arg(long, env = "ROLLCALL_AGENT_KEY_FILE")]
     pub agent_key_file: Option<PathBuf>,
+    /// Agent id [default: <hostname>-<8 hex>, generated once and kept in the state folder]
+    #[arg(long, env = "ROLLCALL_AGENT_ID")]
     pub agent_id: Option<String>,
+    /// Pool this machine belongs to [default: default]
+    #[arg(long, env = "ROLLCALL_POOL")]
     pub pool: Option<String>,
-    pub labels: Option<BTreeMap<String, String>>,
+    /// A label key=value; repeat for more (ROLLCALL_LABELS takes a comma-separated list).
+    #[arg(long = "label", env = "ROLLCALL_LABELS", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "labels_table")]
+    pub labels: Option<Vec<String>>,
+    /// Seconds between heartbeats [default: 30]
+    #[arg(long = "interval", env = "ROLLCALL_INTERVAL_S")]
     pub interval_s: Option<u32>,
+    /// Seconds one GPU read may take before it is abandoned [default: 5]
+    #[arg(long = "gpu-timeout", env = "ROLLCALL_GPU_TIMEOUT_S")]
     pub gpu_timeout_s: Option<f64>,
+    /// Minutes of per-minute history sent together [default: 5]
+    #[arg(long = "history-window", env = "ROLLCALL_HISTORY_WINDOW_MINUTES")]
     pub history_window_minutes: Option<u64>,
+    /// Path whose file system is reported as the disk [default: /]
+    #[arg(long, env = "ROLLCALL_DISK_PATH")]
     pub disk_path: Option<PathBuf>,
+    /// Where the generated agent id is kept [default: /var/lib/rollcall as root, else ~/.local/state/rollcall]
+    #[arg(long, env = "ROLLCALL_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 }
 
-/// What the environment and flags said; `None` where they were silent.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub endpoint: Option<String>,
-    pub key_id: Option<String>,
-    pub agent_key: Option<String>,
-    pub agent_key_file: Option<PathBuf>,
-    pub agent_id: Option<String>,
-    pub pool: Option<String>,
-    pub labels: Option<Vec<String>>,
-    pub interval_s: Option<u32>,
-    pub gpu_timeout_s: Option<f64>,
-    pub history_window_minutes: Option<u64>,
-    pub disk_path: Option<PathBuf>,
-    pub state_dir: Option<PathBuf>,
+impl Options {
+    /// Each setting from `self` where it has one, else from `lower`: flags
+    /// and environment over the file.
+    pub fn or(self, lower: Options) -> Options {
+        Options {
+            endpoint: self.endpoint.or(lower.endpoint),
+            key_id: self.key_id.or(lower.key_id),
+            agent_key_file: self.agent_key_file.or(lower.agent_key_file),
+            agent_id: self.agent_id.or(lower.agent_id),
+            pool: self.pool.or(lower.pool),
+            labels: self.labels.or(lower.labels),
+            interval_s: self.interval_s.or(lower.interval_s),
+            gpu_timeout_s: self.gpu_timeout_s.or(lower.gpu_timeout_s),
+            history_window_minutes: self.history_window_minutes.or(lower.history_window_minutes),
+            disk_path: self.disk_path.or(lower.disk_path),
+            state_dir: self.state_dir.or(lower.state_dir),
+        }
+    }
+}
+
+/// The file's `labels = { site = "b2" }` as the flags give them, `site=b2`.
+fn labels_table<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    let table = Option::<BTreeMap<String, String>>::deserialize(deserializer)?;
+    Ok(table.map(|table| {
+        table
+            .into_iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect()
+    }))
 }
 
 #[derive(Debug, Clone)]
@@ -94,7 +137,7 @@ pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+pub fn read_file(path: &Path) -> Result<Options, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -133,63 +176,49 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
 }
 
 impl Settings {
-    pub fn resolve(file: FileConfig, overrides: Overrides) -> Result<Self, ConfigError> {
+    /// `options` (all layers merged) with defaults applied and every value
+    /// checked; `agent_key` is `ROLLCALL_AGENT_KEY`, which only the
+    /// environment may carry.
+    pub fn resolve(options: Options, agent_key: Option<String>) -> Result<Self, ConfigError> {
         let endpoint = optional(
-            overrides.endpoint.or(file.endpoint),
+            options.endpoint,
             |url| url.starts_with("http://") || url.starts_with("https://"),
             |url| format!("endpoint {url:?} must start with http:// or https://"),
         )?;
         let key_id = optional(
-            overrides.key_id.or(file.key_id),
+            options.key_id,
             |id| is_valid_id(id, MAX_KEY_ID_LEN),
             |id| format!("key id {id:?} must be 1-32 characters of A-Z a-z 0-9 . _ -"),
         )?;
-        let agent_key = read_agent_key(
-            overrides.agent_key,
-            overrides.agent_key_file.or(file.agent_key_file),
-        )?;
+        let agent_key = read_agent_key(agent_key, options.agent_key_file)?;
         let agent_id = optional(
-            overrides.agent_id.or(file.agent_id),
+            options.agent_id,
             |id| is_valid_agent_id(id),
             |id| format!("agent id {id:?} {AGENT_ID_RULE}"),
         )?;
         let pool = checked(
-            overrides
-                .pool
-                .or(file.pool)
-                .unwrap_or_else(|| DEFAULT_POOL.to_owned()),
+            options.pool.unwrap_or_else(|| DEFAULT_POOL.to_owned()),
             |pool| is_valid_id(pool, MAX_POOL_LEN),
             |pool| format!("pool {pool:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"),
         )?;
-        let labels = match overrides.labels {
-            Some(pairs) => parse_labels(&pairs)?,
-            None => file.labels.unwrap_or_default(),
-        };
         let labels = checked(
-            labels,
+            parse_labels(&options.labels.unwrap_or_default())?,
             |labels| labels.len() <= MAX_LABELS,
             |_| format!("at most {MAX_LABELS} labels"),
         )?;
         let interval_s = checked(
-            overrides
-                .interval_s
-                .or(file.interval_s)
-                .unwrap_or(DEFAULT_INTERVAL_S),
+            options.interval_s.unwrap_or(DEFAULT_INTERVAL_S),
             |s| (1..=3600).contains(s),
             |s| format!("interval {s}s must be 1-3600 seconds"),
         )?;
         let gpu_timeout_s = checked(
-            overrides
-                .gpu_timeout_s
-                .or(file.gpu_timeout_s)
-                .unwrap_or(DEFAULT_GPU_TIMEOUT_S),
+            options.gpu_timeout_s.unwrap_or(DEFAULT_GPU_TIMEOUT_S),
             |s| s.is_finite() && *s > 0.0 && *s <= 60.0,
             |s| format!("GPU timeout {s}s must be more than 0 and at most 60 seconds"),
         )?;
         let history_window_minutes = checked(
-            overrides
+            options
                 .history_window_minutes
-                .or(file.history_window_minutes)
                 .unwrap_or(DEFAULT_HISTORY_WINDOW_MINUTES),
             |minutes| (1..=30).contains(minutes),
             |minutes| format!("history window {minutes} min must be 1-30 minutes"),
@@ -204,14 +233,8 @@ impl Settings {
             labels,
             interval_s,
             gpu_timeout: Duration::from_secs_f64(gpu_timeout_s),
-            disk_path: overrides
-                .disk_path
-                .or(file.disk_path)
-                .unwrap_or_else(|| PathBuf::from("/")),
-            state_dir: overrides
-                .state_dir
-                .or(file.state_dir)
-                .unwrap_or_else(default_state_dir),
+            disk_path: options.disk_path.unwrap_or_else(|| PathBuf::from("/")),
+            state_dir: options.state_dir.unwrap_or_else(default_state_dir),
         })
     }
 }
@@ -306,19 +329,18 @@ pub fn default_state_dir() -> PathBuf {
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> Options {
+        toml::from_str(text).unwrap()
+    }
+
     #[test]
-    fn precedence_is_defaults_then_file_then_overrides() {
-        let file: FileConfig =
-            toml::from_str("pool = \"render\"\ninterval_s = 10\nlabels = { site = \"b2\" }\n")
-                .unwrap();
-        let settings = Settings::resolve(
-            file,
-            Overrides {
-                interval_s: Some(15),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    fn precedence_is_defaults_then_file_then_environment_and_flags() {
+        let file = parse("pool = \"render\"\ninterval_s = 10\nlabels = { site = \"b2\" }\n");
+        let flags = Options {
+            interval_s: Some(15),
+            ..Default::default()
+        };
+        let settings = Settings::resolve(flags.or(file), None).unwrap();
         assert_eq!(settings.pool, "render");
         assert_eq!(settings.interval_s, 15);
         assert_eq!(settings.labels.get("site").map(String::as_str), Some("b2"));
@@ -327,16 +349,42 @@ mod tests {
     }
 
     #[test]
+    fn flags_fill_the_same_type_as_the_file() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            options: Options,
+        }
+        let cli = Cli::parse_from([
+            "rollcall-collector",
+            "--label",
+            "site=b2",
+            "--label",
+            "rack=4",
+            "--interval",
+            "7",
+        ]);
+        let file = parse("interval_s = 10\nlabels = { room = \"3\" }\n");
+        let settings = Settings::resolve(cli.options.or(file), None).unwrap();
+        assert_eq!(settings.interval_s, 7);
+        // A list of labels replaces the file's, as any other setting does.
+        assert_eq!(settings.labels.keys().collect::<Vec<_>>(), ["rack", "site"]);
+    }
+
+    #[test]
     fn the_shipped_example_config_is_valid() {
-        let file: FileConfig = toml::from_str(include_str!("../dist/collector.toml")).unwrap();
-        let settings = Settings::resolve(file, Overrides::default()).unwrap();
+        let file = parse(include_str!("../dist/collector.toml"));
+        let settings = Settings::resolve(file, None).unwrap();
         assert_eq!(settings.key_id.as_deref(), Some("k1"));
         assert_eq!(settings.history_window_minutes, 5);
     }
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused_with_a_reason() {
-        assert!(toml::from_str::<FileConfig>("intervall_s = 3").is_err());
+        assert!(toml::from_str::<Options>("intervall_s = 3").is_err());
+        let bad_key = Settings::resolve(parse("labels = { \"a b\" = \"x\" }"), None);
+        assert!(bad_key.unwrap_err().to_string().contains("label key"));
     }
 
     #[test]
@@ -354,41 +402,32 @@ mod tests {
             assert!(!error.contains(&secret[..16]), "{error}");
             assert!(error.contains("line 2"), "{error}");
         }
-        let bad = |overrides: Overrides| {
-            Settings::resolve(FileConfig::default(), overrides)
-                .unwrap_err()
-                .to_string()
-        };
+        let bad = |options: Options| Settings::resolve(options, None).unwrap_err().to_string();
         assert!(
-            bad(Overrides {
+            bad(Options {
                 interval_s: Some(0),
                 ..Default::default()
             })
             .contains("interval")
         );
         assert!(
-            bad(Overrides {
+            bad(Options {
                 endpoint: Some("ftp://x".into()),
                 ..Default::default()
             })
             .contains("endpoint")
         );
+        let bad_key = Settings::resolve(Options::default(), Some("abc".into()));
+        assert!(bad_key.unwrap_err().to_string().contains("agent key"));
         assert!(
-            bad(Overrides {
-                agent_key: Some("abc".into()),
-                ..Default::default()
-            })
-            .contains("agent key")
-        );
-        assert!(
-            bad(Overrides {
+            bad(Options {
                 labels: Some(vec!["novalue".into()]),
                 ..Default::default()
             })
             .contains("label")
         );
         assert!(
-            bad(Overrides {
+            bad(Options {
                 gpu_timeout_s: Some(f64::NAN),
                 ..Default::default()
             })

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use rollcall::heartbeat::Heartbeat;
 use rollcall::signing::{AGENT_ID_RULE, FleetSecret, is_valid_agent_id};
-use rollcall_collector::config::{self, Overrides, Settings};
+use rollcall_collector::config::{self, Options, Settings};
 use rollcall_collector::drain;
 use rollcall_collector::sample::{GpuReaders, Identity, Sampler};
 use rollcall_collector::send::{self, Sender};
@@ -73,72 +73,29 @@ struct Common {
     /// Config file (TOML).
     #[arg(long, env = "ROLLCALL_CONFIG")]
     config: Option<PathBuf>,
-    /// Ingest's base URL, e.g. https://abc.lambda-url.eu-west-1.on.aws
-    #[arg(long, env = "ROLLCALL_ENDPOINT")]
-    endpoint: Option<String>,
-    /// Id of the fleet secret this agent's key was derived from.
-    #[arg(long, env = "ROLLCALL_KEY_ID")]
-    key_id: Option<String>,
-    /// File holding the agent key (hex); the key itself is only ever read from ROLLCALL_AGENT_KEY.
-    #[arg(long, env = "ROLLCALL_AGENT_KEY_FILE")]
-    agent_key_file: Option<PathBuf>,
-    /// Agent id [default: <hostname>-<8 hex>, generated once and kept in the state folder]
-    #[arg(long, env = "ROLLCALL_AGENT_ID")]
-    agent_id: Option<String>,
     /// Allow a plain http:// endpoint on another host. Anyone on the path then reads this
     /// machine's details and can hold heartbeats back or replay them; use https://.
     /// (http:// to loopback is always allowed.)
     #[arg(long, env = "ROLLCALL_INSECURE_PLAIN_HTTP")]
     insecure_plain_http: bool,
-    /// Pool this machine belongs to [default: default]
-    #[arg(long, env = "ROLLCALL_POOL")]
-    pool: Option<String>,
-    /// A label key=value; repeat for more (ROLLCALL_LABELS takes a comma-separated list).
-    #[arg(long = "label", env = "ROLLCALL_LABELS", value_delimiter = ',')]
-    labels: Option<Vec<String>>,
-    /// Seconds between heartbeats [default: 30]
-    #[arg(long = "interval", env = "ROLLCALL_INTERVAL_S")]
-    interval_s: Option<u32>,
-    /// Seconds one GPU read may take before it is abandoned [default: 5]
-    #[arg(long = "gpu-timeout", env = "ROLLCALL_GPU_TIMEOUT_S")]
-    gpu_timeout_s: Option<f64>,
-    /// Minutes of per-minute history sent together [default: 5]
-    #[arg(long = "history-window", env = "ROLLCALL_HISTORY_WINDOW_MINUTES")]
-    history_window_minutes: Option<u64>,
-    /// Path whose file system is reported as the disk [default: /]
-    #[arg(long, env = "ROLLCALL_DISK_PATH")]
-    disk_path: Option<PathBuf>,
-    /// Where the generated agent id is kept [default: /var/lib/rollcall as root, else ~/.local/state/rollcall]
-    #[arg(long, env = "ROLLCALL_STATE_DIR")]
-    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    options: Options,
 }
 
 impl Common {
+    /// Flags and environment (clap) over the config file over the defaults.
     fn settings(&self) -> anyhow::Result<Settings> {
         let file = match config::locate(self.config.as_deref()) {
             Some(path) => {
                 tracing::debug!(path = %path.display(), "reading config file");
                 config::read_file(&path)?
             }
-            None => config::FileConfig::default(),
+            None => Options::default(),
         };
-        let overrides = Overrides {
-            endpoint: self.endpoint.clone(),
-            key_id: self.key_id.clone(),
-            agent_key: std::env::var("ROLLCALL_AGENT_KEY")
-                .ok()
-                .filter(|key| !key.is_empty()),
-            agent_key_file: self.agent_key_file.clone(),
-            agent_id: self.agent_id.clone(),
-            pool: self.pool.clone(),
-            labels: self.labels.clone(),
-            interval_s: self.interval_s,
-            gpu_timeout_s: self.gpu_timeout_s,
-            history_window_minutes: self.history_window_minutes,
-            disk_path: self.disk_path.clone(),
-            state_dir: self.state_dir.clone(),
-        };
-        Ok(Settings::resolve(file, overrides)?)
+        let agent_key = std::env::var("ROLLCALL_AGENT_KEY")
+            .ok()
+            .filter(|key| !key.is_empty());
+        Ok(Settings::resolve(self.options.clone().or(file), agent_key)?)
     }
 }
 

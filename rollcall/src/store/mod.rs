@@ -131,18 +131,29 @@ impl StoreConfig {
     }
 }
 
+/// Which store a function keeps its records in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The embedded SQLite store.
+    Sqlite,
+    /// DynamoDB.
+    #[cfg(feature = "dynamodb")]
+    #[value(name = "dynamodb")]
+    DynamoDb,
+}
+
 /// The store flags both functions take.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreArgs {
     /// Store backend [default: dynamodb inside AWS Lambda, else sqlite]
-    #[arg(long, env = "ROLLCALL_STORE", value_parser = ["sqlite", "dynamodb"])]
-    pub store: Option<String>,
+    #[arg(long, env = "ROLLCALL_STORE", value_enum)]
+    pub store: Option<Backend>,
     /// SQLite database file of the embedded store (created if missing).
     #[arg(long, env = "ROLLCALL_DB", default_value = "rollcall.db")]
     pub db: PathBuf,
     /// SQLite: `full` fsyncs every commit (survives power loss); `normal` survives process crashes only.
-    #[arg(long, env = "ROLLCALL_DURABILITY", default_value = "full", value_parser = ["full", "normal"])]
-    pub durability: String,
+    #[arg(long, env = "ROLLCALL_DURABILITY", value_enum, default_value_t = Durability::Full)]
+    pub durability: Durability,
     /// DynamoDB table name.
     #[arg(long, env = "ROLLCALL_TABLE", default_value = "rollcall-agents")]
     pub table: String,
@@ -153,26 +164,25 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     pub fn config(&self) -> StoreConfig {
-        let kind = self.store.clone().unwrap_or_else(|| {
-            if crate::api::in_lambda() {
-                "dynamodb".into()
-            } else {
-                "sqlite".into()
-            }
-        });
-        match kind.as_str() {
+        let backend = self.store.unwrap_or({
             #[cfg(feature = "dynamodb")]
-            "dynamodb" => StoreConfig::DynamoDb {
+            if crate::api::in_lambda() {
+                Backend::DynamoDb
+            } else {
+                Backend::Sqlite
+            }
+            #[cfg(not(feature = "dynamodb"))]
+            Backend::Sqlite
+        });
+        match backend {
+            #[cfg(feature = "dynamodb")]
+            Backend::DynamoDb => StoreConfig::DynamoDb {
                 table: self.table.clone(),
                 shards: self.shards,
             },
-            _ => StoreConfig::Sqlite {
+            Backend::Sqlite => StoreConfig::Sqlite {
                 path: self.db.clone(),
-                durability: if self.durability == "normal" {
-                    Durability::Normal
-                } else {
-                    Durability::Full
-                },
+                durability: self.durability,
             },
         }
     }

@@ -26,7 +26,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const READ_BATCH: usize = 256;
 
 /// How hard a commit holds on to the disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Durability {
     /// fsync on every commit: an acknowledged heartbeat survives power loss.
     #[default]

@@ -3,8 +3,9 @@
 //! signs heartbeats the way any collector would.
 //!
 //! Binaries are found next to the test executable (`target/<profile>/`) and
-//! built first if needed (see [`binary`]). Tests of the routers alone serve
-//! them in-process instead ([`inprocess`]).
+//! built first if needed (see [`binary`]). Tests of what the functions answer
+//! serve the routers in-process instead ([`Stack::in_process`],
+//! [`Server::ingest_in_process`], [`inprocess`]): no build, no process.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -64,11 +65,21 @@ fn build_workspace_binaries(profile_dir: &Path) {
     });
 }
 
-/// A running server process whose log is captured for diagnostics.
+/// A running server: a process whose log is captured for diagnostics, or a
+/// router served inside this test process.
 pub struct Server {
-    child: Child,
+    running: Running,
     pub addr: SocketAddr,
     log: Arc<Mutex<String>>,
+}
+
+enum Running {
+    Process(Child),
+    /// A router served on a runtime of its own; no log of its own.
+    InProcess {
+        server: Option<inprocess::InProcess>,
+        runtime: Option<tokio::runtime::Runtime>,
+    },
 }
 
 impl Server {
@@ -116,7 +127,60 @@ impl Server {
                 );
             }
         };
-        Server { child, addr, log }
+        Server {
+            running: Running::Process(child),
+            addr,
+            log,
+        }
+    }
+
+    /// Ingest's router served inside this test process on an ephemeral
+    /// loopback port, through the same `serve_http` as the binary, on the
+    /// SQLite file `db`, with `secrets` as `ROLLCALL_FLEET_SECRETS` gives
+    /// them (`kid=hex[,kid2=hex]`).
+    pub fn ingest_in_process(db: &Path, secrets: &str) -> Server {
+        let keyring = rollcall::verify::Keyring::parse(secrets).expect("fleet secrets");
+        let store = open_sqlite(db);
+        Self::serve_in_process(move || {
+            rollcall_ingest::router(Arc::new(rollcall_ingest::Ingest {
+                keyring: rollcall_ingest::keys::KeySource::fixed(keyring),
+                deadlines: rollcall::record::Deadlines::default(),
+                history_retention_s: rollcall::store::DEFAULT_HISTORY_RETENTION_S,
+                store,
+            }))
+        })
+    }
+
+    /// Query's router in this process (see [`Server::ingest_in_process`]),
+    /// with `tokens` as `ROLLCALL_QUERY_TOKENS` gives them.
+    pub fn query_in_process(db: &Path, tokens: &str) -> Server {
+        let tokens = rollcall_query::Tokens::parse(tokens).expect("query tokens");
+        let store = open_sqlite(db);
+        let cursor_key: Vec<u8> = (0..32).collect();
+        Self::serve_in_process(move || {
+            rollcall_query::router(Arc::new(rollcall_query::QueryApi::new(
+                rollcall::secrets::Secret::fixed(tokens),
+                &cursor_key,
+                store,
+            )))
+        })
+    }
+
+    fn serve_in_process(router: impl FnOnce() -> axum::Router) -> Server {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime for the router");
+        let server = runtime.block_on(async { inprocess::InProcess::serve(router()).await });
+        Server {
+            addr: server.addr,
+            running: Running::InProcess {
+                server: Some(server),
+                runtime: Some(runtime),
+            },
+            log: Arc::default(),
+        }
     }
 
     pub fn log(&self) -> String {
@@ -127,17 +191,27 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
-    /// SIGKILL: no shutdown, no flush, as in a crash.
+    /// SIGKILL: no shutdown, no flush, as in a crash (in process: the
+    /// serving task is aborted).
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.running {
+            Running::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Running::InProcess { server, runtime } => {
+                drop(server.take());
+                if let Some(runtime) = runtime.take() {
+                    runtime.shutdown_background();
+                }
+            }
+        }
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -150,9 +224,47 @@ pub struct Stack {
     pub query: Server,
 }
 
+fn open_sqlite(db: &Path) -> Arc<dyn rollcall::store::Store> {
+    Arc::new(
+        rollcall::store::SqliteStore::open(db, rollcall::store::Durability::Full)
+            .expect("open the store"),
+    )
+}
+
+/// The fleet secret and query token every test stack uses.
+fn test_credentials() -> (FleetSecret, String) {
+    let secret = FleetSecret::from_bytes(
+        (0..32u8)
+            .map(|i| i.wrapping_mul(7).wrapping_add(3))
+            .collect(),
+    )
+    .unwrap();
+    (secret, "test-token-0123456789abcdef".to_owned())
+}
+
 impl Stack {
     pub fn start() -> Stack {
         Self::start_with(&[])
+    }
+
+    /// Ingest's and query's routers served inside this test process on
+    /// ephemeral loopback ports, through the same `serve_http` as the
+    /// binaries (as mini-redis's tests start their server), on one embedded
+    /// store: nothing to build first. For what the functions answer; tests of
+    /// processes (signals, crashes, logs, flags) use [`Stack::start`].
+    pub fn in_process() -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (secret, token) = test_credentials();
+        let db = dir.path().join("rollcall.db");
+        let ingest = Server::ingest_in_process(&db, &format!("{KEY_ID}={}", secret.to_hex()));
+        let query = Server::query_in_process(&db, &token);
+        Stack {
+            dir,
+            secret,
+            token,
+            ingest,
+            query,
+        }
     }
 
     /// Both functions on the SQLite file `db`.
@@ -209,13 +321,7 @@ impl Stack {
         env: &[(String, String)],
         ingest_args: &[&str],
     ) -> Stack {
-        let secret = FleetSecret::from_bytes(
-            (0..32u8)
-                .map(|i| i.wrapping_mul(7).wrapping_add(3))
-                .collect(),
-        )
-        .unwrap();
-        let token = "test-token-0123456789abcdef".to_owned();
+        let (secret, token) = test_credentials();
         let secrets = format!("{KEY_ID}={}", secret.to_hex());
         let mut args: Vec<&str> = store_args.iter().map(String::as_str).collect();
         args.extend_from_slice(ingest_args);

@@ -380,7 +380,7 @@ fn run_all(stack: &Stack) {
 
 #[test]
 fn hostile_input_changes_nothing_in_sqlite() {
-    run_all(&Stack::start());
+    run_all(&Stack::in_process());
 }
 
 #[test]

@@ -48,7 +48,7 @@ fn seed(stack: &Stack) {
 
 #[test]
 fn filters_and_order() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     seed(&stack);
     let q = |query: &str| ids(&stack.get(&format!("/v1/agents?{query}")).json());
     assert_eq!(q(""), ["big", "radeon", "twin12", "cpuonly"]);
@@ -103,7 +103,7 @@ fn filters_and_order() {
 
 #[test]
 fn pages_cover_every_match_once() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     for i in 0..25u64 {
         let mut body = heartbeat(&format!("node-{i:02}"), now_ms());
         // Ties on purpose: paging must still be stable.
@@ -133,7 +133,7 @@ fn pages_cover_every_match_once() {
 
 #[test]
 fn bad_parameters_answer_400_naming_them() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     seed(&stack);
     for (query, param) in [
         ("min_gpu_vram_gb=-1", "min_gpu_vram_gb"),
@@ -169,7 +169,7 @@ fn bad_parameters_answer_400_naming_them() {
 
 #[test]
 fn authentication_and_single_agents() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     seed(&stack);
     let addr = stack.query.addr;
     let no_token = request(addr, "GET", "/v1/agents", &[], b"");
@@ -221,7 +221,7 @@ fn authentication_and_single_agents() {
 
 #[test]
 fn metrics_expose_the_fleet_to_prometheus_behind_the_token() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     seed(&stack);
     let addr = stack.query.addr;
     assert_eq!(request(addr, "GET", "/metrics", &[], b"").status, 401);
@@ -274,7 +274,7 @@ fn metrics_expose_the_fleet_to_prometheus_behind_the_token() {
 
 #[test]
 fn history_comes_back_per_minute_and_stays_out_of_the_record() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     let now = now_ms();
     let minute = now / 60_000;
     let spread = json!({"min": 0.5, "avg": 1.0, "max": 1.5});
@@ -324,7 +324,7 @@ fn history_comes_back_per_minute_and_stays_out_of_the_record() {
 
 #[test]
 fn every_answer_forbids_sniffing_and_caching_and_the_page_allows_only_its_own_script() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     let auth = format!("Bearer {}", stack.token);
     for (server, path, headers) in [
         (

@@ -76,7 +76,7 @@ impl<'a> Victim<'a> {
 
 #[test]
 fn transport_checks_come_first() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     let victim = Victim::new(&stack);
     let body = victim.newer().to_string();
     let headers = victim.signed_headers(AGENT, body.as_bytes(), now_s());
@@ -117,7 +117,7 @@ fn transport_checks_come_first() {
 
 #[test]
 fn header_and_signature_checks() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     let victim = Victim::new(&stack);
     let body = victim.newer().to_string();
     let headers = victim.signed_headers(AGENT, body.as_bytes(), now_s());
@@ -203,7 +203,7 @@ fn header_and_signature_checks() {
 
 #[test]
 fn body_checks_name_the_field() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     let victim = Victim::new(&stack);
     let post =
         |body: &[u8]| victim.send("POST", &victim.signed_headers(AGENT, body, now_s()), body);
@@ -282,7 +282,7 @@ fn body_checks_name_the_field() {
 
 #[test]
 fn replays_and_reordered_heartbeats_are_conflicts() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     let victim = Victim::new(&stack);
     let same = heartbeat(AGENT, victim.stored_sent_at_ms);
     victim.assert_refused(
@@ -312,7 +312,7 @@ fn replays_and_reordered_heartbeats_are_conflicts() {
 
 #[test]
 fn accepted_heartbeats_answer_202_with_the_deadline() {
-    let stack = Stack::start();
+    let stack = Stack::in_process();
     let body = heartbeat("fresh", now_ms()).to_string();
     let timestamp = now_s().to_string();
     let signature = stack.agent_key("fresh").signature_header(

@@ -2,15 +2,14 @@
 //! the old one, re-key collectors, retire the old one. Query tokens rotate the
 //! same way.
 
+use std::path::Path;
+
 use rollcall::signing::{AgentKey, FleetSecret};
 use rollcall_tests::{Server, heartbeat, now_ms, now_s, request};
 
-fn ingest(db: &str, secrets: &str) -> Server {
-    Server::start(
-        "rollcall-ingest",
-        &["--db", db],
-        &[("ROLLCALL_FLEET_SECRETS", secrets)],
-    )
+/// Ingest (re)started on `db` with `secrets` as ROLLCALL_FLEET_SECRETS holds them.
+fn ingest(db: &Path, secrets: &str) -> Server {
+    Server::ingest_in_process(db, secrets)
 }
 
 fn send(server: &Server, key_id: &str, secret: &FleetSecret, agent: &str) -> (u16, String) {
@@ -47,7 +46,7 @@ fn send_signed(server: &Server, key_id: &str, key: &AgentKey, agent: &str) -> (u
 #[test]
 fn fleet_secrets_rotate_without_downtime_and_the_old_one_stops_working() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("rotation.db").display().to_string();
+    let db = dir.path().join("rotation.db");
     let old = FleetSecret::from_bytes(vec![1; 32]).unwrap();
     let new = FleetSecret::from_bytes(vec![2; 32]).unwrap();
 
@@ -79,7 +78,7 @@ fn fleet_secrets_rotate_without_downtime_and_the_old_one_stops_working() {
 #[test]
 fn query_tokens_rotate_the_same_way() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("tokens.db").display().to_string();
+    let db = dir.path().join("tokens.db");
     let (old, new) = ("old-token-0123456789abcdef", "new-token-0123456789abcdef");
     let status = |server: &Server, token: &str| {
         request(
@@ -92,20 +91,12 @@ fn query_tokens_rotate_the_same_way() {
         .status
     };
 
-    let both = Server::start(
-        "rollcall-query",
-        &["--db", &db],
-        &[("ROLLCALL_QUERY_TOKENS", &format!("{old},{new}"))],
-    );
+    let both = Server::query_in_process(&db, &format!("{old},{new}"));
     assert_eq!(status(&both, old), 200);
     assert_eq!(status(&both, new), 200);
     drop(both);
 
-    let only_new = Server::start(
-        "rollcall-query",
-        &["--db", &db],
-        &[("ROLLCALL_QUERY_TOKENS", new)],
-    );
+    let only_new = Server::query_in_process(&db, new);
     assert_eq!(status(&only_new, old), 401);
     assert_eq!(status(&only_new, new), 200);
 }

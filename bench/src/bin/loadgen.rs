@@ -85,6 +85,25 @@ struct Tally {
     errors: u64,
 }
 
+impl Tally {
+    fn merge(&mut self, part: Tally) {
+        self.latencies_us.extend(part.latencies_us);
+        for (status, count) in part.statuses {
+            *self.statuses.entry(status).or_default() += count;
+        }
+        self.errors += part.errors;
+    }
+
+    /// Answers whose status satisfies `which`.
+    fn count(&self, which: impl Fn(u16) -> bool) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(status, _)| which(**status))
+            .map(|(_, count)| count)
+            .sum()
+    }
+}
+
 fn loopback(url: &str) -> anyhow::Result<SocketAddr> {
     let rest = url
         .strip_prefix("http://")
@@ -406,20 +425,46 @@ async fn main() -> anyhow::Result<()> {
         )?,
         Target::Pushgateway => FleetSecret::from_bytes(vec![0; 32])?,
     };
-    let agents: Arc<Vec<Agent>> = Arc::new(
-        (0..args.agents)
-            .map(|n| {
-                let id = format!("{}-{n:06}", args.prefix);
-                Agent {
-                    key: secret.derive_agent_key(&id),
-                    id,
-                    last_sent: AtomicU64::new(0),
-                    last_acknowledged: AtomicU64::new(0),
-                }
-            })
-            .collect(),
-    );
+    let agents = Arc::new(fleet(&args, &secret));
+    let run = drive(Arc::clone(&args), addr, Arc::clone(&agents)).await?;
+    let (checked, lost) = match &args.query {
+        Some(query) if args.target == Target::Rollcall => check_losses(query, &agents).await?,
+        _ => (0, 0),
+    };
+    let server_errors = run.tally.count(|status| status >= 500);
+    report(&args, &run, checked, lost);
+    if lost > 0 || server_errors > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
 
+/// The simulated agents, each with the key its id derives.
+fn fleet(args: &Args, secret: &FleetSecret) -> Vec<Agent> {
+    (0..args.agents)
+        .map(|n| {
+            let id = format!("{}-{n:06}", args.prefix);
+            Agent {
+                key: secret.derive_agent_key(&id),
+                id,
+                last_sent: AtomicU64::new(0),
+                last_acknowledged: AtomicU64::new(0),
+            }
+        })
+        .collect()
+}
+
+/// What one load run did.
+struct Run {
+    tally: Tally,
+    seconds: f64,
+    /// Sends the scheduler made more than 100 ms late.
+    late: u64,
+}
+
+/// Runs the load: on a schedule (`--rate` / `--interval-s`), or as fast as
+/// the connections go (closed loop); returns everything the workers counted.
+async fn drive(args: Arc<Args>, addr: SocketAddr, agents: Arc<Vec<Agent>>) -> anyhow::Result<Run> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.duration_s);
     let closed_loop = args.rate.is_none() && args.interval_s <= 0.0;
@@ -446,76 +491,60 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut tally = Tally::default();
     for worker in workers {
-        let part = worker.await?;
-        tally.latencies_us.extend(part.latencies_us);
-        for (status, count) in part.statuses {
-            *tally.statuses.entry(status).or_default() += count;
-        }
-        tally.errors += part.errors;
+        tally.merge(worker.await?);
     }
-    let elapsed = started.elapsed().as_secs_f64();
     tally.latencies_us.sort_unstable();
-    let accepted = tally
-        .statuses
-        .iter()
-        .filter(|(s, _)| matches!(**s, 200 | 202))
-        .map(|(_, c)| *c)
-        .sum::<u64>();
-    let server_errors: u64 = tally
-        .statuses
-        .iter()
-        .filter(|(s, _)| **s >= 500)
-        .map(|(_, c)| *c)
-        .sum();
-    let (checked, lost) = match &args.query {
-        Some(query) if args.target == Target::Rollcall => check_losses(query, &agents).await?,
-        _ => (0, 0),
-    };
-    let summary = serde_json::json!({
-        "target": format!("{:?}", args.target).to_lowercase(),
-        "agents": args.agents,
-        "connections": args.connections,
-        "seconds": elapsed,
-        "requests": tally.latencies_us.len(),
-        "accepted": accepted,
-        "accepted_per_s": accepted as f64 / elapsed,
-        "latency_ms": {
-            "p50": percentile(&tally.latencies_us, 0.50),
-            "p99": percentile(&tally.latencies_us, 0.99),
-            "max": percentile(&tally.latencies_us, 1.0),
-        },
-        "statuses": tally.statuses.iter().map(|(s, c)| (s.to_string(), *c)).collect::<BTreeMap<_, _>>(),
-        "server_errors": server_errors,
-        "connection_errors": tally.errors,
-        "late_sends": late,
-        "loss_check": {"agents_checked": checked, "lost": lost},
-    });
+    Ok(Run {
+        tally,
+        seconds: started.elapsed().as_secs_f64(),
+        late,
+    })
+}
+
+/// Prints the run's figures: one JSON object with `--json`, else sentences.
+fn report(args: &Args, run: &Run, checked: usize, lost: usize) {
+    let Run {
+        tally,
+        seconds,
+        late,
+    } = run;
+    let accepted = tally.count(|status| matches!(status, 200 | 202));
+    let latency = |q: f64| percentile(&tally.latencies_us, q);
     if args.json {
+        let summary = serde_json::json!({
+            "target": format!("{:?}", args.target).to_lowercase(),
+            "agents": args.agents,
+            "connections": args.connections,
+            "seconds": seconds,
+            "requests": tally.latencies_us.len(),
+            "accepted": accepted,
+            "accepted_per_s": accepted as f64 / seconds,
+            "latency_ms": {"p50": latency(0.50), "p99": latency(0.99), "max": latency(1.0)},
+            "statuses": tally.statuses.iter().map(|(s, c)| (s.to_string(), *c)).collect::<BTreeMap<_, _>>(),
+            "server_errors": tally.count(|status| status >= 500),
+            "connection_errors": tally.errors,
+            "late_sends": late,
+            "loss_check": {"agents_checked": checked, "lost": lost},
+        });
         println!("{summary}");
-    } else {
-        println!(
-            "{} agents over {} connections for {:.1} s: {} accepted ({:.0}/s), latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            args.agents,
-            args.connections,
-            elapsed,
-            accepted,
-            accepted as f64 / elapsed,
-            percentile(&tally.latencies_us, 0.5),
-            percentile(&tally.latencies_us, 0.99),
-            percentile(&tally.latencies_us, 1.0)
-        );
-        println!(
-            "statuses: {:?}; connection errors: {}; sends more than 100 ms late: {late}",
-            tally.statuses, tally.errors
-        );
-        if args.query.is_some() {
-            println!(
-                "loss check: {checked} agents checked, {lost} with a stored sent_at_ms other than their last acknowledged one"
-            );
-        }
+        return;
     }
-    if lost > 0 || server_errors > 0 {
-        std::process::exit(1);
+    println!(
+        "{} agents over {} connections for {seconds:.1} s: {accepted} accepted ({:.0}/s), latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        args.agents,
+        args.connections,
+        accepted as f64 / seconds,
+        latency(0.5),
+        latency(0.99),
+        latency(1.0)
+    );
+    println!(
+        "statuses: {:?}; connection errors: {}; sends more than 100 ms late: {late}",
+        tally.statuses, tally.errors
+    );
+    if args.query.is_some() {
+        println!(
+            "loss check: {checked} agents checked, {lost} with a stored sent_at_ms other than their last acknowledged one"
+        );
     }
-    Ok(())
 }

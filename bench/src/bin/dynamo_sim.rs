@@ -375,24 +375,36 @@ fn run_model(agents: usize, hours: f64, seed: u64) -> anyhow::Result<()> {
         100.0 * crossed as f64 / heartbeats as f64
     );
     println!();
+    let names: Vec<&str> = designs.iter().map(|(name, _, _)| *name).collect();
+    print_designs(&names, &totals, &busiest_index_step, agents, heartbeats);
+    Ok(())
+}
+
+/// The model's table: units per steady-state heartbeat under each design.
+fn print_designs(
+    names: &[&str],
+    totals: &[WriteUnits],
+    busiest_index_step: &[u64],
+    agents: usize,
+    heartbeats: u64,
+) {
     println!(
         "| index design | table units | index units | write units per heartbeat | busiest interval, index units per heartbeat |"
     );
     println!("| --- | --- | --- | --- | --- |");
-    for (design, (name, _, _)) in designs.iter().enumerate() {
-        let per = |units: u64| units as f64 / heartbeats as f64;
+    let per = |units: u64| units as f64 / heartbeats as f64;
+    for ((name, total), busiest) in names.iter().zip(totals).zip(busiest_index_step) {
         println!(
             "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |",
-            per(totals[design].table),
-            per(totals[design].indexes),
-            per(totals[design].total()),
-            busiest_index_step[design] as f64 / agents as f64
+            per(total.table),
+            per(total.indexes),
+            per(total.total()),
+            *busiest as f64 / agents as f64
         );
     }
     println!(
         "\n(the chosen design also reads the item before writing it: 0.5 read units, priced like a tenth of a write unit)"
     );
-    Ok(())
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -407,6 +419,18 @@ async fn run_emulator(
     concurrency: usize,
     seed: u64,
 ) -> anyhow::Result<()> {
+    let store = Arc::new(emulator_store(shards, seed).await?);
+    store.create_table().await?;
+    let mut fleet = Fleet::new(agents, seed);
+    let start_ms = u64::try_from(rollcall::time::now_ms())? - u64::from(intervals) * INTERVAL_MS;
+    write_intervals(&store, &mut fleet, start_ms, intervals, concurrency).await?;
+    let now_ms = (start_ms + u64::from(intervals) * INTERVAL_MS) as i64 + 1000;
+    measure_queries(&store, &fleet, shards, now_ms, queries).await
+}
+
+/// The real store on a fresh table of the emulator `AWS_ENDPOINT_URL` names,
+/// which must be on this machine.
+async fn emulator_store(shards: u32, seed: u64) -> anyhow::Result<DynamoStore> {
     let endpoint = std::env::var("AWS_ENDPOINT_URL")
         .context("set AWS_ENDPOINT_URL to the emulator, e.g. http://127.0.0.1:4566")?;
     let host = endpoint
@@ -432,14 +456,22 @@ async fn run_emulator(
         .await;
     let client = aws_sdk_dynamodb::Client::new(&config);
     let table = format!("rollcall-sim-{}-{}", std::process::id(), seed);
-    let store = Arc::new(DynamoStore::new(client, table.clone(), shards));
-    store.create_table().await?;
-    let mut fleet = Fleet::new(agents, seed);
-    let start_ms = u64::try_from(rollcall::time::now_ms())? - u64::from(intervals) * INTERVAL_MS;
+    Ok(DynamoStore::new(client, table, shards))
+}
+
+/// Writes every agent's heartbeat once per interval through the store, the
+/// fleet moving in between; prints the write units of each interval and of
+/// all but the first (each agent's first heartbeat is a one-off).
+async fn write_intervals(
+    store: &Arc<DynamoStore>,
+    fleet: &mut Fleet,
+    start_ms: u64,
+    intervals: u32,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let agents = fleet.agents.len();
     let mut computed = WriteUnits::default();
-    let mut steady = 0u64;
-    let mut disagreements = 0u64;
-    let mut read_units_total = 0.0;
+    let (mut steady, mut disagreements, mut read_units_total) = (0u64, 0u64, 0.0);
     let started = Instant::now();
     for interval in 0..=intervals {
         if interval > 0 {
@@ -449,47 +481,19 @@ async fn run_emulator(
         let heartbeats: Vec<StoredAgent> = (0..agents)
             .map(|index| fleet.heartbeat(index, sent_ms))
             .collect::<anyhow::Result<_>>()?;
-        let heartbeats = Arc::new(heartbeats);
-        let mut workers = tokio::task::JoinSet::new();
-        for worker in 0..concurrency {
-            let (store, heartbeats) = (Arc::clone(&store), Arc::clone(&heartbeats));
-            workers.spawn(async move {
-                let mut units = WriteUnits::default();
-                let mut read_units = 0.0;
-                let mut disagreements = 0u64;
-                for agent in heartbeats.iter().skip(worker).step_by(concurrency) {
-                    let (_, cost) = store.upsert_measured(agent).await?;
-                    units.table += cost.computed.table;
-                    units.indexes += cost.computed.indexes;
-                    read_units += cost.read_units;
-                    disagreements += u64::from(
-                        cost.reported_table
-                            .is_some_and(|reported| reported != cost.computed.table as f64),
-                    );
-                }
-                anyhow::Ok((units, read_units, disagreements))
-            });
-        }
-        let mut this_interval = WriteUnits::default();
-        while let Some(done) = workers.join_next().await {
-            let (units, reads, disagree) = done??;
-            this_interval.table += units.table;
-            this_interval.indexes += units.indexes;
-            if interval > 0 {
-                read_units_total += reads;
-                disagreements += disagree;
-            }
-        }
+        let (units, reads, disagree) = write_interval(store, heartbeats, concurrency).await?;
         if interval > 0 {
             // The first interval after the first heartbeats also marks every
             // wandering display's entry inexact, once.
             println!(
                 "interval {interval}: {:.4} write units per heartbeat",
-                this_interval.total() as f64 / agents as f64
+                units.total() as f64 / agents as f64
             );
-            computed.table += this_interval.table;
-            computed.indexes += this_interval.indexes;
+            computed.table += units.table;
+            computed.indexes += units.indexes;
             steady += agents as u64;
+            read_units_total += reads;
+            disagreements += disagree;
         }
         eprintln!(
             "interval {interval}: {agents} heartbeats written ({:.0} s so far)",
@@ -498,22 +502,67 @@ async fn run_emulator(
     }
     let per = |units: u64| units as f64 / steady.max(1) as f64;
     println!(
-        "{agents} agents on the emulator, {shards} shards: {steady} steady-state heartbeats written through the store: {:.4} table + {:.4} index = {:.4} write units per heartbeat (computed from each write's old item), and {:.2} read units; the emulator's table figure disagreed with the model {disagreements} times",
+        "{agents} agents on the emulator, {} shards: {steady} steady-state heartbeats written through the store: {:.4} table + {:.4} index = {:.4} write units per heartbeat (computed from each write's old item), and {:.2} read units; the emulator's table figure disagreed with the model {disagreements} times",
+        store.index_shards(),
         per(computed.table),
         per(computed.indexes),
         per(computed.total()),
         read_units_total / steady.max(1) as f64
     );
+    Ok(())
+}
 
-    // 5 % of the fleet have at least this much free on one GPU.
-    let mut free: Vec<u64> = (0..agents)
-        .map(|index| fleet.agents[index].free_mb().into_iter().max().unwrap_or(0))
-        .collect();
-    free.sort_unstable_by(|a, b| b.cmp(a));
-    let bound_mb = free[(agents / 20).max(1) - 1];
-    let matching = free.iter().filter(|mb| **mb >= bound_mb).count();
+/// One interval's heartbeats written by `concurrency` writers: the write
+/// units computed, the read units, and how often the emulator's own table
+/// figure disagreed with the computed one.
+async fn write_interval(
+    store: &Arc<DynamoStore>,
+    heartbeats: Vec<StoredAgent>,
+    concurrency: usize,
+) -> anyhow::Result<(WriteUnits, f64, u64)> {
+    let heartbeats = Arc::new(heartbeats);
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..concurrency {
+        let (store, heartbeats) = (Arc::clone(store), Arc::clone(&heartbeats));
+        workers.spawn(async move {
+            let (mut units, mut read_units, mut disagreements) = (WriteUnits::default(), 0.0, 0u64);
+            for agent in heartbeats.iter().skip(worker).step_by(concurrency) {
+                let (_, cost) = store.upsert_measured(agent).await?;
+                units.table += cost.computed.table;
+                units.indexes += cost.computed.indexes;
+                read_units += cost.read_units;
+                disagreements += u64::from(
+                    cost.reported_table
+                        .is_some_and(|reported| reported != cost.computed.table as f64),
+                );
+            }
+            anyhow::Ok((units, read_units, disagreements))
+        });
+    }
+    let (mut total, mut reads, mut disagreements) = (WriteUnits::default(), 0.0, 0u64);
+    while let Some(done) = workers.join_next().await {
+        let (units, read_units, disagree) = done??;
+        total.table += units.table;
+        total.indexes += units.indexes;
+        reads += read_units;
+        disagreements += disagree;
+    }
+    Ok((total, reads, disagreements))
+}
+
+/// The first page of 100 of a query matching 5 % of the fleet and of one
+/// with no filter, `queries` times each: reads and latency, beside what the
+/// earlier exact-rank index read for the same page.
+async fn measure_queries(
+    store: &DynamoStore,
+    fleet: &Fleet,
+    shards: u32,
+    now_ms: i64,
+    queries: usize,
+) -> anyhow::Result<()> {
+    let agents = fleet.agents.len();
+    let (bound_mb, matching) = top_five_percent(fleet);
     let bound_gb = (bound_mb as f64 / 1024.0 * 1e6).floor() / 1e6;
-    let now_ms = (start_ms + u64::from(intervals) * INTERVAL_MS) as i64 + 1000;
     let last_sizes: HashMap<String, usize> = (0..agents)
         .map(|index| {
             let stored = fleet.heartbeat(index, now_ms as u64)?;
@@ -531,9 +580,7 @@ async fn run_emulator(
     ] {
         let query = CapacityQuery::from_query_string(&text)
             .map_err(|e| anyhow::anyhow!("query {text}: {e:?}"))?;
-        let mut latencies = Vec::new();
-        let mut cost = ReadCost::default();
-        let mut answers = 0;
+        let (mut latencies, mut cost, mut answers) = (Vec::new(), ReadCost::default(), 0);
         for _ in 0..queries {
             let started = Instant::now();
             let (page, page_cost) = store.query_measured(&query, None, now_ms).await?;
@@ -542,7 +589,7 @@ async fn run_emulator(
             answers = page.agents.len();
         }
         latencies.sort_by(f64::total_cmp);
-        let before = earlier_design_page_units(&fleet, &last_sizes, bound, 100);
+        let before = earlier_design_page_units(fleet, &last_sizes, bound, 100);
         println!(
             "{agents} agents, {label}, first page of 100: {answers} answers; {} index entries and {} items read in {} requests = {:.1} read units (the earlier exact-rank index, 4 shards: {before:.1}); p50 {:.1} ms, p99 {:.1} ms on the emulator",
             cost.index_entries,
@@ -554,6 +601,18 @@ async fn run_emulator(
         );
     }
     Ok(())
+}
+
+/// The free VRAM (MiB) that 5 % of the fleet have on one GPU at least, and
+/// how many agents have that much.
+fn top_five_percent(fleet: &Fleet) -> (u64, usize) {
+    let agents = fleet.agents.len();
+    let mut free: Vec<u64> = (0..agents)
+        .map(|index| fleet.agents[index].free_mb().into_iter().max().unwrap_or(0))
+        .collect();
+    free.sort_unstable_by(|a, b| b.cmp(a));
+    let bound_mb = free[(agents / 20).max(1) - 1];
+    (bound_mb, free.iter().filter(|mb| **mb >= bound_mb).count())
 }
 
 /// What the earlier design read for the same first page: per shard (it had

@@ -111,6 +111,11 @@ impl DynamoStore {
         Client::new(&crate::aws::sdk_config().await)
     }
 
+    /// How many shards the capacity index is spread over.
+    pub fn index_shards(&self) -> u32 {
+        self.shards
+    }
+
     pub fn table(&self) -> &str {
         &self.table
     }

@@ -107,19 +107,7 @@ impl CapacityQuery {
     fn apply(&mut self, name: &str, value: &str) -> Result<(), ParamError> {
         match name {
             "min_gpu_vram_gb" => self.min_gpu_vram_gb = Some(bounded(name, value)?),
-            "min_gpus" => {
-                let count = value
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|count| *count as usize <= MAX_GPUS)
-                    .ok_or_else(|| {
-                        param_error(
-                            name,
-                            format!("must be a whole number from 0 to {MAX_GPUS}, got {value:?}"),
-                        )
-                    })?;
-                self.min_gpus = Some(count);
-            }
+            "min_gpus" => self.min_gpus = Some(whole(name, value, 0..=MAX_GPUS as u32)?),
             "min_cpu_cores" => self.min_cpu_cores = Some(bounded(name, value)?),
             "min_memory_gb" => self.min_memory_gb = Some(bounded(name, value)?),
             "gpu_vendor" => {
@@ -141,41 +129,19 @@ impl CapacityQuery {
             }
             "label" => self.labels.push(label(name, value, self.labels.len())?),
             "status" => {
-                self.status = match value {
-                    "online" => StatusFilter::Online,
-                    "offline" => StatusFilter::Offline,
-                    "all" => StatusFilter::All,
-                    other => {
-                        return Err(param_error(
-                            name,
-                            format!("must be online, offline or all; got {other:?}"),
-                        ));
-                    }
-                }
+                self.status = one_of(
+                    name,
+                    value,
+                    &[
+                        ("online", StatusFilter::Online),
+                        ("offline", StatusFilter::Offline),
+                        ("all", StatusFilter::All),
+                    ],
+                )?
             }
-            "limit" => {
-                self.limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|limit| (1..=MAX_LIMIT).contains(limit))
-                    .ok_or_else(|| {
-                        param_error(
-                            name,
-                            format!("must be a whole number from 1 to {MAX_LIMIT}, got {value:?}"),
-                        )
-                    })?;
-            }
+            "limit" => self.limit = whole(name, value, 1..=MAX_LIMIT as u32)? as usize,
             "include_draining" => {
-                self.include_draining = match value {
-                    "true" => true,
-                    "false" => false,
-                    other => {
-                        return Err(param_error(
-                            name,
-                            format!("must be true or false; got {other:?}"),
-                        ));
-                    }
-                }
+                self.include_draining = one_of(name, value, &[("true", true), ("false", false)])?
             }
             "cursor" => self.cursor = Some(value.to_owned()),
             _ => return Err(param_error(name, "unknown parameter")),
@@ -279,6 +245,39 @@ fn bounded(name: &str, value: &str) -> Result<f64, ParamError> {
             param_error(
                 name,
                 format!("must be a finite number from 0 to {MAX_QUERY_NUMBER}, got {value:?}"),
+            )
+        })
+}
+
+/// A whole number in `range`.
+fn whole(name: &str, value: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32, ParamError> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|number| range.contains(number))
+        .ok_or_else(|| {
+            param_error(
+                name,
+                format!(
+                    "must be a whole number from {} to {}, got {value:?}",
+                    range.start(),
+                    range.end()
+                ),
+            )
+        })
+}
+
+/// The meaning of `value` among `choices`.
+fn one_of<T: Copy>(name: &str, value: &str, choices: &[(&str, T)]) -> Result<T, ParamError> {
+    choices
+        .iter()
+        .find(|(word, _)| *word == value)
+        .map(|(_, meaning)| *meaning)
+        .ok_or_else(|| {
+            let words: Vec<&str> = choices.iter().map(|(word, _)| *word).collect();
+            param_error(
+                name,
+                format!("must be one of {}; got {value:?}", words.join(", ")),
             )
         })
 }

@@ -134,24 +134,8 @@ fn main() -> ExitCode {
 async fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Keygen { agent_id } => keygen(&agent_id),
-        Command::Drain(common) => {
-            let settings = common.settings()?;
-            drain::drain(&settings.state_dir)
-                .with_context(|| format!("cannot write to {}", settings.state_dir.display()))?;
-            println!(
-                "draining: schedulers are asked to place no new work here; the collector reports it at its next heartbeat (undo with `rollcall-collector undrain`)"
-            );
-            Ok(())
-        }
-        Command::Undrain(common) => {
-            let settings = common.settings()?;
-            drain::undrain(&settings.state_dir)
-                .with_context(|| format!("cannot write to {}", settings.state_dir.display()))?;
-            println!(
-                "not draining: the collector reports this machine as up at its next heartbeat"
-            );
-            Ok(())
-        }
+        Command::Drain(common) => set_draining(&common, true),
+        Command::Undrain(common) => set_draining(&common, false),
         Command::Print {
             common,
             skip_cpu_usage,
@@ -166,41 +150,67 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             common,
             skip_cpu_usage,
             verbose,
-        } => {
-            let settings = common.settings()?;
-            let identity = identity(&settings, true)?;
-            let sender = sender(&settings, common.insecure_plain_http, send::REQUEST_TIMEOUT)?;
-            let heartbeat = sample_once(&settings, &identity, skip_cpu_usage, true).await;
-            let accepted = sender.send(&heartbeat).await?;
-            if verbose {
-                println!(
-                    "heartbeat accepted: agent {} online until {}",
-                    accepted.agent_id, accepted.online_until
-                );
-            }
-            Ok(())
-        }
-        Command::Run(common) => {
-            let settings = common.settings()?;
-            let identity = identity(&settings, true)?;
-            let interval = Duration::from_secs(u64::from(identity.interval_s));
-            let sender = sender(
-                &settings,
-                common.insecure_plain_http,
-                send::attempt_timeout(interval),
-            )?;
-            let shutdown = service::shutdown_on_signals().context("cannot listen for signals")?;
-            tracing::info!(
-                agent_id = %identity.agent_id,
-                endpoint = %sender.url(),
-                interval_s = identity.interval_s,
-                pool = %identity.pool,
-                "collector starting"
-            );
-            service::run(sampler(&settings, false), identity, sender, shutdown).await;
-            Ok(())
-        }
+        } => once(&common, skip_cpu_usage, verbose).await,
+        Command::Run(common) => run(&common).await,
     }
+}
+
+/// `drain` and `undrain`: the marker the running collector reads at its next heartbeat.
+fn set_draining(common: &Common, draining: bool) -> anyhow::Result<()> {
+    let settings = common.settings()?;
+    let state_dir = &settings.state_dir;
+    let done = if draining {
+        drain::drain(state_dir)
+    } else {
+        drain::undrain(state_dir)
+    };
+    done.with_context(|| format!("cannot write to {}", state_dir.display()))?;
+    if draining {
+        println!(
+            "draining: schedulers are asked to place no new work here; the collector reports it at its next heartbeat (undo with `rollcall-collector undrain`)"
+        );
+    } else {
+        println!("not draining: the collector reports this machine as up at its next heartbeat");
+    }
+    Ok(())
+}
+
+/// `once`: one heartbeat, for cron; errors are the exit status.
+async fn once(common: &Common, skip_cpu_usage: bool, verbose: bool) -> anyhow::Result<()> {
+    let settings = common.settings()?;
+    let identity = identity(&settings, true)?;
+    let sender = sender(&settings, common.insecure_plain_http, send::REQUEST_TIMEOUT)?;
+    let heartbeat = sample_once(&settings, &identity, skip_cpu_usage, true).await;
+    let accepted = sender.send(&heartbeat).await?;
+    if verbose {
+        println!(
+            "heartbeat accepted: agent {} online until {}",
+            accepted.agent_id, accepted.online_until
+        );
+    }
+    Ok(())
+}
+
+/// `run`: the service, until SIGTERM or SIGINT.
+async fn run(common: &Common) -> anyhow::Result<()> {
+    let settings = common.settings()?;
+    let identity = identity(&settings, true)?;
+    let interval = Duration::from_secs(u64::from(identity.interval_s));
+    let sender = sender(
+        &settings,
+        common.insecure_plain_http,
+        send::attempt_timeout(interval),
+    )?;
+    let shutdown = service::shutdown_on_signals().context("cannot listen for signals")?;
+    tracing::info!(
+        agent_id = %identity.agent_id,
+        endpoint = %sender.url(),
+        interval_s = identity.interval_s,
+        pool = %identity.pool,
+        "collector starting"
+    );
+    service::run(sampler(&settings, false), identity, sender, shutdown).await;
+    Ok(())
 }
 
 /// The configured agent id, else the kept one. `print` does not insist on

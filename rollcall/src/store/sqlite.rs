@@ -377,52 +377,68 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
     let committed = (|| -> rusqlite::Result<()> {
         let transaction =
             connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        {
-            let mut upsert = transaction.prepare_cached(UPSERT)?;
-            for command in &batch {
-                outcomes.push(match command {
-                    Command::Upsert(agent, _) => match encode(agent) {
-                        Ok(columns) => Ok(upsert.execute(params![
-                            agent.agent_id(),
-                            columns.sent_at_ms,
-                            agent.online_until_ms,
-                            agent.expires_at_s,
-                            agent.heartbeat.pool,
-                            agent.heartbeat.cpu.cores_available,
-                            columns.memory_available_mb,
-                            columns.gpu_free_max_mb,
-                            columns.record,
-                            // An expired record is gone, whatever its sent_at_ms.
-                            agent.received_at_ms.div_euclid(1000),
-                        ])? as u64),
-                        Err(message) => Err(message),
-                    },
-                    Command::Prune(now_ms, _) => {
-                        let now_s = now_ms.div_euclid(1000);
-                        let agents = transaction.execute(PRUNE, params![now_s])?;
-                        transaction.execute(PRUNE_HISTORY, params![now_s])?;
-                        Ok(agents as u64)
-                    }
-                    Command::History(write, _) => {
-                        let mut put = transaction.prepare_cached(PUT_HISTORY)?;
-                        for rollup in &write.minutes {
-                            let text = serde_json::to_string(rollup).map_err(|e| {
-                                rusqlite::Error::ToSqlConversionFailure(Box::new(e))
-                            })?;
-                            put.execute(params![
-                                write.agent_id,
-                                i64::try_from(rollup.minute).unwrap_or(i64::MAX),
-                                write.expires_at_s,
-                                text
-                            ])?;
-                        }
-                        Ok(write.minutes.len() as u64)
-                    }
-                });
-            }
+        for command in &batch {
+            outcomes.push(run_command(&transaction, command)?);
         }
         transaction.commit()
     })();
+    reply(batch, committed, outcomes);
+}
+
+/// One command inside its batch's transaction: the rows it changed, or why
+/// this command alone could not be written (the rest of the batch goes on).
+/// A database error fails the whole batch.
+fn run_command(
+    transaction: &rusqlite::Transaction,
+    command: &Command,
+) -> rusqlite::Result<Result<u64, String>> {
+    match command {
+        Command::Upsert(agent, _) => {
+            let columns = match encode(agent) {
+                Ok(columns) => columns,
+                Err(message) => return Ok(Err(message)),
+            };
+            let changed = transaction.prepare_cached(UPSERT)?.execute(params![
+                agent.agent_id(),
+                columns.sent_at_ms,
+                agent.online_until_ms,
+                agent.expires_at_s,
+                agent.heartbeat.pool,
+                agent.heartbeat.cpu.cores_available,
+                columns.memory_available_mb,
+                columns.gpu_free_max_mb,
+                columns.record,
+                // An expired record is gone, whatever its sent_at_ms.
+                agent.received_at_ms.div_euclid(1000),
+            ])?;
+            Ok(Ok(changed as u64))
+        }
+        Command::Prune(now_ms, _) => {
+            let now_s = now_ms.div_euclid(1000);
+            let agents = transaction.execute(PRUNE, params![now_s])?;
+            transaction.execute(PRUNE_HISTORY, params![now_s])?;
+            Ok(Ok(agents as u64))
+        }
+        Command::History(write, _) => {
+            let mut put = transaction.prepare_cached(PUT_HISTORY)?;
+            for rollup in &write.minutes {
+                let text = serde_json::to_string(rollup)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                put.execute(params![
+                    write.agent_id,
+                    i64::try_from(rollup.minute).unwrap_or(i64::MAX),
+                    write.expires_at_s,
+                    text
+                ])?;
+            }
+            Ok(Ok(write.minutes.len() as u64))
+        }
+    }
+}
+
+/// Answers each command of a batch once its transaction is over: its own
+/// outcome if the batch committed, else the batch's error.
+fn reply(batch: Vec<Command>, committed: rusqlite::Result<()>, outcomes: Vec<Result<u64, String>>) {
     for (position, command) in batch.into_iter().enumerate() {
         let outcome = match &committed {
             Ok(()) => outcomes
@@ -433,17 +449,14 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Command>) {
         };
         match command {
             Command::Upsert(_, reply) => {
-                let _ = reply.send(
-                    outcome
-                        .map(|changed| {
-                            if changed == 0 {
-                                Upsert::Stale
-                            } else {
-                                Upsert::Written
-                            }
-                        })
-                        .map_err(StoreError::Unavailable),
-                );
+                let written = |changed: u64| {
+                    if changed == 0 {
+                        Upsert::Stale
+                    } else {
+                        Upsert::Written
+                    }
+                };
+                let _ = reply.send(outcome.map(written).map_err(StoreError::Unavailable));
             }
             Command::Prune(_, reply) | Command::History(_, reply) => {
                 let _ = reply.send(outcome.map_err(StoreError::Unavailable));

@@ -33,6 +33,50 @@ pub struct Page {
     pub next: Option<Position>,
 }
 
+/// One page, filled from matches offered in answer order: a match past the
+/// limit proves a next page, which starts after this page's last agent.
+/// Both stores fill their pages with it, after `CapacityQuery::matches`.
+pub struct PageFill {
+    limit: usize,
+    agents: Vec<StoredAgent>,
+}
+
+impl PageFill {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            agents: Vec::new(),
+        }
+    }
+
+    /// Adds the next match in answer order; `true` once the page is full
+    /// and known to have a successor: offer no more.
+    pub fn push(&mut self, agent: StoredAgent) -> bool {
+        self.agents.push(agent);
+        self.agents.len() > self.limit
+    }
+
+    /// How many more matches this page can use, the one that would prove a
+    /// next page included.
+    pub fn wanted(&self) -> usize {
+        (self.limit + 1).saturating_sub(self.agents.len())
+    }
+
+    /// The page: at most `limit` agents, and where the next page starts if
+    /// a match past the limit was offered.
+    pub fn page(mut self) -> Page {
+        let next = (self.agents.len() > self.limit)
+            .then(|| self.limit.checked_sub(1))
+            .flatten()
+            .map(|last| Position::of(&self.agents[last]));
+        self.agents.truncate(self.limit);
+        Page {
+            agents: self.agents,
+            next,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The backend cannot be reached or cannot write now; clients should retry.

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::{Page, Store, StoreError, Upsert};
+use super::{Page, PageFill, Store, StoreError, Upsert};
 use crate::capacity::{CapacityQuery, Position, StatusFilter};
 use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
@@ -211,7 +211,7 @@ impl Store for SqliteStore {
             } else {
                 0.0
             };
-            let mut agents = Vec::new();
+            let mut fill = PageFill::new(query.limit);
             loop {
                 let (after_free, after_id) = match &cursor {
                     Some(position) => (
@@ -243,17 +243,12 @@ impl Store for SqliteStore {
                 for text in rows {
                     let agent = decode(&text)?;
                     cursor = Some(Position::of(&agent));
-                    if query.matches(&agent, now_ms) {
-                        if agents.len() == query.limit {
-                            // One more match exists: the page is full and has a successor.
-                            let next = agents.last().map(Position::of);
-                            return Ok(Page { agents, next });
-                        }
-                        agents.push(agent);
+                    if query.matches(&agent, now_ms) && fill.push(agent) {
+                        return Ok(fill.page());
                     }
                 }
                 if exhausted {
-                    return Ok(Page { agents, next: None });
+                    return Ok(fill.page());
                 }
             }
         })

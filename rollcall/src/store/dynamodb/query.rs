@@ -22,7 +22,7 @@ use super::units::read_units;
 use super::{DynamoStore, ReadCost, build_error, unavailable};
 use crate::capacity::{CapacityQuery, Position, answer_order};
 use crate::record::StoredAgent;
-use crate::store::{Page, StoreError};
+use crate::store::{Page, PageFill, StoreError};
 
 /// The most index entries one Query request asks for. Entries are about 60
 /// bytes, so this stays well under a request's 1 MB.
@@ -130,9 +130,9 @@ impl DynamoStore {
         now_ms: i64,
     ) -> Result<(Page, ReadCost), StoreError> {
         let mut cost = ReadCost::default();
-        let mut answered: Vec<(Position, StoredAgent)> = Vec::new();
+        let mut fill = PageFill::new(query.limit);
         let Some(range) = RankRange::new(query, after) else {
-            return Ok((page(answered, query.limit), cost));
+            return Ok((fill.page(), cost));
         };
         let mut readers: Vec<ShardReader> = (0..self.shards)
             .map(|shard| ShardReader {
@@ -162,21 +162,21 @@ impl DynamoStore {
                 {
                     break;
                 }
-                let Some(Answer(position, agent)) = fetched.pop() else {
+                let Some(Answer(_, agent)) = fetched.pop() else {
                     break;
                 };
-                answered.push((position, agent));
-                if answered.len() > query.limit {
-                    return Ok((page(answered, query.limit), cost));
+                if fill.push(agent) {
+                    return Ok((fill.page(), cost));
                 }
             }
             let Some(frontier) = frontier else {
-                return Ok((page(answered, query.limit), cost));
+                return Ok((fill.page(), cost));
             };
             if next_pending.is_some_and(|next| next == frontier) {
                 // Only as many as the page still needs: each costs a read.
-                let wanted = (query.limit + 1)
-                    .saturating_sub(answered.len() + fetched.len())
+                let wanted = fill
+                    .wanted()
+                    .saturating_sub(fetched.len())
                     .clamp(1, TABLE_BATCH);
                 let batch: Vec<Candidate> = pending
                     .drain(pending.len().saturating_sub(wanted)..)
@@ -351,18 +351,6 @@ fn worth_reading(candidate: &Candidate, query: &CapacityQuery, after: Option<&Po
         .as_ref()
         .is_none_or(|pool| candidate.pool.as_ref() == Some(pool));
     after_cursor && enough_vram && in_pool
-}
-
-/// The first `limit` answers, and a cursor when there were more.
-fn page(mut accepted: Vec<(Position, StoredAgent)>, limit: usize) -> Page {
-    let next = (accepted.len() > limit)
-        .then(|| limit.checked_sub(1).map(|last| accepted[last].0.clone()))
-        .flatten();
-    accepted.truncate(limit);
-    Page {
-        agents: accepted.into_iter().map(|(_, agent)| agent).collect(),
-        next,
-    }
 }
 
 fn candidate(entry: &Item) -> Result<Candidate, StoreError> {

@@ -154,20 +154,8 @@ impl DynamoStore {
                 .fold(None, |earliest, bound| earlier(earliest, Some(bound)));
             let next_pending = pending.last().map(|candidate| candidate.earliest.clone());
             let frontier = earlier(unread.clone(), next_pending.clone());
-            // Everything fetched that nothing else can overtake is answered.
-            while let Some(Answer(position, _)) = fetched.peek() {
-                if frontier
-                    .as_ref()
-                    .is_some_and(|bound| answer_order(position, bound).is_ge())
-                {
-                    break;
-                }
-                let Some(Answer(_, agent)) = fetched.pop() else {
-                    break;
-                };
-                if fill.push(agent) {
-                    return Ok((fill.page(), cost));
-                }
+            if settle(&mut fetched, frontier.as_ref(), &mut fill) {
+                return Ok((fill.page(), cost));
             }
             let Some(frontier) = frontier else {
                 return Ok((fill.page(), cost));
@@ -222,23 +210,7 @@ impl DynamoStore {
                 .unwrap_or(INDEX_BATCH)
                 .min(INDEX_BATCH);
             reader.requests += 1;
-            let request = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(INDEX_NAME)
-                .key_condition_expression("#shard = :shard AND #rank BETWEEN :from AND :to")
-                .projection_expression("#rank, #fx, #pool")
-                .expression_attribute_names("#shard", A_SHARD)
-                .expression_attribute_names("#rank", A_RANK)
-                .expression_attribute_names("#fx", A_EXACT)
-                .expression_attribute_names("#pool", A_POOL)
-                .expression_attribute_values(":shard", AttributeValue::S(reader.shard.to_string()))
-                .expression_attribute_values(":from", AttributeValue::S(range.from.clone()))
-                .expression_attribute_values(":to", AttributeValue::S(range.to.clone()))
-                .set_exclusive_start_key(reader.next_key.take())
-                .limit(limit)
-                .return_consumed_capacity(ReturnConsumedCapacity::Total);
+            let request = self.index_page(reader, range, limit);
             requests.spawn(async move { (position, request.send().await) });
         }
         let mut candidates = Vec::new();
@@ -269,6 +241,31 @@ impl DynamoStore {
             reader.done = reader.next_key.is_none();
         }
         Ok(candidates)
+    }
+
+    /// The request for `reader`'s next index page within `range`.
+    fn index_page(
+        &self,
+        reader: &mut ShardReader,
+        range: &RankRange,
+        limit: i32,
+    ) -> aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder {
+        self.client
+            .query()
+            .table_name(&self.table)
+            .index_name(INDEX_NAME)
+            .key_condition_expression("#shard = :shard AND #rank BETWEEN :from AND :to")
+            .projection_expression("#rank, #fx, #pool")
+            .expression_attribute_names("#shard", A_SHARD)
+            .expression_attribute_names("#rank", A_RANK)
+            .expression_attribute_names("#fx", A_EXACT)
+            .expression_attribute_names("#pool", A_POOL)
+            .expression_attribute_values(":shard", AttributeValue::S(reader.shard.to_string()))
+            .expression_attribute_values(":from", AttributeValue::S(range.from.clone()))
+            .expression_attribute_values(":to", AttributeValue::S(range.to.clone()))
+            .set_exclusive_start_key(reader.next_key.take())
+            .limit(limit)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
     }
 
     /// Reads `candidates` from the table and keeps those that match now and
@@ -351,6 +348,26 @@ fn worth_reading(candidate: &Candidate, query: &CapacityQuery, after: Option<&Po
         .as_ref()
         .is_none_or(|pool| candidate.pool.as_ref() == Some(pool));
     after_cursor && enough_vram && in_pool
+}
+
+/// Answers everything fetched that nothing unread or unfetched can overtake
+/// (all of it when `frontier` is `None`); `true` once the page is full.
+fn settle(
+    fetched: &mut BinaryHeap<Answer>,
+    frontier: Option<&Position>,
+    fill: &mut PageFill,
+) -> bool {
+    while let Some(Answer(position, _)) = fetched.peek() {
+        if frontier.is_some_and(|bound| answer_order(position, bound).is_ge()) {
+            return false;
+        }
+        if let Some(Answer(_, agent)) = fetched.pop()
+            && fill.push(agent)
+        {
+            return true;
+        }
+    }
+    false
 }
 
 fn candidate(entry: &Item) -> Result<Candidate, StoreError> {

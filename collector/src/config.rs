@@ -9,8 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rollcall::heartbeat::{DEFAULT_POOL, MAX_LABELS, MAX_POOL_LEN};
-use rollcall::signing::{AGENT_ID_RULE, AgentKey, MAX_KEY_ID_LEN, is_valid_agent_id, is_valid_id};
+use rollcall::heartbeat::{DEFAULT_POOL, MAX_LABEL_KEY_LEN, MAX_LABELS, MAX_POOL_LEN};
+use rollcall::signing::{
+    AGENT_ID_RULE, AgentKey, MAX_KEY_ID_LEN, id_rule, is_valid_agent_id, is_valid_id,
+};
 use serde::Deserialize;
 
 pub const SYSTEM_CONFIG: &str = "/etc/rollcall/collector.toml";
@@ -188,7 +190,7 @@ impl Settings {
         let key_id = optional(
             options.key_id,
             |id| is_valid_id(id, MAX_KEY_ID_LEN),
-            |id| format!("key id {id:?} must be 1-32 characters of A-Z a-z 0-9 . _ -"),
+            |id| format!("key id {id:?} {}", id_rule(MAX_KEY_ID_LEN)),
         )?;
         let agent_key = read_agent_key(agent_key, options.agent_key_file)?;
         let agent_id = optional(
@@ -199,7 +201,7 @@ impl Settings {
         let pool = checked(
             options.pool.unwrap_or_else(|| DEFAULT_POOL.to_owned()),
             |pool| is_valid_id(pool, MAX_POOL_LEN),
-            |pool| format!("pool {pool:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+            |pool| format!("pool {pool:?} {}", id_rule(MAX_POOL_LEN)),
         )?;
         let labels = checked(
             parse_labels(&options.labels.unwrap_or_default())?,
@@ -289,9 +291,10 @@ pub fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>, Config
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| ConfigError::Invalid(format!("label {pair:?} must be key=value")))?;
-            if !is_valid_id(key.trim(), 64) {
+            if !is_valid_id(key.trim(), MAX_LABEL_KEY_LEN) {
                 return Err(ConfigError::Invalid(format!(
-                    "label key {key:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+                    "label key {key:?} {}",
+                    id_rule(MAX_LABEL_KEY_LEN)
                 )));
             }
             Ok((key.trim().to_owned(), value.trim().to_owned()))

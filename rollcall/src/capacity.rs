@@ -15,7 +15,7 @@ use crate::heartbeat::{
     AgentState, MAX_GPUS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_POOL_LEN, Vendor,
 };
 use crate::record::StoredAgent;
-use crate::signing::is_valid_id;
+use crate::signing::{id_rule, is_valid_id};
 
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
@@ -120,10 +120,7 @@ impl CapacityQuery {
             }
             "pool" => {
                 if !is_valid_id(value, MAX_POOL_LEN) {
-                    return Err(param_error(
-                        name,
-                        format!("must be 1-{MAX_POOL_LEN} characters of A-Z a-z 0-9 . _ -"),
-                    ));
+                    return Err(param_error(name, id_rule(MAX_POOL_LEN)));
                 }
                 self.pool = Some(value.to_owned());
             }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::signing::{AGENT_ID_RULE, is_valid_agent_id, is_valid_id};
+use crate::signing::{AGENT_ID_RULE, id_rule, is_valid_agent_id, is_valid_id};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_GPUS: usize = 16;
@@ -276,10 +276,7 @@ impl Heartbeat {
     /// Pool, labels and every free text: bounded, printable.
     fn validate_names(&self) -> Result<(), BodyError> {
         if !is_valid_id(&self.pool, MAX_POOL_LEN) {
-            return Err(BodyError::new(
-                "pool",
-                "must be 1-64 characters of A-Z a-z 0-9 . _ -",
-            ));
+            return Err(BodyError::new("pool", id_rule(MAX_POOL_LEN)));
         }
         if self.labels.len() > MAX_LABELS {
             return Err(BodyError::new(
@@ -291,7 +288,7 @@ impl Heartbeat {
             if !is_valid_id(key, MAX_LABEL_KEY_LEN) {
                 return Err(BodyError::new(
                     format!("labels.{key}"),
-                    "label keys must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                    format!("label keys {}", id_rule(MAX_LABEL_KEY_LEN)),
                 ));
             }
             if value.chars().count() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {

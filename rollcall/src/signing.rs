@@ -174,6 +174,11 @@ pub fn is_valid_id(text: &str, max: usize) -> bool {
     !text.is_empty() && text.len() <= max && text.chars().all(is_id_char)
 }
 
+/// What [`is_valid_id`] asks, for error messages.
+pub fn id_rule(max: usize) -> String {
+    format!("must be 1-{max} characters of A-Z a-z 0-9 . _ -")
+}
+
 pub const MAX_AGENT_ID_LEN: usize = 64;
 
 /// An agent id: 1–64 characters of the id alphabet, and not `.` or `..`,

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use crate::heartbeat::{Heartbeat, MAX_BODY_BYTES};
 use crate::signing::{
     AGENT_ID_RULE, FleetSecret, HEADER_AGENT, HEADER_KEY_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
-    KeyError, MAX_KEY_ID_LEN, MAX_SKEW_S, is_valid_agent_id, is_valid_id, parse_signature_header,
+    KeyError, MAX_KEY_ID_LEN, MAX_SKEW_S, id_rule, is_valid_agent_id, is_valid_id,
+    parse_signature_header,
 };
 
 /// Why a heartbeat was refused; each maps to one status code.
@@ -160,7 +161,7 @@ pub enum KeyringError {
     Empty,
     #[error("fleet secret entries must be kid=hex")]
     Entry,
-    #[error("key id {0:?} must be 1-32 characters of A-Z a-z 0-9 . _ -")]
+    #[error("key id {0:?} {rule}", rule = id_rule(MAX_KEY_ID_LEN))]
     KeyId(String),
     #[error("key id {0:?} given twice")]
     Duplicate(String),
@@ -193,10 +194,10 @@ impl SignedHeaders {
         }
         let key_id = text(HEADER_KEY_ID, "X-Rollcall-Key-Id")?;
         if !is_valid_id(key_id, MAX_KEY_ID_LEN) {
-            return Err(Rejection::Unauthorized(
-                "malformed header X-Rollcall-Key-Id: must be 1-32 characters of A-Z a-z 0-9 . _ -"
-                    .into(),
-            ));
+            return Err(Rejection::Unauthorized(format!(
+                "malformed header X-Rollcall-Key-Id: {}",
+                id_rule(MAX_KEY_ID_LEN)
+            )));
         }
         let timestamp_text = text(HEADER_TIMESTAMP, "X-Rollcall-Timestamp")?;
         let timestamp = timestamp_text

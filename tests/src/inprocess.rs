@@ -3,9 +3,42 @@
 //! start their server in-process): no pre-built binary, nothing stale.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// Ingest's router on the SQLite file `db`, with `secrets` as
+/// `ROLLCALL_FLEET_SECRETS` gives them (`kid=hex[,kid2=hex]`).
+pub fn ingest_router(db: &Path, secrets: &str) -> axum::Router {
+    let keyring = rollcall::verify::Keyring::parse(secrets).expect("fleet secrets");
+    rollcall_ingest::router(Arc::new(rollcall_ingest::Ingest {
+        keyring: rollcall_ingest::keys::KeySource::fixed(keyring),
+        deadlines: rollcall::record::Deadlines::default(),
+        history_retention_s: rollcall::store::DEFAULT_HISTORY_RETENTION_S,
+        store: open_sqlite(db),
+    }))
+}
+
+/// Query's router on the SQLite file `db`, with `tokens` as
+/// `ROLLCALL_QUERY_TOKENS` gives them (`token[,token2]`).
+pub fn query_router(db: &Path, tokens: &str) -> axum::Router {
+    let tokens = rollcall_query::Tokens::parse(tokens).expect("query tokens");
+    let cursor_key: Vec<u8> = (0..32).collect();
+    rollcall_query::router(Arc::new(rollcall_query::QueryApi::new(
+        rollcall::secrets::Secret::fixed(tokens),
+        &cursor_key,
+        open_sqlite(db),
+    )))
+}
+
+fn open_sqlite(db: &Path) -> Arc<dyn rollcall::store::Store> {
+    Arc::new(
+        rollcall::store::SqliteStore::open(db, rollcall::store::Durability::Full)
+            .expect("open the store"),
+    )
+}
 
 pub struct InProcess {
     pub addr: SocketAddr,

@@ -139,40 +139,22 @@ impl Server {
     /// SQLite file `db`, with `secrets` as `ROLLCALL_FLEET_SECRETS` gives
     /// them (`kid=hex[,kid2=hex]`).
     pub fn ingest_in_process(db: &Path, secrets: &str) -> Server {
-        let keyring = rollcall::verify::Keyring::parse(secrets).expect("fleet secrets");
-        let store = open_sqlite(db);
-        Self::serve_in_process(move || {
-            rollcall_ingest::router(Arc::new(rollcall_ingest::Ingest {
-                keyring: rollcall_ingest::keys::KeySource::fixed(keyring),
-                deadlines: rollcall::record::Deadlines::default(),
-                history_retention_s: rollcall::store::DEFAULT_HISTORY_RETENTION_S,
-                store,
-            }))
-        })
+        Self::serve_in_process(inprocess::ingest_router(db, secrets))
     }
 
     /// Query's router in this process (see [`Server::ingest_in_process`]),
     /// with `tokens` as `ROLLCALL_QUERY_TOKENS` gives them.
     pub fn query_in_process(db: &Path, tokens: &str) -> Server {
-        let tokens = rollcall_query::Tokens::parse(tokens).expect("query tokens");
-        let store = open_sqlite(db);
-        let cursor_key: Vec<u8> = (0..32).collect();
-        Self::serve_in_process(move || {
-            rollcall_query::router(Arc::new(rollcall_query::QueryApi::new(
-                rollcall::secrets::Secret::fixed(tokens),
-                &cursor_key,
-                store,
-            )))
-        })
+        Self::serve_in_process(inprocess::query_router(db, tokens))
     }
 
-    fn serve_in_process(router: impl FnOnce() -> axum::Router) -> Server {
+    fn serve_in_process(router: axum::Router) -> Server {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("a runtime for the router");
-        let server = runtime.block_on(async { inprocess::InProcess::serve(router()).await });
+        let server = runtime.block_on(inprocess::InProcess::serve(router));
         Server {
             addr: server.addr,
             running: Running::InProcess {
@@ -222,13 +204,6 @@ pub struct Stack {
     pub token: String,
     pub ingest: Server,
     pub query: Server,
-}
-
-fn open_sqlite(db: &Path) -> Arc<dyn rollcall::store::Store> {
-    Arc::new(
-        rollcall::store::SqliteStore::open(db, rollcall::store::Durability::Full)
-            .expect("open the store"),
-    )
 }
 
 /// The fleet secret and query token every test stack uses.

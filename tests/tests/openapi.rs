@@ -5,41 +5,13 @@
 //! rest. schemathesis then checks the answers' contents (`scripts/test`).
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-use rollcall::record::Deadlines;
-use rollcall::secrets::Secret;
-use rollcall::signing::FleetSecret;
-use rollcall::store::Store;
-use rollcall::store::sqlite::{Durability, SqliteStore};
-use rollcall::verify::Keyring;
-use rollcall_ingest::keys::KeySource;
-use rollcall_query::{QueryApi, Tokens};
-use rollcall_tests::inprocess::{InProcess, request};
+use rollcall_tests::inprocess::{InProcess, ingest_router, query_router, request};
 use serde_json::Value;
 
 const TOKEN: &str = "openapi-test-token-0123456789";
+const SECRETS: &str = "k1=0707070707070707070707070707070707070707070707070707070707070707";
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "DELETE", "PATCH"];
-
-fn store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
-    Arc::new(SqliteStore::open(&dir.path().join("openapi.db"), Durability::Normal).unwrap())
-}
-
-fn query_router(store: Arc<dyn Store>) -> axum::Router {
-    let tokens = Secret::fixed(Tokens::parse(TOKEN).unwrap());
-    rollcall_query::router(Arc::new(QueryApi::new(tokens, &[9; 32], store)))
-}
-
-fn ingest_router(store: Arc<dyn Store>) -> axum::Router {
-    let mut keyring = Keyring::default();
-    keyring.insert("k1", FleetSecret::from_bytes(vec![7; 32]).unwrap());
-    rollcall_ingest::router(Arc::new(rollcall_ingest::Ingest {
-        keyring: KeySource::fixed(keyring),
-        deadlines: Deadlines::default(),
-        history_retention_s: 3600,
-        store,
-    }))
-}
 
 /// The router's own routes, path → methods, read from its `Debug` form
 /// (axum has no other way to list them). Should axum change that form, this
@@ -142,11 +114,13 @@ async fn holds_to_its_document(router: axum::Router, document_file: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_query_function_holds_to_its_openapi_document() {
     let dir = tempfile::tempdir().unwrap();
-    holds_to_its_document(query_router(store(&dir)), "../query-fn/openapi.json").await;
+    let router = query_router(&dir.path().join("openapi.db"), TOKEN);
+    holds_to_its_document(router, "../query-fn/openapi.json").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_ingest_function_holds_to_its_openapi_document() {
     let dir = tempfile::tempdir().unwrap();
-    holds_to_its_document(ingest_router(store(&dir)), "../ingest-fn/openapi.json").await;
+    let router = ingest_router(&dir.path().join("openapi.db"), SECRETS);
+    holds_to_its_document(router, "../ingest-fn/openapi.json").await;
 }

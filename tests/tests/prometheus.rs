@@ -61,7 +61,10 @@ impl Prometheus {
     /// The result vector of an instant query.
     fn query(&self, promql: &str) -> Vec<Value> {
         let answer = self
-            .get(&format!("/api/v1/query?query={}", percent_encode(promql)))
+            .get(&format!(
+                "/api/v1/query?query={}",
+                form_urlencoded::byte_serialize(promql.as_bytes()).collect::<String>()
+            ))
             .unwrap_or_else(|| panic!("Prometheus refused {promql:?}"));
         assert_eq!(answer["status"], "success", "{promql}: {answer}");
         answer["data"]["result"]
@@ -94,17 +97,6 @@ impl Drop for Children {
             let _ = child.wait();
         }
     }
-}
-
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (byte as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
 }
 
 /// Every `expr` in the dashboard, with its template variables given the

@@ -208,14 +208,11 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     pub fn config(&self) -> StoreConfig {
-        let backend = self.store.unwrap_or({
+        let backend = self.store.unwrap_or_else(|| {
             #[cfg(feature = "dynamodb")]
             if crate::api::in_lambda() {
-                Backend::DynamoDb
-            } else {
-                Backend::Sqlite
+                return Backend::DynamoDb;
             }
-            #[cfg(not(feature = "dynamodb"))]
             Backend::Sqlite
         });
         match backend {

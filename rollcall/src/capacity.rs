@@ -185,6 +185,16 @@ impl CapacityQuery {
         self.min_gpu_vram_gb.map_or(0.0, |gb| gb * 1024.0)
     }
 
+    /// The free VRAM a matching agent has on its best GPU at least, in MiB:
+    /// what a store may narrow its candidates by.
+    pub fn vram_floor_mb(&self) -> f64 {
+        if self.required_gpus() > 0 {
+            self.min_gpu_free_mb()
+        } else {
+            0.0
+        }
+    }
+
     /// The one definition of a match.
     pub fn matches(&self, agent: &StoredAgent, now_ms: i64) -> bool {
         if agent.is_expired(now_ms) {

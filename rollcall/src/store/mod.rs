@@ -36,9 +36,12 @@ pub struct Page {
 /// One page, filled from matches offered in answer order: a match past the
 /// limit proves a next page, which starts after this page's last agent.
 /// Both stores fill their pages with it, after `CapacityQuery::matches`.
+/// Each match comes with its place in the store's order (on DynamoDB its
+/// index entry's, which the cursor must resume from).
 pub struct PageFill {
     limit: usize,
     agents: Vec<StoredAgent>,
+    positions: Vec<Position>,
 }
 
 impl PageFill {
@@ -46,13 +49,15 @@ impl PageFill {
         Self {
             limit,
             agents: Vec::new(),
+            positions: Vec::new(),
         }
     }
 
     /// Adds the next match in answer order; `true` once the page is full
     /// and known to have a successor: offer no more.
-    pub fn push(&mut self, agent: StoredAgent) -> bool {
+    pub fn push(&mut self, position: Position, agent: StoredAgent) -> bool {
         self.agents.push(agent);
+        self.positions.push(position);
         self.agents.len() > self.limit
     }
 
@@ -68,11 +73,24 @@ impl PageFill {
         let next = (self.agents.len() > self.limit)
             .then(|| self.limit.checked_sub(1))
             .flatten()
-            .map(|last| Position::of(&self.agents[last]));
+            .map(|last| self.positions.swap_remove(last));
         self.agents.truncate(self.limit);
         Page {
             agents: self.agents,
             next,
+        }
+    }
+
+    /// A page that stopped early to stay inside its read budget
+    /// (PROTOCOL.md §4 "Bounded pages"): what it has, and a next page that
+    /// starts after `decided`, the last place it has ruled on.
+    pub fn short_page(self, decided: Option<Position>) -> Page {
+        if self.agents.len() > self.limit {
+            return self.page();
+        }
+        Page {
+            agents: self.agents,
+            next: decided,
         }
     }
 }

@@ -206,11 +206,7 @@ impl Store for SqliteStore {
                 StatusFilter::Online => 1,
                 StatusFilter::Offline => 2,
             };
-            let min_free_mb = if query.required_gpus() > 0 {
-                query.min_gpu_free_mb()
-            } else {
-                0.0
-            };
+            let min_free_mb = query.vram_floor_mb();
             let mut fill = PageFill::new(query.limit);
             loop {
                 let (after_free, after_id) = match &cursor {
@@ -242,8 +238,9 @@ impl Store for SqliteStore {
                 let exhausted = rows.len() < READ_BATCH;
                 for text in rows {
                     let agent = decode(&text)?;
-                    cursor = Some(Position::of(&agent));
-                    if query.matches(&agent, now_ms) && fill.push(agent) {
+                    let position = Position::of(&agent);
+                    cursor = Some(position.clone());
+                    if query.matches(&agent, now_ms) && fill.push(position, agent) {
                         return Ok(fill.page());
                     }
                 }

@@ -29,15 +29,17 @@ pub const TTL_ATTRIBUTE: &str = "expires_at";
 
 pub(super) const A_AGENT: &str = "agent_id";
 pub(super) const A_SENT: &str = "sent";
-const A_UNTIL: &str = "until";
+pub(super) const A_UNTIL: &str = "until";
 pub(super) const A_POOL: &str = "pool";
-const A_CORES: &str = "cores";
-const A_MEMORY: &str = "mem";
+pub(super) const A_CORES: &str = "cores";
+pub(super) const A_MEMORY: &str = "mem";
 pub(super) const A_SHARD: &str = "shard";
 pub(super) const A_RANK: &str = "rank";
-pub(super) const A_FREE_VRAM: &str = "fv";
+/// The figure an entry held before it became the rank's own; items written
+/// by earlier versions carry it, and the next write removes it.
+pub(super) const A_LEGACY_FREE_VRAM: &str = "fv";
 pub(super) const A_EXACT: &str = "fx";
-const A_RECORD: &str = "rec";
+pub(super) const A_RECORD: &str = "rec";
 
 /// The capacity index as the unit model sees it; `create_table` and
 /// `infra/template.yaml` declare the same shape.
@@ -48,72 +50,89 @@ pub const CAPACITY_INDEX: IndexShape = IndexShape {
 };
 pub const TABLE_KEY: &[&str] = &[A_AGENT];
 
-/// How far an agent's real largest free VRAM may wander from the figure its
-/// index entry holds before the entry is rewritten. A display's allocations
-/// move by tens of MiB; a job starting or ending moves by GiB.
+/// How far an agent's real largest free VRAM may wander below the figure
+/// its index entry holds (twice this) before the entry is rewritten. A
+/// display's allocations move by tens of MiB; a job starting or ending
+/// moves by GiB.
 pub const FV_SLACK_MB: u64 = 256;
 
-/// What an index entry says about an agent's largest free VRAM on one GPU.
+/// What an index entry says about an agent's largest free VRAM on one GPU:
+/// the figure its rank orders by, and whether the agent has exactly that.
+/// An inexact entry holds an upper bound: the agent has between
+/// `upper_mb − 2 × FV_SLACK_MB` and `upper_mb`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexedVram {
-    pub free_mb: u64,
-    /// The agent really has `free_mb`; otherwise it has within
-    /// `FV_SLACK_MB` of it.
+    pub upper_mb: u64,
     pub exact: bool,
 }
 
 impl IndexedVram {
     pub fn exact(free_mb: u64) -> Self {
         Self {
-            free_mb,
+            upper_mb: free_mb,
             exact: true,
         }
     }
 
-    /// The figure to write for an agent that now has `free_mb`, given its
-    /// stored item: the stored figure while the real one stays within the
-    /// slack of it, so that the index entry is left alone.
-    pub fn choose(free_mb: u64, stored: Option<&Item>) -> Self {
-        let kept = stored
-            .and_then(|item| item.get(A_FREE_VRAM))
-            .and_then(|value| value.as_n().ok())
-            .and_then(|digits| digits.parse::<u64>().ok());
-        match kept {
-            Some(kept) if kept.abs_diff(free_mb) <= FV_SLACK_MB => Self {
-                free_mb: kept,
-                exact: kept == free_mb,
-            },
-            _ => Self::exact(free_mb),
-        }
-    }
-
-    /// The figure an entry holds, from its rank (`upper_mb`) and flag.
-    pub fn from_rank(upper_mb: u64, exact: bool) -> Self {
+    fn inexact(upper_mb: u64) -> Self {
         Self {
-            free_mb: if exact {
-                upper_mb
-            } else {
-                upper_mb.saturating_sub(FV_SLACK_MB)
-            },
-            exact,
+            upper_mb,
+            exact: false,
         }
     }
 
-    /// The most free VRAM the agent can really have: what the rank orders by.
-    pub fn upper_mb(&self) -> u64 {
+    /// What a stored item's entry holds; `None` for an item without one.
+    pub fn of_item(item: &Item) -> Option<Self> {
+        let rank = item.get(A_RANK)?.as_s().ok()?;
+        let (upper_mb, _) = parse_rank(rank)?;
+        // An entry without the flag was written exact.
+        let exact = item
+            .get(A_EXACT)
+            .and_then(|value| value.as_bool().ok())
+            .copied()
+            .unwrap_or(true);
+        Some(Self { upper_mb, exact })
+    }
+
+    /// Whether this entry still places an agent that now has `free_mb`:
+    /// exactly, or as an upper bound within the slack.
+    pub fn holds(&self, free_mb: u64) -> bool {
         if self.exact {
-            self.free_mb
+            self.upper_mb == free_mb
         } else {
-            self.free_mb.saturating_add(FV_SLACK_MB)
+            (self.lower_mb()..=self.upper_mb).contains(&free_mb)
+        }
+    }
+
+    /// The entry to write for an agent that now has `free_mb`, given the
+    /// stored one. An entry is rewritten as rarely as the rank allows:
+    /// - it still holds the figure: kept (no index write);
+    /// - an exact entry whose agent dipped within the slack: the same rank,
+    ///   marked inexact (one index unit, the flag; its return to the figure
+    ///   costs nothing);
+    /// - a small rise: an inexact bound with room either way (a key change);
+    /// - a job started or ended: the exact figure (a key change).
+    pub fn choose(free_mb: u64, stored: Option<Self>) -> Self {
+        let Some(stored) = stored else {
+            return Self::exact(free_mb);
+        };
+        if stored.holds(free_mb) {
+            stored
+        } else if free_mb < stored.upper_mb && stored.upper_mb - free_mb <= 2 * FV_SLACK_MB {
+            Self::inexact(stored.upper_mb)
+        } else if free_mb > stored.upper_mb && free_mb - stored.upper_mb <= FV_SLACK_MB {
+            Self::inexact(free_mb.saturating_add(FV_SLACK_MB))
+        } else {
+            Self::exact(free_mb)
         }
     }
 
     /// The least free VRAM the agent can really have.
     pub fn lower_mb(&self) -> u64 {
         if self.exact {
-            self.free_mb
+            self.upper_mb
         } else {
-            self.free_mb.saturating_sub(FV_SLACK_MB)
+            self.upper_mb.saturating_sub(2 * FV_SLACK_MB)
         }
     }
 }
@@ -134,15 +153,30 @@ pub fn rank_prefix_end(upper_mb: u64) -> String {
 }
 
 pub fn rank_key(vram: IndexedVram, agent_id: &str) -> String {
-    format!("{}{agent_id}", rank_prefix(vram.upper_mb()))
+    format!("{}{agent_id}", rank_prefix(vram.upper_mb))
 }
 
 /// The upper figure and agent id a rank holds.
-pub(super) fn parse_rank(rank: &str) -> Option<(u64, &str)> {
+pub fn parse_rank(rank: &str) -> Option<(u64, &str)> {
     let (inverted, agent_id) = rank.split_once('#')?;
     let inverted: u64 = inverted.parse().ok()?;
     Some((RANK_MAX.checked_sub(inverted)?, agent_id))
 }
+
+/// The index partition an agent's entry lives in: its shard's online part
+/// (`"3"`) while it may be online, the offline part (`"off3"`) once it has
+/// left. An `online` query reads only the online parts, so an agent that
+/// left costs it nothing.
+pub fn partition_key(agent_id: &str, shards: u32, online: bool) -> String {
+    let shard = shard_of(agent_id, shards);
+    if online {
+        shard.to_string()
+    } else {
+        format!("{OFFLINE_PART}{shard}")
+    }
+}
+
+pub(super) const OFFLINE_PART: &str = "off";
 
 /// FNV-1a: stable across builds and languages, unlike std's hasher.
 pub fn shard_of(agent_id: &str, shards: u32) -> u32 {
@@ -188,7 +222,12 @@ pub fn encode_indexed(
         (A_MEMORY.into(), number(heartbeat.memory.available_mb)),
         (
             A_SHARD.into(),
-            AttributeValue::S(shard_of(&heartbeat.agent_id, shards).to_string()),
+            // A leaving heartbeat's deadline is its arrival.
+            AttributeValue::S(partition_key(
+                &heartbeat.agent_id,
+                shards,
+                agent.online_until_ms > agent.received_at_ms,
+            )),
         ),
         (A_RECORD.into(), AttributeValue::B(Blob::new(record))),
     ]);
@@ -202,7 +241,6 @@ pub fn set_index_figure(item: &mut Item, agent_id: &str, indexed: IndexedVram) {
         A_RANK.into(),
         AttributeValue::S(rank_key(indexed, agent_id)),
     );
-    item.insert(A_FREE_VRAM.into(), number(indexed.free_mb));
     item.insert(A_EXACT.into(), AttributeValue::Bool(indexed.exact));
 }
 
@@ -273,45 +311,67 @@ mod tests {
                 rank(0, "c")
             ]
         );
-        let wandered = IndexedVram {
-            free_mb: 9000,
-            exact: false,
-        };
         assert_eq!(
-            parse_rank(&rank_key(wandered, "lab-07")),
-            Some((9000 + FV_SLACK_MB, "lab-07"))
+            parse_rank(&rank_key(IndexedVram::inexact(9256), "lab-07")),
+            Some((9256, "lab-07"))
         );
         assert!(rank_prefix(100) < rank(100, "a") && rank(100, "a") < rank_prefix_end(100));
         assert_eq!(parse_rank("garbage"), None);
     }
 
     #[test]
-    fn the_entry_keeps_its_figure_while_the_real_one_stays_within_the_slack() {
-        let stored = |free_mb: u64| HashMap::from([(A_FREE_VRAM.to_owned(), number(free_mb))]);
-        assert_eq!(IndexedVram::choose(9000, None), IndexedVram::exact(9000));
+    fn the_entry_is_rewritten_only_when_its_rank_no_longer_holds() {
+        let exact = IndexedVram::exact;
+        let inexact = IndexedVram::inexact;
+        assert_eq!(IndexedVram::choose(9000, None), exact(9000));
+        assert_eq!(IndexedVram::choose(9000, Some(exact(9000))), exact(9000));
+        // A dip keeps the rank and clears the flag; the return costs nothing.
+        let dipped = IndexedVram::choose(8900, Some(exact(9000)));
+        assert_eq!(dipped, inexact(9000));
+        assert_eq!(IndexedVram::choose(9000, Some(dipped)), dipped);
         assert_eq!(
-            IndexedVram::choose(9000, Some(&stored(9000))),
-            IndexedVram::exact(9000)
+            IndexedVram::choose(9000 - 2 * FV_SLACK_MB, Some(dipped)),
+            dipped
         );
-        let wandered = IndexedVram::choose(9000 + FV_SLACK_MB, Some(&stored(9000)));
+        // A small rise: a bound with room either way.
         assert_eq!(
-            wandered,
-            IndexedVram {
-                free_mb: 9000,
-                exact: false
+            IndexedVram::choose(9100, Some(exact(9000))),
+            inexact(9100 + FV_SLACK_MB)
+        );
+        // A job started or ended: exact again.
+        assert_eq!(
+            IndexedVram::choose(8999 - 2 * FV_SLACK_MB, Some(dipped)),
+            exact(8999 - 2 * FV_SLACK_MB)
+        );
+        assert_eq!(
+            IndexedVram::choose(9001 + FV_SLACK_MB, Some(exact(9000))),
+            exact(9001 + FV_SLACK_MB)
+        );
+        // Whatever is chosen places the agent: its figure within the bounds.
+        for free_mb in [0, 100, 8000, 8900, 9000, 9100, 9300, 20_000] {
+            for stored in [None, Some(exact(9000)), Some(dipped), Some(inexact(300))] {
+                let chosen = IndexedVram::choose(free_mb, stored);
+                assert!(chosen.holds(free_mb), "{free_mb} {stored:?} -> {chosen:?}");
             }
-        );
-        assert!(
-            wandered.lower_mb() <= 9000 + FV_SLACK_MB && 9000 + FV_SLACK_MB <= wandered.upper_mb()
+        }
+        assert_eq!(inexact(100).lower_mb(), 0, "bounds saturate at zero");
+    }
+
+    #[test]
+    fn the_entry_reads_back_from_the_item() {
+        let mut item = Item::new();
+        assert_eq!(IndexedVram::of_item(&item), None);
+        for vram in [IndexedVram::exact(9000), IndexedVram::inexact(9256)] {
+            set_index_figure(&mut item, "lab-07", vram);
+            assert_eq!(IndexedVram::of_item(&item), Some(vram));
+        }
+        assert_eq!(
+            partition_key("lab-07", 4, true),
+            shard_of("lab-07", 4).to_string()
         );
         assert_eq!(
-            IndexedVram::choose(9001 + FV_SLACK_MB, Some(&stored(9000))),
-            IndexedVram::exact(9001 + FV_SLACK_MB)
-        );
-        assert_eq!(
-            IndexedVram::choose(100, Some(&stored(200))).lower_mb(),
-            0,
-            "bounds saturate at zero"
+            partition_key("lab-07", 4, false),
+            format!("off{}", shard_of("lab-07", 4))
         );
     }
 

@@ -13,15 +13,17 @@
 mod history;
 mod item;
 mod query;
+pub use query::PageBudget;
 pub mod units;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
-    KeyType, Projection, ProjectionType, ReturnConsumedCapacity, ReturnValue, ScalarAttributeType,
-    TimeToLiveSpecification,
+    KeyType, Projection, ProjectionType, ReturnConsumedCapacity, ReturnValue,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TimeToLiveSpecification,
 };
 
 use super::{Page, Store, StoreError, Upsert};
@@ -30,10 +32,13 @@ use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
 
 pub use history::{encode_history, history_key};
-use item::{A_AGENT, A_EXACT, A_FREE_VRAM, A_POOL, A_RANK, A_SENT, A_SHARD, decode, number};
+use item::{
+    A_AGENT, A_CORES, A_EXACT, A_LEGACY_FREE_VRAM, A_MEMORY, A_POOL, A_RANK, A_RECORD, A_SENT,
+    A_SHARD, A_UNTIL, decode, number, rank_prefix, rank_prefix_end,
+};
 pub use item::{
     CAPACITY_INDEX, FV_SLACK_MB, INDEX_NAME, IndexedVram, Item, TABLE_KEY, TTL_ATTRIBUTE, encode,
-    encode_indexed, item_size, rank_key, set_index_figure, shard_of,
+    encode_indexed, item_size, parse_rank, partition_key, rank_key, set_index_figure, shard_of,
 };
 use units::{WriteUnits, read_units, write_units};
 
@@ -44,15 +49,15 @@ pub struct DynamoStore {
     shards: u32,
 }
 
-/// What one heartbeat cost: the write's units computed by the unit model
-/// from the item before and after, what DynamoDB reported for the table
-/// (emulators report the table only, if at all), and the read units of the
-/// look at the index figure before the write.
+/// What one heartbeat cost: the writes' units computed by the unit model
+/// from the item before and after (a failed condition included), what
+/// DynamoDB reported for the last write's table (emulators report the table
+/// only, if at all), and how many writes failed their condition.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct WriteCost {
     pub computed: WriteUnits,
     pub reported_table: Option<f64>,
-    pub read_units: f64,
+    pub conditional_failures: u32,
 }
 
 /// What a capacity query read, by DynamoDB's billing rules: an index `Query`
@@ -85,6 +90,16 @@ impl ReadCost {
             .map(|item| read_units(item_size(item), false))
             .sum::<f64>();
         self.add_reported(reported);
+    }
+
+    fn merge(&mut self, other: &ReadCost) {
+        self.requests += other.requests;
+        self.index_entries += other.index_entries;
+        self.items_read += other.items_read;
+        self.units += other.units;
+        if let Some(units) = other.reported_units {
+            self.add_reported(Some(units));
+        }
     }
 
     fn add_reported(&mut self, reported: Option<f64>) {
@@ -179,41 +194,148 @@ impl DynamoStore {
         Ok(())
     }
 
-    /// The figure the agent's index entry holds now, if it can be read. An
-    /// eventually consistent read costs a tenth of a write, and it saves one
-    /// whenever the entry can stay as it is. A stale answer is harmless: the
-    /// entry is only kept when it is within the slack of the new figure.
-    async fn indexed_figure(&self, agent_id: &str) -> (Option<Item>, f64) {
-        let read = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key(A_AGENT, AttributeValue::S(agent_id.to_owned()))
-            .projection_expression("#fv")
-            .expression_attribute_names("#fv", A_FREE_VRAM)
-            .send()
-            .await;
-        match read {
-            // Billed by the whole item (at most 4 KB), whatever is projected.
-            Ok(output) => (output.item().cloned(), units::read_units(1, false)),
-            Err(error) => {
-                // Only an optimisation: the write goes ahead with an exact figure.
-                tracing::debug!(agent_id, error = %DisplayErrorContext(&error), "index figure unread");
-                (None, 0.0)
-            }
-        }
-    }
-
-    /// The conditional write, with what it cost. The old item comes back with
-    /// the write (`ALL_OLD` costs nothing extra), so the units are computed
-    /// from exactly the two versions DynamoDB billed.
+    /// The write, with what it cost. Most heartbeats leave the agent's index
+    /// entry as it is, so the write first asks for exactly that, with no read
+    /// before it: an `UpdateItem` of everything but the entry, on condition
+    /// that the stored entry still places the agent. When it does not (a job
+    /// started or ended, the agent came back or left, or it is new), the
+    /// failed condition hands back the stored item at no cost, and one
+    /// `PutItem` writes the entry `IndexedVram::choose` picks from it.
     pub async fn upsert_measured(
         &self,
         agent: &StoredAgent,
     ) -> Result<(Upsert, WriteCost), StoreError> {
-        let (stored, read_units) = self.indexed_figure(agent.agent_id()).await;
-        let vram = IndexedVram::choose(agent.heartbeat.gpu_free_max_mb(), stored.as_ref());
+        let free_mb = agent.heartbeat.gpu_free_max_mb();
+        // The entry the update keeps is the stored one; the figure written
+        // here only stands in for it in the item that computes the units.
+        let kept = encode_indexed(agent, self.shards, IndexedVram::exact(free_mb))?;
+        let stored = match self.update_keeping_entry(agent, &kept).await {
+            Ok(old) => {
+                let mut new = kept;
+                if let Some(vram) = old.as_ref().and_then(IndexedVram::of_item) {
+                    set_index_figure(&mut new, agent.agent_id(), vram);
+                }
+                let cost = WriteCost {
+                    computed: write_units(TABLE_KEY, old.as_ref(), &new, &[CAPACITY_INDEX]),
+                    ..WriteCost::default()
+                };
+                return Ok((Upsert::Written, cost));
+            }
+            Err(KeepFailed::Condition(stored)) => stored,
+            Err(KeepFailed::Unavailable(error)) => return Err(error),
+        };
+        // A failed condition still bills the table write, and changes no index.
+        let failed_units = write_units(TABLE_KEY, None, &kept, &[]).table;
+        let newer_stored = stored.as_ref().is_some_and(|old| {
+            let sent = old
+                .get(A_SENT)
+                .and_then(|v| v.as_n().ok())
+                .and_then(|n| n.parse::<u64>().ok());
+            let expires = old
+                .get(TTL_ATTRIBUTE)
+                .and_then(|v| v.as_n().ok())
+                .and_then(|n| n.parse::<i64>().ok());
+            sent.is_some_and(|sent| sent >= agent.heartbeat.sent_at_ms)
+                && expires.is_some_and(|expires| expires > agent.received_at_ms.div_euclid(1000))
+        });
+        if newer_stored {
+            let cost = WriteCost {
+                conditional_failures: 1,
+                computed: WriteUnits {
+                    table: failed_units,
+                    indexes: 0,
+                },
+                ..WriteCost::default()
+            };
+            return Ok((Upsert::Stale, cost));
+        }
+        let vram = IndexedVram::choose(free_mb, stored.as_ref().and_then(IndexedVram::of_item));
         let item = encode_indexed(agent, self.shards, vram)?;
+        let (outcome, mut cost) = self.put_newer(agent, item).await?;
+        cost.conditional_failures += 1;
+        cost.computed.table += failed_units;
+        Ok((outcome, cost))
+    }
+
+    /// The update that leaves the index entry alone; `Ok` with the old item,
+    /// or the stored item (if any) when its entry, part or newness says no.
+    async fn update_keeping_entry(
+        &self,
+        agent: &StoredAgent,
+        new: &Item,
+    ) -> Result<Option<Item>, KeepFailed> {
+        let free_mb = agent.heartbeat.gpu_free_max_mb();
+        let value = |name: &str| {
+            new.get(name).cloned().ok_or_else(|| {
+                KeepFailed::Unavailable(StoreError::Corrupt(format!("encoded item lacks {name}")))
+            })
+        };
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(A_AGENT, AttributeValue::S(agent.agent_id().to_owned()))
+            .update_expression(
+                "SET #sent = :sent, #until = :until, #expires = :expires, #pool = :pool, \
+                 #cores = :cores, #mem = :mem, #rec = :rec REMOVE #legacy",
+            )
+            .condition_expression(
+                "(#sent < :sent OR #expires <= :now_s) AND #shard = :shard \
+                 AND (#rank = :exact_rank OR (#fx = :inexact AND #rank BETWEEN :from AND :to))",
+            )
+            .expression_attribute_names("#legacy", A_LEGACY_FREE_VRAM)
+            .expression_attribute_names("#shard", A_SHARD)
+            .expression_attribute_names("#rank", A_RANK)
+            .expression_attribute_names("#fx", A_EXACT)
+            .expression_attribute_values(":now_s", number(agent.received_at_ms.div_euclid(1000)))
+            .expression_attribute_values(":shard", value(A_SHARD)?)
+            .expression_attribute_values(
+                ":exact_rank",
+                AttributeValue::S(rank_key(IndexedVram::exact(free_mb), agent.agent_id())),
+            )
+            .expression_attribute_values(":inexact", AttributeValue::Bool(false))
+            // Inexact entries that still hold the figure: upper bounds from
+            // the figure to twice the slack above it.
+            .expression_attribute_values(
+                ":from",
+                AttributeValue::S(rank_prefix(free_mb.saturating_add(2 * FV_SLACK_MB))),
+            )
+            .expression_attribute_values(":to", AttributeValue::S(rank_prefix_end(free_mb)))
+            .return_values(ReturnValue::AllOld)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        for (placeholder, name) in [
+            ("sent", A_SENT),
+            ("until", A_UNTIL),
+            ("expires", TTL_ATTRIBUTE),
+            ("pool", A_POOL),
+            ("cores", A_CORES),
+            ("mem", A_MEMORY),
+            ("rec", A_RECORD),
+        ] {
+            update = update
+                .expression_attribute_names(format!("#{placeholder}"), name)
+                .expression_attribute_values(format!(":{placeholder}"), value(name)?);
+        }
+        match update.send().await {
+            Ok(output) => Ok(output.attributes().cloned()),
+            Err(error) => match error.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
+                    Err(KeepFailed::Condition(failed.item().cloned()))
+                }
+                _ => Err(KeepFailed::Unavailable(unavailable(error))),
+            },
+        }
+    }
+
+    /// The whole item, written unless the stored record is as new or newer.
+    /// The old item comes back with the write (`ALL_OLD` costs nothing
+    /// extra), so the units are computed from exactly the two versions
+    /// DynamoDB billed.
+    async fn put_newer(
+        &self,
+        agent: &StoredAgent,
+        item: Item,
+    ) -> Result<(Upsert, WriteCost), StoreError> {
         let result = self
             .client
             .put_item()
@@ -241,7 +363,7 @@ impl DynamoStore {
                         .and_then(|c| c.table())
                         .and_then(|t| t.capacity_units())
                         .or_else(|| output.consumed_capacity().and_then(|c| c.capacity_units())),
-                    read_units,
+                    conditional_failures: 0,
                 };
                 Ok((Upsert::Written, cost))
             }
@@ -250,18 +372,52 @@ impl DynamoStore {
                     .as_service_error()
                     .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
             {
-                // A failed condition still bills the table write, and
-                // changes no index.
                 let cost = WriteCost {
                     computed: write_units(TABLE_KEY, None, &item, &[]),
                     reported_table: None,
-                    read_units,
+                    conditional_failures: 1,
                 };
                 Ok((Upsert::Stale, cost))
             }
             Err(error) => Err(unavailable(error)),
         }
     }
+}
+
+/// What the store's write does to an agent's item, by the unit model, for
+/// simulators and tests: the item written and what it costs, given the item
+/// before (the update that keeps the entry when it still places the agent,
+/// else a failed condition and a whole put).
+pub fn modelled_write(
+    previous: Option<&Item>,
+    agent: &StoredAgent,
+    shards: u32,
+) -> Result<(Item, WriteUnits), StoreError> {
+    let free_mb = agent.heartbeat.gpu_free_max_mb();
+    let stored = previous.and_then(IndexedVram::of_item);
+    let mut item = encode_indexed(agent, shards, IndexedVram::exact(free_mb))?;
+    let same_part = previous.and_then(|old| old.get(A_SHARD)) == item.get(A_SHARD);
+    if let Some(vram) = stored.filter(|vram| same_part && vram.holds(free_mb)) {
+        set_index_figure(&mut item, agent.agent_id(), vram);
+        let units = write_units(TABLE_KEY, previous, &item, &[CAPACITY_INDEX]);
+        return Ok((item, units));
+    }
+    let failed = write_units(TABLE_KEY, None, &item, &[]).table;
+    set_index_figure(
+        &mut item,
+        agent.agent_id(),
+        IndexedVram::choose(free_mb, stored),
+    );
+    let mut units = write_units(TABLE_KEY, previous, &item, &[CAPACITY_INDEX]);
+    units.table += failed;
+    Ok((item, units))
+}
+
+/// Why the update that keeps the entry did not happen.
+enum KeepFailed {
+    /// The condition failed; the stored item, if there is one.
+    Condition(Option<Item>),
+    Unavailable(StoreError),
 }
 
 #[async_trait]

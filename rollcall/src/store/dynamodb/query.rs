@@ -1,26 +1,38 @@
-//! Capacity queries: candidates from the index, exact answers from the table.
+//! Capacity queries: the index in rank order, answers from the table, every
+//! page inside a read budget.
 //!
-//! The index orders agents by the most free VRAM each can have (its rank),
-//! then agent id: exactly answer order for an agent whose figure is exact,
-//! and an upper bound for one whose figure has wandered within the slack.
-//! So no agent can come before the entry a shard has read last, and none
-//! before its own entry. Candidates are read from the table with
-//! `BatchGetItem` in index order, only as many as the page needs, and an
-//! agent is answered once nothing unread or unfetched can come before it.
+//! The index orders agents by the figure of their entry (the most free VRAM
+//! on one GPU each can have, exact for all but agents whose figure wanders
+//! within the slack), then agent id. DynamoDB answers in that order: each
+//! shard's part is read in rank order, the shards are merged, candidates are
+//! read from the table with `BatchGetItem` in full batches, and
 //! `CapacityQuery::matches` has the final word on each (status, cores,
-//! memory, labels, exact VRAM), as in every store.
+//! memory, labels, exact VRAM), as in every store. An answer's place is its
+//! entry's, so a page is decided from the index alone: it resumes exactly
+//! after the last entry it decided, and an item that is newer than its entry
+//! (the index lags) cannot move an answer before one it should follow.
+//!
+//! A page stops when its budget ([`PageBudget`]) is spent, with fewer answers
+//! than asked for and a cursor after the last entry it decided, so that no
+//! filter, however selective, makes one request read the fleet.
+//!
+//! Agents that left sit in the offline part of their shard, which an
+//! `online` query never reads. An agent that died without a word is still in
+//! the online part: the first query that reads it moves it (a conditional
+//! update that loses to any heartbeat), so it is read one by one once.
 
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnConsumedCapacity};
 
 use super::item::{
-    A_AGENT, A_EXACT, A_POOL, A_RANK, A_SHARD, FV_SLACK_MB, INDEX_NAME, IndexedVram, Item, decode,
-    item_size, parse_rank, rank_prefix, rank_prefix_end,
+    A_AGENT, A_EXACT, A_POOL, A_RANK, A_SHARD, A_UNTIL, INDEX_NAME, IndexedVram, Item,
+    OFFLINE_PART, decode, item_size, parse_rank, rank_key, rank_prefix_end,
 };
 use super::units::read_units;
 use super::{DynamoStore, ReadCost, build_error, unavailable};
-use crate::capacity::{CapacityQuery, Position, answer_order};
+use crate::capacity::{CapacityQuery, Position, StatusFilter, answer_order};
 use crate::record::StoredAgent;
 use crate::store::{Page, PageFill, StoreError};
 
@@ -29,79 +41,63 @@ use crate::store::{Page, PageFill, StoreError};
 const INDEX_BATCH: i32 = 1000;
 /// `BatchGetItem` takes at most 100 keys.
 const TABLE_BATCH: usize = 100;
+/// What an item read is budgeted at: one item up to 4 KB, eventually
+/// consistent. Agent items are under 2 KB.
+const ITEM_UNITS: f64 = 0.5;
+/// Unprocessed keys are sent again after this, doubled each time.
+const UNPROCESSED_BACKOFF: Duration = Duration::from_millis(25);
+/// Agents that died without a word, moved to the offline part per page at most.
+const MAX_MOVES_PER_PAGE: usize = 25;
 
-/// One index entry.
+/// What one page may read before it stops short with a cursor. The figures
+/// hold at any fleet size: a page's reads follow the budget, not the fleet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PageBudget {
+    /// Read units, index and table together, by DynamoDB's billing rules.
+    pub read_units: f64,
+    /// Rounds of requests one after another (each round's requests run
+    /// concurrently).
+    pub rounds: u32,
+    /// Wall-clock time; a round is not started past it.
+    pub time: Duration,
+}
+
+impl Default for PageBudget {
+    /// About 100 read units and 2 s: a page of 100 answers with room to
+    /// spare, far inside the query function's 10 s timeout.
+    fn default() -> Self {
+        Self {
+            read_units: 100.0,
+            rounds: 12,
+            time: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One index entry, in answer order by `position`.
 #[derive(Debug, Clone)]
-struct Candidate {
-    /// The earliest place in answer order the agent can take: its rank.
-    earliest: Position,
-    vram: IndexedVram,
+struct Entry {
+    position: Position,
     pool: Option<String>,
+    /// Read from an online part: an offline agent found through it is moved.
+    online_part: bool,
 }
 
-/// An accepted agent, ordered so that a max-heap pops answer order.
-struct Answer(Position, StoredAgent);
-
-impl PartialEq for Answer {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
-    }
-}
-impl Eq for Answer {}
-impl PartialOrd for Answer {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Answer {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        answer_order(&other.0, &self.0)
-    }
-}
-
-/// The ranks a query reads: from the cursor's, widened by what an inexact
-/// entry may hide, down to the VRAM bound.
-struct RankRange {
-    from: String,
-    to: String,
-}
-
-impl RankRange {
-    /// `None` when no rank can hold a match.
-    fn new(query: &CapacityQuery, after: Option<&Position>) -> Option<Self> {
-        let min_mb = if query.required_gpus() > 0 {
-            let min_free_mb = query.min_gpu_free_mb().ceil();
-            if min_free_mb >= u64::MAX as f64 {
-                return None;
-            }
-            min_free_mb as u64
-        } else {
-            0
-        };
-        let from = match after {
-            // An inexact entry ranked up to twice the slack above the cursor
-            // may still really come after it.
-            Some(cursor) => rank_prefix(cursor.gpu_free_max_mb.saturating_add(2 * FV_SLACK_MB)),
-            None => "0".to_owned(),
-        };
-        let to = rank_prefix_end(min_mb);
-        (from <= to).then_some(Self { from, to })
-    }
-}
-
-/// Reading one shard's part of the index, page by page.
-struct ShardReader {
-    shard: u32,
+/// Reading one partition of the index (a shard's online or offline part)
+/// in rank order.
+struct PartReader {
+    partition: String,
+    online_part: bool,
     next_key: Option<Item>,
     done: bool,
     requests: u32,
-    /// The last entry read: nothing unread in this shard comes before it.
+    /// The last entry read: nothing unread in this part comes before it.
     last: Option<Position>,
 }
 
-impl ShardReader {
-    /// The earliest place an agent whose entry this shard has not returned
-    /// yet can take; `None` once the shard is read to the end.
+impl PartReader {
+    /// The earliest place an entry this part has not returned yet can take;
+    /// `None` once the part is read to the end.
     fn unread_bound(&self) -> Option<Position> {
         if self.done {
             return None;
@@ -121,99 +117,286 @@ fn earlier(a: Option<Position>, b: Option<Position>) -> Option<Position> {
     }
 }
 
+/// What a page has spent and decided so far.
+struct Progress {
+    budget: PageBudget,
+    started: Instant,
+    rounds: u32,
+    cost: ReadCost,
+    /// The last entry decided, in order: every entry up to it is answered
+    /// or ruled out.
+    decided: Option<Position>,
+    fetched: usize,
+    matched: usize,
+}
+
+impl Progress {
+    fn units_left(&self) -> f64 {
+        self.budget.read_units - self.cost.units
+    }
+
+    /// Whether another round may start. A page always decides something
+    /// before it stops, so following cursors always ends.
+    fn may_continue(&self) -> bool {
+        self.decided.is_none()
+            || (self.rounds < self.budget.rounds
+                && self.started.elapsed() < self.budget.time
+                && self.units_left() >= ITEM_UNITS)
+    }
+
+    /// How many candidates the next table read should take: what the page
+    /// still needs, scaled by how many of those read so far matched, within
+    /// what the budget has left.
+    fn fetch_size(&self, wanted: usize) -> usize {
+        let scaled = wanted.saturating_mul(self.fetched + 1) / (self.matched + 1);
+        let affordable = (self.units_left() / ITEM_UNITS).floor().max(1.0) as usize;
+        let most = 3 * TABLE_BATCH;
+        scaled.clamp(wanted.clamp(1, most), most).min(affordable)
+    }
+}
+
+/// An agent read from the table, with what moving it needs.
+struct Fetched {
+    agent: StoredAgent,
+    until: Option<AttributeValue>,
+}
+
 impl DynamoStore {
-    /// A capacity query, with what it read.
+    /// A capacity query within the default budget, with what it read.
     pub async fn query_measured(
         &self,
         query: &CapacityQuery,
         after: Option<&Position>,
         now_ms: i64,
     ) -> Result<(Page, ReadCost), StoreError> {
-        let mut cost = ReadCost::default();
-        let mut fill = PageFill::new(query.limit);
-        let Some(range) = RankRange::new(query, after) else {
-            return Ok((fill.page(), cost));
+        self.query_within(query, after, now_ms, PageBudget::default())
+            .await
+    }
+
+    /// A capacity query that stops once `budget` is spent.
+    pub async fn query_within(
+        &self,
+        query: &CapacityQuery,
+        after: Option<&Position>,
+        now_ms: i64,
+        budget: PageBudget,
+    ) -> Result<(Page, ReadCost), StoreError> {
+        let mut progress = Progress {
+            budget,
+            started: Instant::now(),
+            rounds: 0,
+            cost: ReadCost::default(),
+            decided: None,
+            fetched: 0,
+            matched: 0,
         };
-        let mut readers: Vec<ShardReader> = (0..self.shards)
-            .map(|shard| ShardReader {
-                shard,
-                next_key: None,
-                done: false,
-                requests: 0,
-                last: None,
-            })
-            .collect();
-        // Read from the index, not yet from the table; earliest last.
-        let mut pending: Vec<Candidate> = Vec::new();
-        let mut fetched: BinaryHeap<Answer> = BinaryHeap::new();
-        let mut seen: HashSet<String> = HashSet::new();
+        let mut fill = PageFill::new(query.limit);
+        let Some(to) = rank_bound(query) else {
+            return Ok((fill.page(), progress.cost));
+        };
+        let from = after.map_or_else(|| "0".to_owned(), |cursor| rank_of(cursor));
+        if from > to {
+            return Ok((fill.page(), progress.cost));
+        }
+        let mut readers = self.readers(query.status);
+        // Read from the index and not yet decided, in answer order.
+        let mut pending: std::collections::VecDeque<Entry> = std::collections::VecDeque::new();
+        let mut moves = Vec::new();
         loop {
+            if !progress.may_continue() {
+                let next = progress.decided.clone();
+                return Ok((
+                    self.finish(fill.short_page(next), moves).await,
+                    progress.cost,
+                ));
+            }
             let unread = readers
                 .iter()
-                .filter_map(ShardReader::unread_bound)
+                .filter_map(PartReader::unread_bound)
                 .fold(None, |earliest, bound| earlier(earliest, Some(bound)));
-            let next_pending = pending.last().map(|candidate| candidate.earliest.clone());
-            let frontier = earlier(unread.clone(), next_pending.clone());
-            if settle(&mut fetched, frontier.as_ref(), &mut fill) {
-                return Ok((fill.page(), cost));
-            }
-            let Some(frontier) = frontier else {
-                return Ok((fill.page(), cost));
-            };
-            if next_pending.is_some_and(|next| next == frontier) {
-                // Only as many as the page still needs: each costs a read.
-                let wanted = fill
-                    .wanted()
-                    .saturating_sub(fetched.len())
-                    .clamp(1, TABLE_BATCH);
-                let batch: Vec<Candidate> = pending
-                    .drain(pending.len().saturating_sub(wanted)..)
-                    .rev()
-                    .collect();
-                self.read_candidates(&batch, query, after, now_ms, &mut fetched, &mut cost)
+            let ready = pending
+                .iter()
+                .take_while(|entry| {
+                    unread
+                        .as_ref()
+                        .is_none_or(|bound| answer_order(&entry.position, bound).is_le())
+                })
+                .count();
+            let size = progress.fetch_size(fill.wanted());
+            if ready < size && unread.is_some() {
+                // Not enough decidable yet: read on in every part that holds
+                // back the entries the next table read would take.
+                let horizon = pending.get(size).map(|entry| entry.position.clone());
+                let entries = self
+                    .read_index(
+                        &mut readers,
+                        horizon.as_ref(),
+                        query,
+                        &from,
+                        &to,
+                        &mut progress,
+                    )
                     .await?;
-            } else {
-                for candidate in self
-                    .read_index(&mut readers, unread.as_ref(), query, &range, &mut cost)
-                    .await?
+                let mut merged: Vec<Entry> = pending.drain(..).chain(entries).collect();
+                merged.sort_by(|a, b| answer_order(&a.position, &b.position));
+                pending.extend(merged);
+                continue;
+            }
+            if ready == 0 {
+                return Ok((self.finish(fill.page(), moves).await, progress.cost));
+            }
+            // The next entries in order: those the index rules out are
+            // decided at once; the rest are read in one round.
+            let (mut take, mut reads) = (0, 0);
+            for entry in pending.iter().take(ready) {
+                if worth_reading(entry, query, after) {
+                    if reads == size {
+                        break;
+                    }
+                    reads += 1;
+                }
+                take += 1;
+            }
+            let decided: Vec<(Entry, bool)> = pending
+                .drain(..take)
+                .map(|entry| {
+                    let read = worth_reading(&entry, query, after);
+                    (entry, read)
+                })
+                .collect();
+            let batch: Vec<String> = decided
+                .iter()
+                .filter(|(_, read)| *read)
+                .map(|(entry, _)| entry.position.agent_id.clone())
+                .collect();
+            let mut found = self.read_items(&batch, &mut progress).await?;
+            for (entry, was_read) in decided {
+                progress.decided = Some(entry.position.clone());
+                if !was_read {
+                    continue;
+                }
+                progress.fetched += 1;
+                let Some(Fetched { agent, until }) = found.remove(&entry.position.agent_id) else {
+                    continue;
+                };
+                if agent.is_expired(now_ms) {
+                    continue;
+                }
+                if entry.online_part && !agent.is_online(now_ms) && moves.len() < MAX_MOVES_PER_PAGE
                 {
-                    if worth_reading(&candidate, query, after)
-                        && seen.insert(candidate.earliest.agent_id.clone())
-                    {
-                        pending.push(candidate);
+                    moves.push((agent.agent_id().to_owned(), until));
+                }
+                if query.matches(&agent, now_ms) {
+                    progress.matched += 1;
+                    if fill.push(entry.position, agent) {
+                        return Ok((self.finish(fill.page(), moves).await, progress.cost));
                     }
                 }
-                pending.sort_by(|a, b| answer_order(&b.earliest, &a.earliest));
             }
         }
     }
 
-    /// Reads the next index page of every shard that holds the others back.
+    /// Every part a query with this status reads: online parts always
+    /// (an agent that died without a word may still be there), offline
+    /// parts unless only online agents are asked for.
+    fn readers(&self, status: StatusFilter) -> Vec<PartReader> {
+        let offline = status != StatusFilter::Online;
+        (0..self.shards)
+            .flat_map(|shard| {
+                let online = PartReader {
+                    partition: shard.to_string(),
+                    online_part: true,
+                    next_key: None,
+                    done: false,
+                    requests: 0,
+                    last: None,
+                };
+                let left = offline.then(|| PartReader {
+                    partition: format!("{OFFLINE_PART}{shard}"),
+                    online_part: false,
+                    next_key: None,
+                    done: false,
+                    requests: 0,
+                    last: None,
+                });
+                std::iter::once(online).chain(left)
+            })
+            .collect()
+    }
+
+    /// The page, once the agents found offline in an online part have been
+    /// moved out of it. A move that fails is left to the next query.
+    async fn finish(&self, page: Page, moves: Vec<(String, Option<AttributeValue>)>) -> Page {
+        let mut requests = tokio::task::JoinSet::new();
+        for (agent_id, until) in moves {
+            let Some(until) = until else { continue };
+            let partition = super::partition_key(&agent_id, self.shards, false);
+            let online = super::partition_key(&agent_id, self.shards, true);
+            let request = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key(A_AGENT, AttributeValue::S(agent_id.clone()))
+                .update_expression("SET #shard = :offline")
+                // Loses to any heartbeat since the read.
+                .condition_expression("#until = :until AND #shard = :online")
+                .expression_attribute_names("#shard", A_SHARD)
+                .expression_attribute_names("#until", A_UNTIL)
+                .expression_attribute_values(":offline", AttributeValue::S(partition))
+                .expression_attribute_values(":online", AttributeValue::S(online))
+                .expression_attribute_values(":until", until);
+            requests.spawn(async move { (agent_id, request.send().await) });
+        }
+        while let Some(joined) = requests.join_next().await {
+            match joined {
+                Ok((agent_id, Ok(_))) => {
+                    tracing::debug!(agent_id, "offline agent moved out of the online index")
+                }
+                Ok((agent_id, Err(error))) => tracing::debug!(
+                    agent_id,
+                    error = %aws_sdk_dynamodb::error::DisplayErrorContext(&error),
+                    "offline agent not moved"
+                ),
+                Err(error) => tracing::debug!(%error, "move task failed"),
+            }
+        }
+        page
+    }
+
+    /// Reads the next index page of every part whose unread entries may
+    /// come before `horizon` (every unfinished part when `None`).
     async fn read_index(
         &self,
-        readers: &mut [ShardReader],
-        bottleneck: Option<&Position>,
+        readers: &mut [PartReader],
+        horizon: Option<&Position>,
         query: &CapacityQuery,
-        range: &RankRange,
-        cost: &mut ReadCost,
-    ) -> Result<Vec<Candidate>, StoreError> {
-        let shards = readers.len().max(1);
+        from: &str,
+        to: &str,
+        progress: &mut Progress,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let parts = readers.len().max(1);
         let mut requests = tokio::task::JoinSet::new();
         for (position, reader) in readers.iter_mut().enumerate() {
-            if reader.unread_bound().as_ref() != bottleneck {
+            let Some(bound) = reader.unread_bound() else {
+                continue;
+            };
+            if horizon.is_some_and(|horizon| answer_order(&bound, horizon).is_gt()) {
                 continue;
             }
-            // A shard's first page holds about its share of the answer, with
+            // A part's first page holds about its share of the answer, with
             // room to spare; each later one twice the last, for crowds.
-            let first = (query.limit + 1) * 3 / 2 / shards + 8;
-            let limit = i32::try_from(first << reader.requests.min(10))
+            let first = (query.limit + 1) * 3 / 2 / parts + 8;
+            // Entries are under 100 bytes: half a unit reads about 40.
+            let affordable = (progress.units_left().max(0.0) * 80.0) as usize / parts;
+            let limit = i32::try_from((first << reader.requests.min(10)).min(affordable).max(1))
                 .unwrap_or(INDEX_BATCH)
                 .min(INDEX_BATCH);
             reader.requests += 1;
-            let request = self.index_page(reader, range, limit);
+            let request = self.index_page(reader, from, to, limit);
             requests.spawn(async move { (position, request.send().await) });
         }
-        let mut candidates = Vec::new();
+        progress.rounds += 1;
+        let mut entries = Vec::new();
         while let Some(joined) = requests.join_next().await {
             let (position, output) =
                 joined.map_err(|e| StoreError::Unavailable(format!("index read failed: {e}")))?;
@@ -221,33 +404,37 @@ impl DynamoStore {
             let reader = &mut readers[position];
             // Billed by the entries' projected attributes: the keys (the
             // table's included) and what the index projects.
-            let shard_bytes = A_SHARD.len() + reader.shard.to_string().len();
+            let key_bytes = A_SHARD.len() + reader.partition.len() + A_AGENT.len();
             let bytes: usize = output
                 .items()
                 .iter()
-                .map(|entry| item_size(entry) + shard_bytes + A_AGENT.len())
+                .map(|entry| item_size(entry) + key_bytes)
                 .sum();
-            cost.add_index_read(
+            progress.cost.add_index_read(
                 output.items().len(),
                 read_units(bytes, false),
                 output.consumed_capacity().and_then(|c| c.capacity_units()),
             );
-            for entry in output.items() {
-                let candidate = candidate(entry)?;
-                reader.last = Some(candidate.earliest.clone());
-                candidates.push(candidate);
+            for item in output.items() {
+                let entry = entry(item, reader.online_part)?;
+                reader.last = Some(entry.position.clone());
+                // The range starts at the cursor's own rank, inclusive.
+                if from != entry_rank(&entry) {
+                    entries.push(entry);
+                }
             }
             reader.next_key = output.last_evaluated_key().cloned();
             reader.done = reader.next_key.is_none();
         }
-        Ok(candidates)
+        Ok(entries)
     }
 
-    /// The request for `reader`'s next index page within `range`.
+    /// The request for `reader`'s next index page within `from..=to`.
     fn index_page(
         &self,
-        reader: &mut ShardReader,
-        range: &RankRange,
+        reader: &mut PartReader,
+        from: &str,
+        to: &str,
         limit: i32,
     ) -> aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder {
         self.client
@@ -260,38 +447,75 @@ impl DynamoStore {
             .expression_attribute_names("#rank", A_RANK)
             .expression_attribute_names("#fx", A_EXACT)
             .expression_attribute_names("#pool", A_POOL)
-            .expression_attribute_values(":shard", AttributeValue::S(reader.shard.to_string()))
-            .expression_attribute_values(":from", AttributeValue::S(range.from.clone()))
-            .expression_attribute_values(":to", AttributeValue::S(range.to.clone()))
+            .expression_attribute_values(":shard", AttributeValue::S(reader.partition.clone()))
+            .expression_attribute_values(":from", AttributeValue::S(from.to_owned()))
+            .expression_attribute_values(":to", AttributeValue::S(to.to_owned()))
             .set_exclusive_start_key(reader.next_key.take())
             .limit(limit)
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
     }
 
-    /// Reads `candidates` from the table and keeps those that match now and
-    /// come after the cursor, by their real figures.
-    async fn read_candidates(
+    /// Reads `agent_ids` from the table in one round: full batches of 100
+    /// keys, concurrently, each resending its unprocessed keys with backoff.
+    async fn read_items(
         &self,
-        candidates: &[Candidate],
-        query: &CapacityQuery,
-        after: Option<&Position>,
-        now_ms: i64,
-        fetched: &mut BinaryHeap<Answer>,
-        cost: &mut ReadCost,
-    ) -> Result<(), StoreError> {
+        agent_ids: &[String],
+        progress: &mut Progress,
+    ) -> Result<HashMap<String, Fetched>, StoreError> {
+        if agent_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        progress.rounds += 1;
+        let mut batches = tokio::task::JoinSet::new();
+        for chunk in agent_ids.chunks(TABLE_BATCH) {
+            let store = self.clone();
+            let chunk = chunk.to_vec();
+            batches.spawn(async move { store.read_batch(chunk).await });
+        }
+        let mut found = HashMap::new();
+        while let Some(joined) = batches.join_next().await {
+            let (items, cost) = joined
+                .map_err(|e| StoreError::Unavailable(format!("table read failed: {e}")))??;
+            progress.cost.merge(&cost);
+            for item in items {
+                let agent = decode(&item)?;
+                found.insert(
+                    agent.agent_id().to_owned(),
+                    Fetched {
+                        agent,
+                        until: item.get(A_UNTIL).cloned(),
+                    },
+                );
+            }
+        }
+        Ok(found)
+    }
+
+    /// One `BatchGetItem` of at most 100 keys, until no key is left
+    /// unprocessed (DynamoDB leaves some when throttled or past 16 MB).
+    async fn read_batch(
+        &self,
+        agent_ids: Vec<String>,
+    ) -> Result<(Vec<Item>, ReadCost), StoreError> {
         let mut keys = KeysAndAttributes::builder();
-        for candidate in candidates {
+        for agent_id in agent_ids {
             keys = keys.keys(HashMap::from([(
                 A_AGENT.to_owned(),
-                AttributeValue::S(candidate.earliest.agent_id.clone()),
+                AttributeValue::S(agent_id),
             )]));
         }
         let mut pending = Some(HashMap::from([(
             self.table.clone(),
             keys.build().map_err(build_error)?,
         )]));
-        let mut found: HashMap<String, StoredAgent> = HashMap::new();
+        let mut items = Vec::new();
+        let mut cost = ReadCost::default();
+        let mut backoff = UNPROCESSED_BACKOFF;
         while let Some(request) = pending.take().filter(|request| !request.is_empty()) {
+            if cost.requests > 0 {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
             let output = self
                 .client
                 .batch_get_item()
@@ -300,98 +524,73 @@ impl DynamoStore {
                 .send()
                 .await
                 .map_err(unavailable)?;
-            let items = output
+            let read = output
                 .responses()
                 .and_then(|tables| tables.get(&self.table))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             cost.add_table_read(
-                items,
+                read,
                 output
                     .consumed_capacity()
                     .iter()
                     .filter_map(|c| c.capacity_units())
                     .reduce(|a, b| a + b),
             );
-            for item in items {
-                let agent = decode(item)?;
-                found.insert(agent.agent_id().to_owned(), agent);
-            }
+            items.extend(read.iter().cloned());
             pending = output.unprocessed_keys().cloned();
         }
-        for agent in found.into_values() {
-            let position = Position::of(&agent);
-            let after_cursor = after.is_none_or(|cursor| answer_order(cursor, &position).is_lt());
-            if after_cursor && query.matches(&agent, now_ms) {
-                fetched.push(Answer(position, agent));
-            }
-        }
-        Ok(())
+        Ok((items, cost))
     }
 }
 
-/// What the index entry alone rules out, so that it costs no table read: a
-/// place at or before the cursor, too little free VRAM, another pool.
-fn worth_reading(candidate: &Candidate, query: &CapacityQuery, after: Option<&Position>) -> bool {
-    let after_cursor = after.is_none_or(|cursor| {
-        if candidate.vram.exact {
-            answer_order(cursor, &candidate.earliest).is_lt()
-        } else {
-            // It may really sit anywhere down to its lower bound.
-            candidate.vram.lower_mb() <= cursor.gpu_free_max_mb
-        }
-    });
-    let enough_vram = query.required_gpus() == 0
-        || candidate.earliest.gpu_free_max_mb as f64 >= query.min_gpu_free_mb();
+/// The lowest rank that can hold a match: every entry past it has too
+/// little free VRAM. `None` when no rank can.
+fn rank_bound(query: &CapacityQuery) -> Option<String> {
+    let min_free_mb = query.vram_floor_mb().ceil();
+    if min_free_mb >= u64::MAX as f64 {
+        return None;
+    }
+    Some(rank_prefix_end(min_free_mb as u64))
+}
+
+/// The rank a cursor stands at: the entry it was issued after.
+fn rank_of(cursor: &Position) -> String {
+    rank_key(IndexedVram::exact(cursor.gpu_free_max_mb), &cursor.agent_id)
+}
+
+fn entry_rank(entry: &Entry) -> String {
+    rank_of(&entry.position)
+}
+
+/// What the index entry alone rules out, so that it costs no table read:
+/// the cursor's own entry, too little free VRAM, another pool.
+fn worth_reading(entry: &Entry, query: &CapacityQuery, after: Option<&Position>) -> bool {
+    let after_cursor = after.is_none_or(|cursor| answer_order(cursor, &entry.position).is_lt());
+    let enough_vram = entry.position.gpu_free_max_mb as f64 >= query.vram_floor_mb();
     let in_pool = query
         .pool
         .as_ref()
-        .is_none_or(|pool| candidate.pool.as_ref() == Some(pool));
+        .is_none_or(|pool| entry.pool.as_ref() == Some(pool));
     after_cursor && enough_vram && in_pool
 }
 
-/// Answers everything fetched that nothing unread or unfetched can overtake
-/// (all of it when `frontier` is `None`); `true` once the page is full.
-fn settle(
-    fetched: &mut BinaryHeap<Answer>,
-    frontier: Option<&Position>,
-    fill: &mut PageFill,
-) -> bool {
-    while let Some(Answer(position, _)) = fetched.peek() {
-        if frontier.is_some_and(|bound| answer_order(position, bound).is_ge()) {
-            return false;
-        }
-        if let Some(Answer(_, agent)) = fetched.pop()
-            && fill.push(agent)
-        {
-            return true;
-        }
-    }
-    false
-}
-
-fn candidate(entry: &Item) -> Result<Candidate, StoreError> {
+fn entry(item: &Item, online_part: bool) -> Result<Entry, StoreError> {
     let corrupt = |why: &str| StoreError::Corrupt(format!("index entry: {why}"));
-    let rank = entry
+    let rank = item
         .get(A_RANK)
         .and_then(|value| value.as_s().ok())
         .ok_or_else(|| corrupt("no rank"))?;
     let (upper_mb, agent_id) = parse_rank(rank).ok_or_else(|| corrupt("unreadable rank"))?;
-    // An entry without the flag was written exact.
-    let exact = entry
-        .get(A_EXACT)
-        .and_then(|value| value.as_bool().ok())
-        .copied()
-        .unwrap_or(true);
-    Ok(Candidate {
-        earliest: Position {
+    Ok(Entry {
+        position: Position {
             gpu_free_max_mb: upper_mb,
             agent_id: agent_id.to_owned(),
         },
-        vram: IndexedVram::from_rank(upper_mb, exact),
-        pool: entry
+        pool: item
             .get(A_POOL)
             .and_then(|value| value.as_s().ok())
             .cloned(),
+        online_part,
     })
 }

@@ -243,17 +243,16 @@ mod tests {
         );
     }
 
-    /// The capacity index under the model, with the store's own choice of
-    /// figure: a heartbeat whose largest free VRAM stayed put costs one unit
-    /// in all, and so does one that wandered within the slack once its entry
-    /// is marked inexact; marking it, or moving past the slack, moves the
-    /// entry (3). The index that projected everything cost 2 even when
-    /// nothing it ordered by had moved.
+    /// The capacity index under the model, with the store's own writes: a
+    /// heartbeat whose entry still places the agent costs one unit in all;
+    /// one that needs a new entry pays for the failed condition (1), the
+    /// put (1) and the entry (2 for a key, 1 for the flag alone). The index
+    /// that projected everything cost 2 even when nothing it ordered by had
+    /// moved.
     #[test]
-    fn a_steady_heartbeat_costs_one_unit_and_a_moved_one_three() {
-        use super::super::item::{
-            CAPACITY_INDEX, FV_SLACK_MB, IndexedVram, TABLE_KEY, encode_indexed,
-        };
+    fn a_steady_heartbeat_costs_one_unit_and_a_moved_one_four() {
+        use super::super::item::FV_SLACK_MB;
+        use super::super::modelled_write;
         use crate::heartbeat::Heartbeat;
         use crate::record::{Deadlines, StoredAgent};
         let heartbeat = |sent_at_ms: u64, free_mb: u64| {
@@ -266,36 +265,38 @@ mod tests {
             let heartbeat = Heartbeat::parse(body.as_bytes()).unwrap();
             StoredAgent::accept(heartbeat, sent_at_ms as i64, Deadlines::default())
         };
-        let shape = [CAPACITY_INDEX];
         let mut previous: Option<Item> = None;
         let mut costs = Vec::new();
         for (step, free_mb) in [
             20_000,
             20_000,
+            19_900,
+            20_000,
             20_100,
             20_180,
-            20_000 + FV_SLACK_MB + 1,
+            20_100 + FV_SLACK_MB,
             6_000,
         ]
         .into_iter()
         .enumerate()
         {
             let agent = heartbeat(1_764_132_000_000 + 30_000 * step as u64, free_mb);
-            let vram = IndexedVram::choose(free_mb, previous.as_ref());
-            let item = encode_indexed(&agent, 4, vram).unwrap();
-            costs.push(write_units(TABLE_KEY, previous.as_ref(), &item, &shape));
+            let (item, units) = modelled_write(previous.as_ref(), &agent, 4).unwrap();
+            costs.push(units);
             previous = Some(item);
         }
         assert_eq!(
             costs[0],
             WriteUnits {
-                table: 1,
+                table: 2,
                 indexes: 1
             }
         );
         let totals: Vec<u64> = costs.iter().map(WriteUnits::total).collect();
-        // first, steady, wandered (marked), wandered again, past the slack, a job started
-        assert_eq!(totals, [2, 1, 3, 1, 3, 3]);
+        // first; steady; a dip (the flag alone); back to the figure (nothing
+        // moves, where the entry used to be re-ranked twice); a rise past the
+        // figure (a new bound); wandering inside it; at its top; a job started.
+        assert_eq!(totals, [3, 1, 3, 1, 4, 1, 1, 4]);
     }
 
     #[test]

@@ -375,11 +375,20 @@ pub async fn pagination_over_260_agents(backend: &Backend) {
             "{} store, {text}: pages must list every match once, in order",
             backend.name
         );
-        assert_eq!(
-            pages,
-            expected.len().div_ceil(q.limit).max(1),
-            "{text}: no empty trailing page"
-        );
+        let full_pages = expected.len().div_ceil(q.limit).max(1);
+        if backend.name == "sqlite" {
+            // SQLite reads until its page is full: never short, no empty trailing page.
+            assert_eq!(pages, full_pages, "{text}: no empty trailing page");
+        } else {
+            // DynamoDB may stop a page short at its read budget (PROTOCOL.md
+            // §4), about 190 items; never more pages than that allows.
+            let most = expected.len().div_ceil(q.limit.min(190)).max(1) + 1;
+            assert!(
+                (full_pages..=most).contains(&pages),
+                "{text}: {pages} pages for {} matches",
+                expected.len()
+            );
+        }
     }
 }
 

@@ -8,14 +8,16 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rollcall::record::Deadlines;
+use rollcall::heartbeat::Heartbeat;
+use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::secrets::Secret;
 use rollcall::signing::FleetSecret;
+use rollcall::store::Store;
 use rollcall::store::dynamodb::DynamoStore;
 use rollcall::verify::Keyring;
 use rollcall_tests::iam::{Call, CallRecorder, recorded_dynamodb_client, secrets_client};
 use rollcall_tests::inprocess::{InProcess, request};
-use rollcall_tests::{KEY_ID, heartbeat, now_ms, signed_heartbeat, unique_table};
+use rollcall_tests::{KEY_ID, dynamodb_client, heartbeat, now_ms, signed_heartbeat, unique_table};
 use serde_json::json;
 use serde_yaml::Value;
 
@@ -118,11 +120,25 @@ async fn drive_query(recorder: &CallRecorder, table: &str, tokens_name: &str, cu
         Ok(text.as_bytes().to_vec())
     })
     .await;
+    // An agent whose deadline passed without a word: the first query that
+    // reads it moves it out of the online part of the index.
+    let long_ago = now_ms() - 600_000;
+    let dead = Heartbeat::parse(heartbeat("iam-dead", long_ago).to_string().as_bytes())
+        .expect("test heartbeat");
+    DynamoStore::new(dynamodb_client(), table, 4)
+        .upsert(StoredAgent::accept(
+            dead,
+            long_ago as i64,
+            Deadlines::default(),
+        ))
+        .await
+        .expect("write the dead agent");
     let api = rollcall_query::QueryApi::new(tokens, &cursor_key.current().await, Arc::new(store));
     let server = InProcess::serve(rollcall_query::router(Arc::new(api))).await;
     let auth = vec![("Authorization".to_owned(), format!("Bearer {TOKEN}"))];
     for path in [
         "/v1/agents?status=all&limit=1",
+        "/v1/agents",
         "/v1/agents?min_gpu_vram_gb=1&min_cpu_cores=1&pool=default",
         "/v1/agents/iam-agent",
         "/v1/agents/iam-agent/history?minutes=10",

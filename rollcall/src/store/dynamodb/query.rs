@@ -21,7 +21,7 @@
 //! the online part: the first query that reads it moves it (a conditional
 //! update that loses to any heartbeat), so it is read one by one once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnConsumedCapacity};
@@ -155,6 +155,73 @@ impl Progress {
     }
 }
 
+impl Progress {
+    /// Rules on `decided` in order with what the table read `found`: the
+    /// matches join the page, the agents found offline in an online part are
+    /// noted for moving. `true` once the page is full.
+    fn decide(
+        &mut self,
+        decided: Vec<(Entry, bool)>,
+        mut found: HashMap<String, Fetched>,
+        query: &CapacityQuery,
+        now_ms: i64,
+        fill: &mut PageFill,
+        moves: &mut Vec<(String, Option<AttributeValue>)>,
+    ) -> bool {
+        for (entry, was_read) in decided {
+            self.decided = Some(entry.position.clone());
+            if !was_read {
+                continue;
+            }
+            self.fetched += 1;
+            let Some(Fetched { agent, until }) = found.remove(&entry.position.agent_id) else {
+                continue;
+            };
+            if agent.is_expired(now_ms) {
+                continue;
+            }
+            if entry.online_part && !agent.is_online(now_ms) && moves.len() < MAX_MOVES_PER_PAGE {
+                moves.push((agent.agent_id().to_owned(), until));
+            }
+            if query.matches(&agent, now_ms) {
+                self.matched += 1;
+                if fill.push(entry.position, agent) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// The next ready entries in order, up to `size` that need a table read;
+/// each with whether it does (the index rules the others out at once).
+fn take_next(
+    pending: &mut VecDeque<Entry>,
+    ready: usize,
+    size: usize,
+    query: &CapacityQuery,
+    after: Option<&Position>,
+) -> Vec<(Entry, bool)> {
+    let (mut take, mut reads) = (0, 0);
+    for entry in pending.iter().take(ready) {
+        if worth_reading(entry, query, after) {
+            if reads == size {
+                break;
+            }
+            reads += 1;
+        }
+        take += 1;
+    }
+    pending
+        .drain(..take)
+        .map(|entry| {
+            let read = worth_reading(&entry, query, after);
+            (entry, read)
+        })
+        .collect()
+}
+
 /// An agent read from the table, with what moving it needs.
 struct Fetched {
     agent: StoredAgent,
@@ -194,13 +261,13 @@ impl DynamoStore {
         let Some(to) = rank_bound(query) else {
             return Ok((fill.page(), progress.cost));
         };
-        let from = after.map_or_else(|| "0".to_owned(), |cursor| rank_of(cursor));
+        let from = after.map_or_else(|| "0".to_owned(), rank_of);
         if from > to {
             return Ok((fill.page(), progress.cost));
         }
         let mut readers = self.readers(query.status);
         // Read from the index and not yet decided, in answer order.
-        let mut pending: std::collections::VecDeque<Entry> = std::collections::VecDeque::new();
+        let mut pending: VecDeque<Entry> = VecDeque::new();
         let mut moves = Vec::new();
         loop {
             if !progress.may_continue() {
@@ -245,53 +312,15 @@ impl DynamoStore {
             if ready == 0 {
                 return Ok((self.finish(fill.page(), moves).await, progress.cost));
             }
-            // The next entries in order: those the index rules out are
-            // decided at once; the rest are read in one round.
-            let (mut take, mut reads) = (0, 0);
-            for entry in pending.iter().take(ready) {
-                if worth_reading(entry, query, after) {
-                    if reads == size {
-                        break;
-                    }
-                    reads += 1;
-                }
-                take += 1;
-            }
-            let decided: Vec<(Entry, bool)> = pending
-                .drain(..take)
-                .map(|entry| {
-                    let read = worth_reading(&entry, query, after);
-                    (entry, read)
-                })
-                .collect();
+            let decided = take_next(&mut pending, ready, size, query, after);
             let batch: Vec<String> = decided
                 .iter()
                 .filter(|(_, read)| *read)
                 .map(|(entry, _)| entry.position.agent_id.clone())
                 .collect();
-            let mut found = self.read_items(&batch, &mut progress).await?;
-            for (entry, was_read) in decided {
-                progress.decided = Some(entry.position.clone());
-                if !was_read {
-                    continue;
-                }
-                progress.fetched += 1;
-                let Some(Fetched { agent, until }) = found.remove(&entry.position.agent_id) else {
-                    continue;
-                };
-                if agent.is_expired(now_ms) {
-                    continue;
-                }
-                if entry.online_part && !agent.is_online(now_ms) && moves.len() < MAX_MOVES_PER_PAGE
-                {
-                    moves.push((agent.agent_id().to_owned(), until));
-                }
-                if query.matches(&agent, now_ms) {
-                    progress.matched += 1;
-                    if fill.push(entry.position, agent) {
-                        return Ok((self.finish(fill.page(), moves).await, progress.cost));
-                    }
-                }
+            let found = self.read_items(&batch, &mut progress).await?;
+            if progress.decide(decided, found, query, now_ms, &mut fill, &mut moves) {
+                return Ok((self.finish(fill.page(), moves).await, progress.cost));
             }
         }
     }

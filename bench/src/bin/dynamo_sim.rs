@@ -322,6 +322,8 @@ fn encode_as(
             item.remove("rank");
             let bucket = format!("{:06}#{agent_id}", 999_999 - free_mb / BUCKET_MB);
             item.insert("bucket".into(), AttributeValue::S(bucket));
+            // The figure this design projects beside the bucket.
+            item.insert("fv".into(), AttributeValue::N(free_mb.to_string()));
         }
         Encoding::SlackRankRead => {
             // The earlier rule: keep the stored figure while the new one is

@@ -329,11 +329,18 @@ def test_each_function_role_can_do_its_job_and_nothing_more(stack):
 
     ingest_role = role_client(stack, "IngestFunctionRole")
     ingest_role.put_item(TableName=stack["table"], Item=item)
-    ingest_role.get_item(TableName=stack["table"], Key=key)
+    update = dict(TableName=stack["table"], Key=key, UpdateExpression="SET #sent = :sent",
+                  ExpressionAttributeNames={"#sent": "sent"}, ExpressionAttributeValues={":sent": {"N": "2"}})
+    ingest_role.update_item(**update)
+    # The query function moves agents found past their deadline out of the
+    # online part of the index: an update, never a put or a delete.
+    query_role.update_item(**update)
     index_query = dict(TableName=stack["table"], IndexName="by_vram_rank", KeyConditionExpression="#shard = :s",
                        ExpressionAttributeNames={"#shard": "shard"}, ExpressionAttributeValues={":s": {"S": "0"}})
     query_role.query(**index_query)
-    for forbidden in (lambda: ingest_role.query(**index_query),
+    for forbidden in (lambda: ingest_role.get_item(TableName=stack["table"], Key=key),
+                      lambda: ingest_role.query(**index_query),
+                      lambda: query_role.delete_item(TableName=stack["table"], Key=key),
                       lambda: ingest_role.delete_item(TableName=stack["table"], Key=key),
                       lambda: ingest_role.scan(TableName=stack["table"])):
         with pytest.raises(botocore.exceptions.ClientError) as denied:

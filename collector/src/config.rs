@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rollcall::heartbeat::{DEFAULT_POOL, MAX_LABEL_KEY_LEN, MAX_LABELS, MAX_POOL_LEN};
+use rollcall::heartbeat::{
+    DEFAULT_POOL, LABEL_VALUE_RULE, MAX_LABEL_KEY_LEN, MAX_LABELS, MAX_POOL_LEN,
+    is_valid_label_value,
+};
 use rollcall::signing::{
     AGENT_ID_RULE, AgentKey, MAX_KEY_ID_LEN, id_rule, is_valid_agent_id, is_valid_id,
 };
@@ -297,7 +300,16 @@ pub fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>, Config
                     id_rule(MAX_LABEL_KEY_LEN)
                 )));
             }
-            Ok((key.trim().to_owned(), value.trim().to_owned()))
+            let value = value.trim();
+            if !is_valid_label_value(value) {
+                // The value is not echoed: it may be long, or hold what a
+                // terminal would act on.
+                return Err(ConfigError::Invalid(format!(
+                    "label {:?}: {LABEL_VALUE_RULE}",
+                    key.trim()
+                )));
+            }
+            Ok((key.trim().to_owned(), value.to_owned()))
         })
         .collect()
 }
@@ -388,6 +400,19 @@ mod tests {
         assert!(toml::from_str::<Options>("intervall_s = 3").is_err());
         let bad_key = Settings::resolve(parse("labels = { \"a b\" = \"x\" }"), None);
         assert!(bad_key.unwrap_err().to_string().contains("label key"));
+        // Values by ingest's own rule: a collector that would carry them into
+        // a 400 on every heartbeat does not start.
+        let long = format!("labels = {{ site = \"{}\" }}", "x".repeat(257));
+        let error = Settings::resolve(parse(&long), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("at most 256") && !error.contains("xxx"),
+            "{error}"
+        );
+        let control = parse_labels(&["site=b\u{1b}[2J".to_owned()]).unwrap_err();
+        assert!(control.to_string().contains("control"), "{control}");
+        assert!(parse_labels(&[format!("site={}", "x".repeat(256))]).is_ok());
     }
 
     #[test]

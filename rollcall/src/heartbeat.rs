@@ -14,6 +14,18 @@ pub const MAX_GPUS: usize = 16;
 pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL_KEY_LEN: usize = 64;
 pub const MAX_LABEL_VALUE_LEN: usize = 256;
+
+/// A label value: at most `MAX_LABEL_VALUE_LEN` characters, none of them
+/// control characters. Ingest and the collector's start-up check both ask
+/// this, so a collector never starts with labels every heartbeat would carry
+/// into a 400.
+pub fn is_valid_label_value(value: &str) -> bool {
+    value.chars().count() <= MAX_LABEL_VALUE_LEN && !value.chars().any(char::is_control)
+}
+
+/// What [`is_valid_label_value`] asks, for error messages.
+pub const LABEL_VALUE_RULE: &str =
+    "label values must be at most 256 characters, none of them control characters";
 pub const MAX_POOL_LEN: usize = 64;
 /// Host names, OS names, GPU names and UUIDs, disk paths.
 pub const MAX_TEXT_LEN: usize = 256;
@@ -291,11 +303,8 @@ impl Heartbeat {
                     format!("label keys {}", id_rule(MAX_LABEL_KEY_LEN)),
                 ));
             }
-            if value.chars().count() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {
-                return Err(BodyError::new(
-                    format!("labels.{key}"),
-                    "label values must be at most 256 characters, none of them control characters",
-                ));
+            if !is_valid_label_value(value) {
+                return Err(BodyError::new(format!("labels.{key}"), LABEL_VALUE_RULE));
             }
         }
 

@@ -64,14 +64,16 @@ impl Keyring {
     /// Parses `kid=hex,kid2=hex`.
     pub fn parse(text: &str) -> Result<Self, KeyringError> {
         let mut keyring = Keyring::default();
-        for entry in text
+        for (number, entry) in text
             .split(',')
             .map(str::trim)
             .filter(|entry| !entry.is_empty())
+            .enumerate()
+            .map(|(index, entry)| (index + 1, entry))
         {
-            let (key_id, secret) = entry.split_once('=').ok_or(KeyringError::Entry)?;
+            let (key_id, secret) = entry.split_once('=').ok_or(KeyringError::Entry(number))?;
             if !is_valid_id(key_id, MAX_KEY_ID_LEN) {
-                return Err(KeyringError::KeyId(key_id.to_owned()));
+                return Err(KeyringError::KeyId(number));
             }
             let secret = FleetSecret::from_hex(secret).map_err(|source| KeyringError::Secret {
                 key_id: key_id.to_owned(),
@@ -159,10 +161,12 @@ impl Keyring {
 pub enum KeyringError {
     #[error("no fleet secrets given (expected kid=hex,...)")]
     Empty,
-    #[error("fleet secret entries must be kid=hex")]
-    Entry,
-    #[error("key id {0:?} {rule}", rule = id_rule(MAX_KEY_ID_LEN))]
-    KeyId(String),
+    #[error("fleet secret entry {0} is not kid=hex")]
+    Entry(usize),
+    /// Names the entry by its place, not its text: a secret given in the
+    /// wrong order (`<hex>=k1`) would otherwise be logged whole.
+    #[error("fleet secret entry {0}: the key id {rule}", rule = id_rule(MAX_KEY_ID_LEN))]
+    KeyId(usize),
     #[error("key id {0:?} given twice")]
     Duplicate(String),
     #[error("fleet secret for key id {key_id:?}: {source}")]
@@ -373,6 +377,16 @@ mod tests {
         assert!(Keyring::parse("k1").is_err());
         assert!(Keyring::parse(&format!("k1={SECRET},k1={SECRET}")).is_err());
         assert!(Keyring::parse("k1=abcd").is_err());
+        // A secret given in the wrong order is named by its place, never
+        // echoed: the error reaches the logs.
+        for wrong in [
+            format!("k1={SECRET},{SECRET}=k2"),
+            format!("k1={SECRET},{SECRET}"),
+        ] {
+            let error = Keyring::parse(&wrong).unwrap_err().to_string();
+            assert!(error.contains("entry 2"), "{error}");
+            assert!(!error.contains(&SECRET[..16]), "{error}");
+        }
         assert_eq!(
             Keyring::parse(&format!("a={SECRET}, b={SECRET}"))
                 .unwrap()

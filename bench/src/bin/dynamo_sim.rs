@@ -571,9 +571,12 @@ async fn write_interval(
                 units.table += cost.computed.table;
                 units.indexes += cost.computed.indexes;
                 failures += f64::from(cost.conditional_failures);
+                // The emulator reports the last write's table alone, never
+                // the failed condition before it.
+                let last_write = cost.computed.table - u64::from(cost.conditional_failures);
                 disagreements += u64::from(
                     cost.reported_table
-                        .is_some_and(|reported| reported != cost.computed.table as f64),
+                        .is_some_and(|reported| reported != last_write as f64),
                 );
             }
             anyhow::Ok((units, failures, disagreements))

@@ -3,6 +3,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use rollcall::capacity::CursorSealer;
 use rollcall::secrets::SecretsFromEnv;
 use rollcall::store::StoreArgs;
 use rollcall_query::{QueryApi, Tokens, router};
@@ -41,9 +42,7 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .context("neither ROLLCALL_QUERY_TOKENS (token[,token2]; generate one with `openssl rand -hex 24`) nor ROLLCALL_QUERY_TOKENS_SECRET_ID is set")?;
     let cursor_key = secrets
-        .load("ROLLCALL_CURSOR_KEY", |text| {
-            Ok(text.trim().as_bytes().to_vec())
-        })
+        .load("ROLLCALL_CURSOR_KEY", CursorSealer::parse_key)
         .await?;
     let cursor_key: Vec<u8> = match &cursor_key {
         Some(key) => key.current().await.to_vec(),

@@ -349,9 +349,27 @@ pub struct CursorSealer {
 
 const CURSOR_TAG_LEN: usize = 16;
 
+/// The shortest cursor key a deployment may configure, in bytes: a short
+/// or empty key would let anyone forge cursors.
+pub const MIN_CURSOR_KEY_LEN: usize = 32;
+
 impl CursorSealer {
     pub fn new(key: &[u8]) -> Self {
         Self { key: key.to_vec() }
+    }
+
+    /// A configured cursor key (`ROLLCALL_CURSOR_KEY` or its secret): its
+    /// text, trimmed, at least `MIN_CURSOR_KEY_LEN` bytes. The error never
+    /// repeats the key.
+    pub fn parse_key(text: &str) -> Result<Vec<u8>, String> {
+        let key = text.trim();
+        if key.len() < MIN_CURSOR_KEY_LEN {
+            return Err(format!(
+                "the cursor key must be at least {MIN_CURSOR_KEY_LEN} bytes, got {} (generate one with `openssl rand -hex 32`)",
+                key.len()
+            ));
+        }
+        Ok(key.as_bytes().to_vec())
     }
 
     /// A cursor for the page after `position`, valid for `query`'s filters
@@ -558,6 +576,28 @@ mod tests {
         assert_eq!(q.required_gpus(), 0);
         assert_eq!(query("min_gpu_vram_gb=1").required_gpus(), 1);
         assert_eq!(query("min_gpus=0&min_gpu_vram_gb=1").required_gpus(), 0);
+    }
+
+    #[test]
+    fn a_short_or_empty_cursor_key_is_refused_without_being_echoed() {
+        for short in [
+            "",
+            "   ",
+            "not-long-enough",
+            &"k".repeat(MIN_CURSOR_KEY_LEN - 1),
+        ] {
+            let error = CursorSealer::parse_key(short).unwrap_err();
+            assert!(error.contains("at least 32 bytes"), "{error}");
+            assert!(
+                short.trim().is_empty() || !error.contains(short.trim()),
+                "{error}"
+            );
+        }
+        let key = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            CursorSealer::parse_key(&format!(" {key}\n")).unwrap(),
+            key.as_bytes()
+        );
     }
 
     #[test]

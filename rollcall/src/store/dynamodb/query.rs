@@ -96,6 +96,17 @@ struct PartReader {
 }
 
 impl PartReader {
+    fn new(partition: String, online_part: bool) -> Self {
+        Self {
+            partition,
+            online_part,
+            next_key: None,
+            done: false,
+            requests: 0,
+            last: None,
+        }
+    }
+
     /// The earliest place an entry this part has not returned yet can take;
     /// `None` once the part is read to the end.
     fn unread_bound(&self) -> Option<Position> {
@@ -153,9 +164,7 @@ impl Progress {
         let most = 3 * TABLE_BATCH;
         scaled.clamp(wanted.clamp(1, most), most).min(affordable)
     }
-}
 
-impl Progress {
     /// Rules on `decided` in order with what the table read `found`: the
     /// matches join the page, the agents found offline in an online part are
     /// noted for moving. `true` once the page is full.
@@ -201,11 +210,10 @@ fn take_next(
     ready: usize,
     size: usize,
     query: &CapacityQuery,
-    after: Option<&Position>,
 ) -> Vec<(Entry, bool)> {
     let (mut take, mut reads) = (0, 0);
     for entry in pending.iter().take(ready) {
-        if worth_reading(entry, query, after) {
+        if worth_reading(entry, query) {
             if reads == size {
                 break;
             }
@@ -216,7 +224,7 @@ fn take_next(
     pending
         .drain(..take)
         .map(|entry| {
-            let read = worth_reading(&entry, query, after);
+            let read = worth_reading(&entry, query);
             (entry, read)
         })
         .collect()
@@ -299,8 +307,8 @@ impl DynamoStore {
                         &mut readers,
                         horizon.as_ref(),
                         query,
-                        &from,
-                        &to,
+                        (&from, &to),
+                        after,
                         &mut progress,
                     )
                     .await?;
@@ -312,7 +320,7 @@ impl DynamoStore {
             if ready == 0 {
                 return Ok((self.finish(fill.page(), moves).await, progress.cost));
             }
-            let decided = take_next(&mut pending, ready, size, query, after);
+            let decided = take_next(&mut pending, ready, size, query);
             let batch: Vec<String> = decided
                 .iter()
                 .filter(|(_, read)| *read)
@@ -332,22 +340,9 @@ impl DynamoStore {
         let offline = status != StatusFilter::Online;
         (0..self.shards)
             .flat_map(|shard| {
-                let online = PartReader {
-                    partition: shard.to_string(),
-                    online_part: true,
-                    next_key: None,
-                    done: false,
-                    requests: 0,
-                    last: None,
-                };
-                let left = offline.then(|| PartReader {
-                    partition: format!("{OFFLINE_PART}{shard}"),
-                    online_part: false,
-                    next_key: None,
-                    done: false,
-                    requests: 0,
-                    last: None,
-                });
+                let online = PartReader::new(shard.to_string(), true);
+                let left =
+                    offline.then(|| PartReader::new(format!("{OFFLINE_PART}{shard}"), false));
                 std::iter::once(online).chain(left)
             })
             .collect()
@@ -399,8 +394,8 @@ impl DynamoStore {
         readers: &mut [PartReader],
         horizon: Option<&Position>,
         query: &CapacityQuery,
-        from: &str,
-        to: &str,
+        (from, to): (&str, &str),
+        after: Option<&Position>,
         progress: &mut Progress,
     ) -> Result<Vec<Entry>, StoreError> {
         let parts = readers.len().max(1);
@@ -447,8 +442,8 @@ impl DynamoStore {
             for item in output.items() {
                 let entry = entry(item, reader.online_part)?;
                 reader.last = Some(entry.position.clone());
-                // The range starts at the cursor's own rank, inclusive.
-                if from != entry_rank(&entry) {
+                // The range starts at the cursor's own entry, inclusive.
+                if after != Some(&entry.position) {
                     entries.push(entry);
                 }
             }
@@ -588,20 +583,16 @@ fn rank_of(cursor: &Position) -> String {
     rank_key(IndexedVram::exact(cursor.gpu_free_max_mb), &cursor.agent_id)
 }
 
-fn entry_rank(entry: &Entry) -> String {
-    rank_of(&entry.position)
-}
-
 /// What the index entry alone rules out, so that it costs no table read:
-/// the cursor's own entry, too little free VRAM, another pool.
-fn worth_reading(entry: &Entry, query: &CapacityQuery, after: Option<&Position>) -> bool {
-    let after_cursor = after.is_none_or(|cursor| answer_order(cursor, &entry.position).is_lt());
+/// too little free VRAM, another pool. (Every entry read is past the
+/// cursor: the range starts there and skips the cursor's own.)
+fn worth_reading(entry: &Entry, query: &CapacityQuery) -> bool {
     let enough_vram = entry.position.gpu_free_max_mb as f64 >= query.vram_floor_mb();
     let in_pool = query
         .pool
         .as_ref()
         .is_none_or(|pool| entry.pool.as_ref() == Some(pool));
-    after_cursor && enough_vram && in_pool
+    enough_vram && in_pool
 }
 
 fn entry(item: &Item, online_part: bool) -> Result<Entry, StoreError> {

@@ -277,7 +277,7 @@ pub fn fleet_page_policy() -> &'static str {
 /// The content type `prometheus-client` encodes.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// `GET /metrics[?<capacity query>]`: fleet aggregates, and per-agent series
+/// `GET /metrics[?<capacity query>]`: the fleet's sums by pool, and per-agent series
 /// for the selection the parameters name (see [`metrics`]).
 async fn prometheus(
     State(api): State<Arc<QueryApi>>,

@@ -3,8 +3,9 @@
 //! so that agents that expire disappear from the exposition with them.
 //!
 //! A function URL answer is capped at 6 MB, and a scrape of 100,000 agents'
-//! own series would pass that. So a plain scrape carries fleet aggregates
-//! only (by status and pool: a few lines whatever the fleet size), and
+//! own series would pass that. So a plain scrape carries the fleet's sums
+//! only (by status and pool: a few lines whatever the fleet size, read from
+//! the store's sums, never by reading the fleet: `Store::fleet`), and
 //! per-agent and per-GPU series come only for a selection the scrape names
 //! with the capacity API's parameters (`?pool=render&status=all&limit=500`):
 //! one page of at most `MAX_LIMIT` agents.
@@ -15,7 +16,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
-use rollcall::capacity::{CapacityQuery, MAX_LIMIT, StatusFilter};
+use rollcall::capacity::CapacityQuery;
+use rollcall::fleet::FleetTotals;
 use rollcall::record::StoredAgent;
 use rollcall::store::{Store, StoreError};
 
@@ -47,7 +49,7 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// Fleet-wide figures, summed over every agent on record.
+/// Fleet-wide figures by pool, from the store's sums.
 #[derive(Default)]
 struct Fleet {
     agents: Family<StatusLabels, Gauge>,
@@ -58,32 +60,35 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn add(&self, agent: &StoredAgent, now_ms: i64) {
-        let pool = agent.heartbeat.pool.clone();
-        let online = agent.is_online(now_ms);
-        let status = if online { "online" } else { "offline" };
-        self.agents
-            .get_or_create(&StatusLabels {
-                status: status.into(),
-                pool: pool.clone(),
-            })
-            .inc();
-        if !online {
-            return;
-        }
-        let labels = PoolLabels { pool };
-        self.cores_available
-            .get_or_create(&labels)
-            .inc_by(i64::from(agent.heartbeat.cpu.cores_available));
-        for gpu in &agent.heartbeat.gpus {
-            self.gpus.get_or_create(&labels).inc();
-            self.gpu_free
+    fn of(totals: &FleetTotals) -> Self {
+        let fleet = Fleet::default();
+        for (pool, sums) in &totals.pools {
+            for (status, agents) in [("online", sums.online.agents), ("offline", sums.offline())] {
+                fleet
+                    .agents
+                    .get_or_create(&StatusLabels {
+                        status: status.into(),
+                        pool: pool.clone(),
+                    })
+                    .set(agents);
+            }
+            let labels = PoolLabels { pool: pool.clone() };
+            let online = &sums.online;
+            fleet
+                .cores_available
                 .get_or_create(&labels)
-                .inc_by(gpu.memory_free_mb as f64 * MIB);
-            self.gpu_total
+                .set(online.cores_available);
+            fleet.gpus.get_or_create(&labels).set(online.gpus);
+            fleet
+                .gpu_free
                 .get_or_create(&labels)
-                .inc_by(gpu.memory_total_mb as f64 * MIB);
+                .set(online.gpu_free_mb as f64 * MIB);
+            fleet
+                .gpu_total
+                .get_or_create(&labels)
+                .set(online.gpu_total_mb as f64 * MIB);
         }
+        fleet
     }
 
     fn register(self, registry: &mut Registry) {
@@ -231,31 +236,14 @@ impl PerAgent {
     }
 }
 
-/// The exposition: fleet aggregates over every agent on record, plus
+/// The exposition: the fleet's sums by pool, plus
 /// per-agent series for the first page of `selection` when one is given.
 pub async fn render(
     store: &dyn Store,
     selection: Option<&CapacityQuery>,
     now_ms: i64,
 ) -> Result<String, StoreError> {
-    let fleet = Fleet::default();
-    let everyone = CapacityQuery {
-        status: StatusFilter::All,
-        include_draining: true,
-        limit: MAX_LIMIT,
-        ..CapacityQuery::default()
-    };
-    let mut after = None;
-    loop {
-        let page = store.query(&everyone, after.as_ref(), now_ms).await?;
-        page.agents
-            .iter()
-            .for_each(|agent| fleet.add(agent, now_ms));
-        match page.next {
-            Some(next) => after = Some(next),
-            None => break,
-        }
-    }
+    let fleet = Fleet::of(&store.fleet(now_ms).await?);
     let mut registry = Registry::with_prefix("rollcall");
     fleet.register(&mut registry);
     if let Some(selection) = selection {

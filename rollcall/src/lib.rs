@@ -9,6 +9,7 @@
 //! - [`record`]: what is stored per agent, its deadlines, and the API's agent record.
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
 //! - [`wire`]: answers both ends of the wire share (ingest's 202, a page of agents).
+//! - [`fleet`]: what one agent adds to the fleet's figures, and their sums by pool.
 //! - [`time`]: the clock in epoch milliseconds, and RFC 3339 as the protocol writes it.
 //! - [`store`] (feature `server`): the store trait, the embedded SQLite store,
 //!   and (feature `dynamodb`) the DynamoDB store: its item and index keys,
@@ -24,6 +25,7 @@
 //! store and HTTP server so that it stays small.
 
 pub mod capacity;
+pub mod fleet;
 pub mod heartbeat;
 pub mod record;
 pub mod signing;

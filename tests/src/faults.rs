@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use rollcall::capacity::{CapacityQuery, Position};
+use rollcall::fleet::FleetTotals;
 use rollcall::heartbeat::MinuteRollup;
 use rollcall::record::StoredAgent;
 use rollcall::store::{Page, Store, StoreError, Upsert};
@@ -47,6 +48,10 @@ impl Store for HistoryOutage {
         now_ms: i64,
     ) -> Result<Page, StoreError> {
         self.inner.query(query, after, now_ms).await
+    }
+
+    async fn fleet(&self, now_ms: i64) -> Result<FleetTotals, StoreError> {
+        self.inner.fleet(now_ms).await
     }
 
     async fn prune(&self, now_ms: i64) -> Result<u64, StoreError> {

@@ -274,9 +274,17 @@ impl Stack {
     /// Both functions on `table`, with `env` for the AWS SDK.
     pub fn start_dynamodb_table(table: &str, env: &[(String, String)]) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store_args: Vec<String> = ["--store", "dynamodb", "--table", table]
-            .map(String::from)
-            .to_vec();
+        let fleet_table = fleet_table_of(table);
+        let store_args: Vec<String> = [
+            "--store",
+            "dynamodb",
+            "--table",
+            table,
+            "--fleet-table",
+            &fleet_table,
+        ]
+        .map(String::from)
+        .to_vec();
         Self::start_on(dir, &store_args, env, &[])
     }
 
@@ -664,18 +672,25 @@ pub fn unique_table(prefix: &str) -> String {
 
 /// A fresh DynamoDB store on the emulator, in a table of its own.
 pub async fn dynamodb_store(shards: u32) -> rollcall::store::dynamodb::DynamoStore {
-    let store = rollcall::store::dynamodb::DynamoStore::new(
+    let table = unique_table("rollcall-test");
+    let fleet = rollcall::store::dynamodb::fleet::FleetTable::new(
         dynamodb_client(),
-        unique_table("rollcall-test"),
-        shards,
+        fleet_table_of(&table),
     );
+    let store = rollcall::store::dynamodb::DynamoStore::new(dynamodb_client(), table, shards);
     if let Err(error) = store.create_table().await {
         panic!(
             "cannot create a table on the AWS emulator at {} ({error}); scripts/test starts one, or set ROLLCALL_TEST_AWS_ENDPOINT",
             emulator_endpoint()
         );
     }
-    store
+    fleet.create().await.expect("create the fleet table");
+    store.with_fleet(fleet)
+}
+
+/// The fleet-sums table that goes with a test's agents table.
+pub fn fleet_table_of(table: &str) -> String {
+    format!("{table}-fleet")
 }
 
 pub async fn sqlite_backend() -> conformance::Backend {

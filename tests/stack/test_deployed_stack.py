@@ -113,7 +113,7 @@ def stack():
     bucket = f"rollcall-artifacts-{RUN}"
     s3.create_bucket(Bucket=bucket)
     template = (ROOT / "infra" / "template.yaml").read_text()
-    for function in ("ingest", "query"):
+    for function in ("ingest", "query", "fleet"):
         package = ROOT / "target" / "lambda" / f"{function}.zip"
         assert package.exists(), "run scripts/package first"
         s3.upload_file(str(package), bucket, f"{function}.zip")
@@ -157,6 +157,7 @@ def stack():
         "ingest": local_url(outputs["IngestUrl"]),
         "query": local_url(outputs["QueryUrl"]),
         "table": outputs["TableName"],
+        "fleet_table": outputs["FleetTableName"],
         "secret": fleet_secret,
         "token": token,
         "resources": resources,
@@ -349,6 +350,30 @@ def test_each_function_role_can_do_its_job_and_nothing_more(stack):
     client("dynamodb").delete_item(TableName=stack["table"], Key=key)
 
 
+def test_the_fleet_role_adds_to_the_sums_and_touches_nothing_else(stack):
+    assert emulator_enforces_iam(), "the emulator must enforce IAM (scripts/test starts it with AUTH=true)"
+    bucket = {"part": {"S": "online"}, "bucket": {"S": "000000000001#privilege-probe"}}
+    add = dict(TableName=stack["fleet_table"], Key=bucket, UpdateExpression="ADD #n :one",
+               ExpressionAttributeNames={"#n": "n"}, ExpressionAttributeValues={":one": {"N": "1"}})
+    fleet_role = role_client(stack, "FleetFunctionRole")
+    fleet_role.transact_write_items(TransactItems=[{"Update": add}])
+    sums_query = dict(TableName=stack["fleet_table"], KeyConditionExpression="#p = :p",
+                      ExpressionAttributeNames={"#p": "part"}, ExpressionAttributeValues={":p": {"S": "online"}})
+    query_role = role_client(stack, "QueryFunctionRole")
+    query_role.query(**sums_query)
+    agent = {"agent_id": {"S": "privilege-probe"}}
+    for forbidden in (lambda: fleet_role.query(**sums_query),
+                      lambda: fleet_role.get_item(TableName=stack["table"], Key=agent),
+                      lambda: fleet_role.put_item(TableName=stack["table"], Item=agent),
+                      lambda: fleet_role.delete_item(TableName=stack["fleet_table"], Key=bucket),
+                      lambda: query_role.update_item(**add),
+                      lambda: role_client(stack, "IngestFunctionRole").update_item(**add)):
+        with pytest.raises(botocore.exceptions.ClientError) as denied:
+            forbidden()
+        assert denied.value.response["Error"]["Code"] in ("AccessDeniedException", "AccessDenied")
+    client("dynamodb").delete_item(TableName=stack["fleet_table"], Key=bucket)
+
+
 def test_metrics_parse_as_openmetrics(stack):
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
@@ -365,9 +390,11 @@ def test_metrics_parse_as_openmetrics(stack):
     fleet = scrape()
     assert "rollcall_agents" in fleet and "rollcall_pool_cores_available" in fleet, sorted(fleet)
     assert "rollcall_agent_online" not in fleet, "per-agent series without a selection"
-    online_default = [s.value for s in fleet["rollcall_agents"].samples
-                      if s.labels == {"status": "online", "pool": "default"}]
-    assert online_default and online_default[0] >= 1
+    # The sums come from the fleet function, a stream batch behind ingest.
+    def online_default():
+        samples = scrape()["rollcall_agents"].samples
+        return [s.value for s in samples if s.labels == {"status": "online", "pool": "default"} and s.value >= 1]
+    wait_for("the fleet function to count the agent", online_default, 60)
     # A selection adds per-agent series.
     families = scrape("?status=all&limit=1000")
     for name in ("rollcall_agent_online", "rollcall_agent_cores_available",
@@ -375,6 +402,63 @@ def test_metrics_parse_as_openmetrics(stack):
         assert name in families, sorted(families)
     online = {s.labels["agent_id"]: s.value for s in families["rollcall_agent_online"].samples}
     assert online["metrics-agent"] == 1
+
+
+def test_the_fleet_sums_agree_with_the_agents_listed(stack):
+    """A plain scrape reads the fleet function's sums, never the agents;
+    once the stream has caught up they equal what the API lists."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    # Two GPUs, so that the GPU sums are checked against something: the debug
+    # collector that scripts/test builds with the fake-gpus feature.
+    debug_collector = ROOT / "target" / "debug" / "rollcall-collector"
+    env = {**collector_env(stack, "sums-agent"), "ROLLCALL_FAKE_GPUS": "nvidia:24564:20110,nvidia:24564:4096"}
+    sent = subprocess.run([str(debug_collector), "once", "--skip-cpu-usage"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    assert "simulated GPUs" in sent.stderr, "build the collector with --features rollcall-collector/fake-gpus"
+    auth = {"Authorization": f"Bearer {stack['token']}"}
+
+    def listed():
+        agents, cursor = [], None
+        while True:
+            path = "/v1/agents?status=all&include_draining=true&limit=500" + (f"&cursor={cursor}" if cursor else "")
+            status, page = http("GET", f"{stack['query']}{path}", auth)
+            assert status == 200, page
+            agents += page["agents"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return agents
+
+    def agree():
+        agents = listed()
+        request = urllib.request.Request(loopback_only(f"{stack['query']}/metrics"), headers=auth)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+        summed = {(s.labels["status"], s.labels["pool"]): s.value for s in families["rollcall_agents"].samples}
+        gpus = {s.labels["pool"]: s.value for s in families["rollcall_pool_gpus"].samples}
+        free_mb = sum(s.value for s in families["rollcall_pool_gpu_memory_free_bytes"].samples) / 2**20
+        expected = {}
+        for agent in agents:
+            key = (agent["status"], agent["pool"])
+            expected[key] = expected.get(key, 0) + 1
+        want_gpus = {}
+        for agent in agents:
+            if agent["status"] == "online":
+                want_gpus[agent["pool"]] = want_gpus.get(agent["pool"], 0) + len(agent["gpus"])
+        want_free_mb = sum(gpu["memory_free_gb"] * 1024 for agent in agents if agent["status"] == "online" for gpu in agent["gpus"])
+        counted = {key: value for key, value in summed.items() if value}
+        print(f"listed {expected}, summed {counted}; gpus listed {want_gpus}, summed {gpus}; free MiB {want_free_mb} / {free_mb}")
+        # The record shows GB to two places: within 6 MiB a GPU.
+        n_gpus = sum(want_gpus.values())
+        return (counted == expected and abs(free_mb - want_free_mb) <= 6 * n_gpus
+                and {p: g for p, g in gpus.items() if g} == {p: g for p, g in want_gpus.items() if g})
+
+    wait_for("the fleet sums to agree with the listing", agree, 90)
+    rows = client("dynamodb").query(TableName=stack["fleet_table"], KeyConditionExpression="#p = :p",
+                                    ExpressionAttributeNames={"#p": "part"},
+                                    ExpressionAttributeValues={":p": {"S": "record"}})["Items"]
+    assert rows, "the sums live in the fleet table"
 
 
 def test_no_secret_is_in_the_lambda_configuration(stack):
@@ -385,6 +469,19 @@ def test_no_secret_is_in_the_lambda_configuration(stack):
         assert stack["secret"] not in text and stack["token"] not in text, logical
         variables = configuration["Environment"]["Variables"]
         assert any(name.endswith("_SECRET_ID") for name in variables), variables
+
+
+def test_the_index_shards_follow_the_declared_fleet_size(stack):
+    """IndexShards=0 (the default) derives the shards from FleetSize, and
+    every function that reads or writes the index gets the same count."""
+    lam = client("lambda")
+    for logical in ("IngestFunction", "QueryFunction"):
+        variables = lam.get_function_configuration(FunctionName=stack["resources"][logical])["Environment"]["Variables"]
+        assert variables["ROLLCALL_DYNAMODB_SHARDS"] == "8", (logical, variables)
+    template = yaml.load((ROOT / "infra" / "template.yaml").read_text(), Loader=CfnLoader)
+    shards = {size: row["Shards"] for size, row in template["Mappings"]["FleetShards"].items()}
+    assert shards == {"10000": "8", "100000": "8", "1000000": "16"}
+    assert set(shards) == set(map(str, template["Parameters"]["FleetSize"]["AllowedValues"]))
 
 
 def test_the_cli_lists_the_agent_from_the_deployed_url(stack):

@@ -633,3 +633,74 @@ async fn a_five_minute_history_window_is_one_write_unit() {
     );
     assert!(size <= 1024, "{size}");
 }
+
+/// The fleet's sums through a real fleet table: each write's old and new
+/// item, as the stream hands them over, in batches; a redelivered batch
+/// counts once; a scrape reads the sums the SQLite rule computes from the
+/// agents themselves, and only the table of sums.
+#[tokio::test]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
+async fn the_fleet_sums_follow_every_change_and_count_a_redelivered_batch_once() {
+    use rollcall::fleet::FleetTotals;
+    use rollcall::store::dynamodb::fleet::{Change, FleetTable, StreamBatch};
+
+    let store = dynamodb_store(4).await;
+    let fleet = FleetTable::new(
+        dynamodb_client(),
+        rollcall_tests::fleet_table_of(store.table()),
+    );
+    let now = now_ms();
+    let mut latest = std::collections::BTreeMap::new();
+    let mut batches = Vec::new();
+    // Three rounds of 20 agents in two pools, the free VRAM moving.
+    for round in 0..3u64 {
+        let mut changes = Vec::new();
+        for n in 0..20u64 {
+            let id = format!("sum-{n:02}");
+            let received = now - 20_000 + round * 5_000 + n;
+            let mut agent = agent_at(&id, received, received, 1_000 * (n + round), 4 + n as u32);
+            agent.heartbeat.pool = if n % 3 == 0 { "render" } else { "train" }.into();
+            let old = latest.get(&id).map(|agent| encode(agent, 4).unwrap());
+            changes.push(Change {
+                old,
+                new: Some(encode(&agent, 4).unwrap()),
+            });
+            latest.insert(id, agent);
+        }
+        batches.push(StreamBatch {
+            changes,
+            id: format!("{}|round-{round}", store.table()),
+            newest_s: Some((now / 1000) as i64),
+        });
+    }
+    for batch in &batches {
+        assert!(fleet.apply(batch).await.expect("apply") > 0);
+    }
+    let expected = |at_ms: i64| {
+        let mut totals = FleetTotals::default();
+        latest.values().for_each(|agent| totals.add(agent, at_ms));
+        totals
+    };
+    let now = now as i64;
+    assert_eq!(fleet.read(now).await.unwrap(), expected(now));
+    // Lambda delivers a batch again after a failure: nothing is counted twice.
+    fleet.apply(&batches[2]).await.expect("apply again");
+    assert_eq!(fleet.read(now).await.unwrap(), expected(now));
+    // Past every deadline the agents are still on record, all offline.
+    let later = now + 200_000;
+    let sums = fleet.read(later).await.unwrap();
+    assert_eq!(sums, expected(later));
+    assert_eq!(sums.pools["render"].offline(), 7);
+    assert_eq!(sums.pools["train"].online.agents, 0);
+    // Past the retention nothing is left.
+    assert!(
+        fleet
+            .read(now + 8 * 86_400_000)
+            .await
+            .unwrap()
+            .pools
+            .is_empty()
+    );
+    // The store reads the same through `Store::fleet`.
+    assert_eq!(store.fleet(now).await.unwrap(), expected(now));
+}

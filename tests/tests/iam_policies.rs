@@ -13,7 +13,8 @@ use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::secrets::Secret;
 use rollcall::signing::FleetSecret;
 use rollcall::store::Store;
-use rollcall::store::dynamodb::DynamoStore;
+use rollcall::store::dynamodb::fleet::{Change, FleetTable, StreamBatch};
+use rollcall::store::dynamodb::{DynamoStore, encode};
 use rollcall::verify::Keyring;
 use rollcall_tests::iam::{Call, CallRecorder, recorded_dynamodb_client, secrets_client};
 use rollcall_tests::inprocess::{InProcess, request};
@@ -105,13 +106,48 @@ async fn drive_ingest(
     server.stop().await;
 }
 
+/// The fleet function's one job: a stream batch added to the sums.
+async fn drive_fleet(recorder: &CallRecorder, fleet_table: &str) {
+    let fleet = FleetTable::new(
+        recorded_dynamodb_client(&recorder.labelled("fleet")),
+        fleet_table,
+    );
+    let now = now_ms();
+    let agent = Heartbeat::parse(heartbeat("iam-fleet", now).to_string().as_bytes())
+        .expect("test heartbeat");
+    let item = encode(
+        &StoredAgent::accept(agent, now as i64, Deadlines::default()),
+        4,
+    )
+    .expect("encode");
+    let batch = StreamBatch {
+        changes: vec![Change {
+            old: None,
+            new: Some(item),
+        }],
+        id: "iam-test-batch".into(),
+        newest_s: None,
+    };
+    assert!(fleet.apply(&batch).await.expect("apply a batch") > 0);
+}
+
 /// Every query route, paging included.
-async fn drive_query(recorder: &CallRecorder, table: &str, tokens_name: &str, cursor_name: &str) {
+async fn drive_query(
+    recorder: &CallRecorder,
+    table: &str,
+    fleet_table: &str,
+    tokens_name: &str,
+    cursor_name: &str,
+) {
     let store = DynamoStore::new(
         recorded_dynamodb_client(&recorder.labelled("table")),
         table,
         4,
-    );
+    )
+    .with_fleet(FleetTable::new(
+        recorded_dynamodb_client(&recorder.labelled("fleet")),
+        fleet_table,
+    ));
     let tokens = fetch(recorder, "secret:tokens", tokens_name, |text| {
         rollcall_query::Tokens::parse(text).map_err(|e| e.to_string())
     })
@@ -163,6 +199,23 @@ async fn drive_query(recorder: &CallRecorder, table: &str, tokens_name: &str, cu
     server.stop().await;
 }
 
+/// Statements for what the Lambda service calls on a function's behalf, not
+/// its code: the fleet function's role lets the event source mapping read
+/// the agents table's stream.
+const SERVICE_STATEMENTS: &[(&str, &str)] = &[("FleetFunction", "ReadAgentsStream")];
+
+/// The IAM actions a recorded call needs: a transaction is authorised as
+/// the single-item actions it carries (the fleet function's are updates).
+fn as_iam(call: &Call) -> Call {
+    match call.action.as_str() {
+        "dynamodb:TransactWriteItems" => Call {
+            action: "dynamodb:UpdateItem".into(),
+            resource: call.resource.clone(),
+        },
+        _ => call.clone(),
+    }
+}
+
 /// (action, resource label) pairs one function's policy grants.
 fn granted(template: &Value, function: &str) -> BTreeSet<Call> {
     let statements = &template["Resources"][function]["Properties"]["Policies"][0]["Statement"];
@@ -173,6 +226,15 @@ fn granted(template: &Value, function: &str) -> BTreeSet<Call> {
     let mut calls = BTreeSet::new();
     for statement in statements.as_sequence().expect("Statement list") {
         assert_eq!(statement["Effect"].as_str(), Some("Allow"));
+        let sid = statement["Sid"].as_str().unwrap_or_default();
+        if SERVICE_STATEMENTS.contains(&(function, sid)) {
+            assert_eq!(
+                resource_label(&statement["Resource"]),
+                "stream",
+                "{function} {sid}: the service's reads are of the agents stream only"
+            );
+            continue;
+        }
         for action in as_list(&statement["Action"]) {
             for resource in as_list(&statement["Resource"]) {
                 calls.insert(Call {
@@ -190,7 +252,9 @@ fn resource_label(resource: &Value) -> String {
     let text = serde_yaml::to_string(resource).unwrap();
     let labels = [
         ("${AgentsTable.Arn}/index/", "index/"),
+        ("${AgentsTable.Arn}/stream/", "stream"),
         ("AgentsTable.Arn", "table"),
+        ("FleetTable.Arn", "fleet"),
         ("${FleetSecretsSecretName}-??????", "secret:fleet"),
         ("${QueryTokensSecretName}-??????", "secret:tokens"),
         ("${AWS::StackName}/cursor-key-??????", "secret:cursor"),
@@ -217,6 +281,11 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
     let table = unique_table("rollcall-iam");
     let admin = DynamoStore::new(rollcall_tests::dynamodb_client(), &table, 4);
     admin.create_table().await.expect("create table");
+    let fleet_table = format!("{table}-fleet");
+    FleetTable::new(rollcall_tests::dynamodb_client(), &fleet_table)
+        .create()
+        .await
+        .expect("create the fleet table");
     let secret = FleetSecret::from_bytes(vec![9; 32]).unwrap();
     let names = [&table, "tokens", "cursor"].map(|part| format!("{table}/{part}"));
     create_secret(&names[0], &format!("{KEY_ID}={}", secret.to_hex())).await;
@@ -230,7 +299,9 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
     let ingest = CallRecorder::default();
     drive_ingest(&ingest, &table, &names[0], &secret).await;
     let query = CallRecorder::default();
-    drive_query(&query, &table, &names[1], &names[2]).await;
+    drive_query(&query, &table, &fleet_table, &names[1], &names[2]).await;
+    let fleet = CallRecorder::default();
+    drive_fleet(&fleet, &fleet_table).await;
 
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -238,8 +309,12 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
     ))
     .unwrap();
     let template: Value = serde_yaml::from_str(&text).expect("template parses");
-    for (function, recorder) in [("IngestFunction", &ingest), ("QueryFunction", &query)] {
-        let called = recorder.calls();
+    for (function, recorder) in [
+        ("IngestFunction", &ingest),
+        ("QueryFunction", &query),
+        ("FleetFunction", &fleet),
+    ] {
+        let called: BTreeSet<Call> = recorder.calls().iter().map(as_iam).collect();
         println!("{function} calls:");
         for call in &called {
             println!("  {} on {}", call.action, call.resource);

@@ -204,3 +204,92 @@ fn ingest_and_query_answer_function_url_events() {
         median(warm_heartbeats)
     );
 }
+
+/// An item in DynamoDB's JSON, as a stream record carries it.
+fn stream_image(item: &rollcall::store::dynamodb::Item) -> serde_json::Value {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use base64::Engine as _;
+    item.iter()
+        .map(|(name, value)| {
+            let value = match value {
+                AttributeValue::S(text) => serde_json::json!({ "S": text }),
+                AttributeValue::N(digits) => serde_json::json!({ "N": digits }),
+                AttributeValue::Bool(flag) => serde_json::json!({ "BOOL": flag }),
+                AttributeValue::B(blob) => serde_json::json!({
+                    "B": base64::engine::general_purpose::STANDARD.encode(blob.as_ref())
+                }),
+                other => panic!("not in an agent item: {other:?}"),
+            };
+            (name.clone(), value)
+        })
+        .collect()
+}
+
+/// The fleet function on its real Lambda path: a stream event in, the sums
+/// in the fleet table on the emulator; an event that is not a stream batch
+/// is reported as the invocation's error (Lambda then retries it).
+#[test]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
+fn the_fleet_function_adds_a_stream_batch_to_the_sums() {
+    use rollcall::heartbeat::Heartbeat;
+    use rollcall::record::{Deadlines, StoredAgent};
+    use rollcall::store::dynamodb::encode;
+    use rollcall::store::dynamodb::fleet::FleetTable;
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fleet = FleetTable::new(
+        rollcall_tests::dynamodb_client(),
+        rollcall_tests::unique_table("fleet-fn"),
+    );
+    runtime
+        .block_on(fleet.create())
+        .expect("create the fleet table");
+    let api = RuntimeApi::start();
+    let mut env: Vec<(&str, String)> = vec![("ROLLCALL_FLEET_TABLE", fleet.name().to_owned())];
+    let emulator = rollcall_tests::emulator_env();
+    env.extend(
+        emulator
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.clone())),
+    );
+    let _function = start("rollcall-fleet", &api, &env);
+
+    let now = now_ms();
+    let agent = Heartbeat::parse(heartbeat("fleet-fn-agent", now).to_string().as_bytes()).unwrap();
+    let agent = StoredAgent::accept(agent, now as i64, Deadlines::default());
+    let event = serde_json::json!({"Records": [{
+        "eventName": "INSERT",
+        "eventSourceARN": format!("arn:aws:dynamodb:us-east-1:000000000000:table/{}/stream/1", fleet.name()),
+        "dynamodb": {"NewImage": stream_image(&encode(&agent, 4).unwrap()),
+                     "SequenceNumber": "1", "ApproximateCreationDateTime": now as f64 / 1000.0},
+    }]});
+    let outcome = api.invoke(event);
+    assert_eq!(outcome.kind, "response", "{}", outcome.body);
+    let sums = runtime.block_on(fleet.read(now as i64)).unwrap();
+    let default = sums.pools["default"];
+    assert_eq!(
+        (default.on_record, default.online.agents),
+        (1, 1),
+        "{sums:?}"
+    );
+    assert_eq!(
+        default.online.gpu_total_mb,
+        agent
+            .heartbeat
+            .gpus
+            .iter()
+            .map(|gpu| gpu.memory_total_mb as i64)
+            .sum::<i64>()
+    );
+
+    let refused = api.invoke(serde_json::json!({"not": "a stream event"}));
+    assert_eq!(refused.kind, "error", "{}", refused.body);
+    assert!(
+        refused
+            .body
+            .to_string()
+            .contains("not a DynamoDB stream event"),
+        "{}",
+        refused.body
+    );
+}

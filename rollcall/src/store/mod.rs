@@ -11,6 +11,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::capacity::{CapacityQuery, Position};
+use crate::fleet::FleetTotals;
 use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
 
@@ -121,6 +122,10 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Page, StoreError>;
 
+    /// The fleet's sums by pool at `now_ms` (`/metrics`), read without
+    /// reading the fleet where the store can keep them summed.
+    async fn fleet(&self, now_ms: i64) -> Result<FleetTotals, StoreError>;
+
     /// Deletes records past their expiry; returns how many went.
     async fn prune(&self, now_ms: i64) -> Result<u64, StoreError>;
 
@@ -159,7 +164,12 @@ pub enum StoreConfig {
     /// A DynamoDB table, reached through the standard AWS configuration chain
     /// (`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_DYNAMODB` for emulators).
     #[cfg(feature = "dynamodb")]
-    DynamoDb { table: String, shards: u32 },
+    DynamoDb {
+        table: String,
+        shards: u32,
+        /// Where the fleet's sums for `/metrics` are kept.
+        fleet_table: String,
+    },
 }
 
 impl StoreConfig {
@@ -171,13 +181,16 @@ impl StoreConfig {
                 Ok(Arc::new(SqliteStore::open(path, *durability)?))
             }
             #[cfg(feature = "dynamodb")]
-            StoreConfig::DynamoDb { table, shards } => {
+            StoreConfig::DynamoDb {
+                table,
+                shards,
+                fleet_table,
+            } => {
                 let client = dynamodb::DynamoStore::client_from_env().await;
-                Ok(Arc::new(dynamodb::DynamoStore::new(
-                    client,
-                    table.clone(),
-                    *shards,
-                )))
+                let fleet = dynamodb::fleet::FleetTable::new(client.clone(), fleet_table);
+                Ok(Arc::new(
+                    dynamodb::DynamoStore::new(client, table.clone(), *shards).with_fleet(fleet),
+                ))
             }
         }
     }
@@ -186,8 +199,12 @@ impl StoreConfig {
         match self {
             StoreConfig::Sqlite { path, .. } => format!("sqlite:{}", path.display()),
             #[cfg(feature = "dynamodb")]
-            StoreConfig::DynamoDb { table, shards } => {
-                format!("dynamodb:{table} ({shards} shards)")
+            StoreConfig::DynamoDb {
+                table,
+                shards,
+                fleet_table,
+            } => {
+                format!("dynamodb:{table} ({shards} shards, fleet sums in {fleet_table})")
             }
         }
     }
@@ -222,6 +239,9 @@ pub struct StoreArgs {
     /// DynamoDB: shards of the capacity index; must match for every writer and reader of a table.
     #[arg(long, env = "ROLLCALL_DYNAMODB_SHARDS", default_value_t = DEFAULT_SHARDS, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub shards: u32,
+    /// DynamoDB: the table of fleet sums that `/metrics` reads (kept by the fleet function).
+    #[arg(long, env = "ROLLCALL_FLEET_TABLE", default_value = "rollcall-fleet")]
+    pub fleet_table: String,
 }
 
 impl StoreArgs {
@@ -238,6 +258,7 @@ impl StoreArgs {
             Backend::DynamoDb => StoreConfig::DynamoDb {
                 table: self.table.clone(),
                 shards: self.shards,
+                fleet_table: self.fleet_table.clone(),
             },
             Backend::Sqlite => StoreConfig::Sqlite {
                 path: self.db.clone(),

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use super::{Page, PageFill, Store, StoreError, Upsert};
 use crate::capacity::{CapacityQuery, Position, StatusFilter};
+use crate::fleet::FleetTotals;
 use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
 
@@ -100,6 +101,7 @@ struct HistoryWrite {
     expires_at_s: i64,
 }
 
+const ON_RECORD: &str = "SELECT record FROM agents WHERE expires_at_s > ?1";
 const PRUNE: &str = "DELETE FROM agents WHERE expires_at_s <= ?1";
 const PRUNE_HISTORY: &str = "DELETE FROM agent_history WHERE expires_at_s <= ?1";
 const PUT_HISTORY: &str = "INSERT OR REPLACE INTO agent_history (agent_id, minute, expires_at_s, rollup) VALUES (?1, ?2, ?3, ?4)";
@@ -248,6 +250,24 @@ impl Store for SqliteStore {
                     return Ok(fill.page());
                 }
             }
+        })
+        .await
+    }
+
+    /// Sums every record on each call: the embedded store serves one
+    /// machine's fleet, where that is a few milliseconds.
+    async fn fleet(&self, now_ms: i64) -> Result<FleetTotals, StoreError> {
+        self.read(move |connection| {
+            let mut statement = connection.prepare_cached(ON_RECORD).map_err(unavailable)?;
+            let mut rows = statement
+                .query(params![now_ms.div_euclid(1000)])
+                .map_err(unavailable)?;
+            let mut totals = FleetTotals::default();
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                let text: String = row.get(0).map_err(unavailable)?;
+                totals.add(&decode(&text)?, now_ms);
+            }
+            Ok(totals)
         })
         .await
     }

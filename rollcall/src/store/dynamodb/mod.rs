@@ -3,6 +3,7 @@
 //! - [`item`]: the item an agent becomes, the capacity index's keys, sizes.
 //! - [`query`]: capacity queries, candidates from the index and answers from the table.
 //! - [`history`]: per-minute history, one item per five-minute window.
+//! - [`fleet`]: the fleet's sums for `/metrics`, kept from the table's stream.
 //! - [`units`]: DynamoDB's capacity units, computed from AWS's rules.
 //!
 //! A heartbeat is one conditional `PutItem`, one write unit when the item is
@@ -10,6 +11,7 @@
 //! expired items lazily, often days late, so every read checks `expires_at`
 //! itself. `docs/dynamodb.md` covers the design, its costs and its limits.
 
+pub mod fleet;
 mod history;
 mod item;
 mod query;
@@ -28,6 +30,7 @@ use aws_sdk_dynamodb::types::{
 
 use super::{Page, Store, StoreError, Upsert};
 use crate::capacity::{CapacityQuery, Position};
+use crate::fleet::FleetTotals;
 use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
 
@@ -47,6 +50,7 @@ pub struct DynamoStore {
     client: Client,
     table: String,
     shards: u32,
+    fleet: Option<fleet::FleetTable>,
 }
 
 /// What one heartbeat cost: the writes' units computed by the unit model
@@ -116,7 +120,15 @@ impl DynamoStore {
             client,
             table: table.into(),
             shards: shards.max(1),
+            fleet: None,
         }
+    }
+
+    /// Where `/metrics` reads the fleet's sums (`fleet`); without one it
+    /// answers that the store cannot, rather than read every agent.
+    pub fn with_fleet(mut self, fleet: fleet::FleetTable) -> Self {
+        self.fleet = Some(fleet);
+        self
     }
 
     /// A client from the standard AWS configuration chain. It honours
@@ -466,6 +478,15 @@ impl Store for DynamoStore {
             "dynamodb capacity query"
         );
         Ok(page)
+    }
+
+    async fn fleet(&self, now_ms: i64) -> Result<FleetTotals, StoreError> {
+        match &self.fleet {
+            Some(fleet) => fleet.read(now_ms).await,
+            None => Err(StoreError::Unavailable(
+                "no fleet table configured (ROLLCALL_FLEET_TABLE)".into(),
+            )),
+        }
     }
 
     /// DynamoDB's TTL deletes expired items itself; reads already hide them.

@@ -33,6 +33,8 @@ use clap::{Parser, Subcommand};
 use rollcall::capacity::CapacityQuery;
 use rollcall::heartbeat::Heartbeat;
 use rollcall::record::{Deadlines, StoredAgent};
+use rollcall::fleet::Share;
+use rollcall::store::dynamodb::fleet::{Change, FleetTable, StreamBatch, Tally};
 use rollcall::store::dynamodb::units::{
     IndexShape, Projection, WriteUnits, read_units, write_units,
 };
@@ -78,6 +80,11 @@ enum Mode {
         concurrency: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Write each agent's first item straight into the table with
+        /// BatchWriteItem instead of through the store (no write figures, no
+        /// churn): the way to reach 1,000,000 agents on an emulator in minutes.
+        #[arg(long, conflicts_with = "intervals")]
+        direct: bool,
     },
 }
 
@@ -138,10 +145,14 @@ impl Fleet {
                     x if x < 0.75 => 49_140,
                     _ => 81_559,
                 };
+                // Desktops and small servers, and the 8- and 16-GPU hosts
+                // whose items are the largest.
                 let gpus = match rng.f64() {
-                    x if x < 0.7 => 1,
-                    x if x < 0.9 => 2,
-                    _ => 4,
+                    x if x < 0.65 => 1,
+                    x if x < 0.85 => 2,
+                    x if x < 0.93 => 4,
+                    x if x < 0.98 => 8,
+                    _ => 16,
                 };
                 SimAgent {
                     id: format!("sim-{n:07}"),
@@ -220,7 +231,7 @@ impl Fleet {
             .enumerate()
             .map(|(gpu, (free, total))| {
                 json!({"index": gpu, "vendor": "nvidia", "name": "NVIDIA RTX 6000 Ada Generation",
-                       "uuid": format!("GPU-5f1c2d3e-1234-5678-9abc-{index:08}{gpu:04}"),
+                       "uuid": gpu_uuid(index, gpu),
                        "memory_total_mb": total, "memory_free_mb": free,
                        "utilization_percent": if agent.job.is_some() { 97.0 } else { 0.0 },
                        "temperature_c": 41.0, "power_w": 31.5})
@@ -228,10 +239,9 @@ impl Fleet {
             .collect();
         let body = json!({
             "v": 1, "agent_id": agent.id, "sent_at_ms": sent_at_ms, "interval_s": 30,
-            "pool": "render", "labels": {"site": "b2", "rack": format!("r{}", index % 40)},
+            "pool": POOLS[index % POOLS.len()], "labels": {"site": "b2", "rack": format!("r{}", index % 40)},
             "host": {"hostname": format!("{}.lab.example.org", agent.id), "os": "Linux (Ubuntu 24.04.1 LTS)", "uptime_s": 864_000},
-            "cpu": {"cores_physical": 16, "cores_logical": 32, "cores_available": 12 + index % 20,
-                    "load_1m": 1.5, "load_5m": 1.2, "load_15m": 0.8, "usage_percent": 23.5},
+            "cpu": cpu(index),
             "memory": {"total_mb": 128_000, "available_mb": 64_000 + (sent_at_ms / 1000) % 4096},
             "disk": {"path": "/", "total_gb": 931.51, "free_gb": 402.27},
             "gpus": gpus,
@@ -244,6 +254,44 @@ impl Fleet {
             Deadlines::default(),
         ))
     }
+}
+
+/// A GPU's UUID as NVML gives it: 128 random-looking bits, which no
+/// dictionary compresses (a made-up pattern would flatter the item size).
+fn gpu_uuid(agent: usize, gpu: usize) -> String {
+    let mut state = (agent as u64) << 8 | gpu as u64;
+    let mut half = || {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let (high, low) = (half(), half());
+    format!(
+        "GPU-{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        high >> 32,
+        (high >> 16) & 0xffff,
+        high & 0xffff,
+        low >> 48,
+        low & 0xffff_ffff_ffff
+    )
+}
+
+/// The pools the simulated fleet is spread over, evenly.
+const POOLS: [&str; 4] = ["render", "train", "infer", "dev"];
+
+/// One agent in a thousand is a 64-core machine with 96 cores free, so that
+/// `min_cpu_cores=64`, a filter the index does not carry, matches 0.1 %.
+fn cpu(index: usize) -> serde_json::Value {
+    let (physical, available) = if index % 1000 == 999 {
+        (64, 96)
+    } else {
+        (16, 12 + index % 20)
+    };
+    json!({"cores_physical": physical, "cores_logical": physical * 2, "cores_available": available,
+           "load_1m": 1.5, "load_5m": 1.2, "load_15m": 0.8, "usage_percent": 23.5})
 }
 
 /// How a design turns a heartbeat into the item it writes.
@@ -365,6 +413,7 @@ fn run_model(agents: usize, hours: f64, seed: u64) -> anyhow::Result<()> {
     let mut previous: Vec<Vec<Option<Item>>> = vec![vec![None; agents]; designs.len()];
     let mut last_free: Vec<Option<u64>> = vec![None; agents];
     let (mut moved, mut crossed, mut heartbeats) = (0u64, 0u64, 0u64);
+    let mut sums = SumsModel::new(agents);
     let started = Instant::now();
     for step in 0..=steps {
         if step > 0 {
@@ -373,6 +422,7 @@ fn run_model(agents: usize, hours: f64, seed: u64) -> anyhow::Result<()> {
         let mut step_index_units = vec![0u64; designs.len()];
         for index in 0..agents {
             let stored = fleet.heartbeat(index, 1_764_000_000_000 + step * INTERVAL_MS)?;
+            sums.change(index, &stored);
             let free_mb = stored.heartbeat.gpu_free_max_mb();
             // Only steady-state heartbeats count: each agent's first is a one-off.
             if let Some(old_free) = last_free[index] {
@@ -417,7 +467,81 @@ fn run_model(agents: usize, hours: f64, seed: u64) -> anyhow::Result<()> {
     println!();
     let names: Vec<&str> = designs.iter().map(|(name, _, _)| *name).collect();
     print_designs(&names, &totals, &busiest_index_step, agents, heartbeats);
+    sums.print();
     Ok(())
+}
+
+/// The fleet function's writes under the same churn: agents' heartbeats
+/// spread evenly over each interval, the stream cut into 10 s batches (the
+/// template's batching window), each batch's buckets counted as it would
+/// write them.
+struct SumsModel {
+    agents: usize,
+    last: Vec<Option<Share>>,
+    batch: Vec<(Option<Share>, Option<Share>)>,
+    batch_window: Option<i64>,
+    batches: u64,
+    changes: u64,
+    buckets: u64,
+}
+
+const BATCH_WINDOW_MS: i64 = 10_000;
+
+impl SumsModel {
+    fn new(agents: usize) -> Self {
+        Self {
+            agents,
+            last: vec![None; agents],
+            batch: Vec::new(),
+            batch_window: None,
+            batches: 0,
+            changes: 0,
+            buckets: 0,
+        }
+    }
+
+    /// Agent `index`'s heartbeat, moved to its place in the interval.
+    fn change(&mut self, index: usize, stored: &StoredAgent) {
+        let offset_ms = (index as u64 * INTERVAL_MS / self.agents as u64) as i64;
+        let mut share = Share::of(stored);
+        share.received_at_ms += offset_ms;
+        share.online_until_ms += offset_ms;
+        share.expires_at_s += offset_ms / 1000;
+        let window = share.received_at_ms.div_euclid(BATCH_WINDOW_MS);
+        if self.batch_window.is_some_and(|open| open != window) {
+            self.flush();
+        }
+        self.batch_window = Some(window);
+        let old = self.last[index].replace(share.clone());
+        // Each agent's first heartbeat is a one-off, as in the units above.
+        if old.is_some() {
+            self.batch.push((old, Some(share)));
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let as_of_s = self.batch_window.map(|window| (window + 1) * BATCH_WINDOW_MS / 1000 - 60);
+        self.buckets += Tally::of_shares(&self.batch, as_of_s).buckets() as u64;
+        self.changes += self.batch.len() as u64;
+        self.batches += 1;
+        self.batch.clear();
+    }
+
+    fn print(mut self) {
+        self.flush();
+        let per_batch = self.buckets as f64 / self.batches.max(1) as f64;
+        println!();
+        println!(
+            "fleet sums: {} batches of 10 s ({:.0} changes each, {} pools): {per_batch:.2} buckets written per batch, {:.4} write units per heartbeat at this fleet size (2 per bucket, transactional)",
+            self.batches,
+            self.changes as f64 / self.batches.max(1) as f64,
+            POOLS.len(),
+            2.0 * self.buckets as f64 / self.changes.max(1) as f64,
+        );
+    }
 }
 
 /// The model's table: units per steady-state heartbeat under each design.
@@ -458,19 +582,33 @@ async fn run_emulator(
     shards: u32,
     concurrency: usize,
     seed: u64,
+    direct: bool,
 ) -> anyhow::Result<()> {
-    let store = Arc::new(emulator_store(shards, seed).await?);
+    let (store, client) = emulator_store(shards, seed).await?;
     store.create_table().await?;
+    let sums = FleetTable::new(client.clone(), format!("{}-fleet", store.table()));
+    sums.create().await?;
+    let store = Arc::new(store.with_fleet(sums.clone()));
     let mut fleet = Fleet::new(agents, seed);
+    let intervals = if direct { 0 } else { intervals };
     let start_ms = u64::try_from(rollcall::time::now_ms())? - u64::from(intervals) * INTERVAL_MS;
-    write_intervals(&store, &mut fleet, start_ms, intervals, concurrency).await?;
+    if direct {
+        write_direct(&client, &store, &sums, &fleet, start_ms, concurrency).await?;
+    } else {
+        write_intervals(&store, &sums, &mut fleet, start_ms, intervals, concurrency).await?;
+    }
     let now_ms = (start_ms + u64::from(intervals) * INTERVAL_MS) as i64 + 1000;
-    measure_queries(&store, &fleet, shards, now_ms, queries).await
+    measure_queries(&store, &fleet, shards, now_ms, queries).await?;
+    measure_paging(&store, agents, now_ms).await?;
+    measure_metrics(agents, &sums, now_ms, queries).await
 }
 
 /// The real store on a fresh table of the emulator `AWS_ENDPOINT_URL` names,
 /// which must be on this machine.
-async fn emulator_store(shards: u32, seed: u64) -> anyhow::Result<DynamoStore> {
+async fn emulator_store(
+    shards: u32,
+    seed: u64,
+) -> anyhow::Result<(DynamoStore, aws_sdk_dynamodb::Client)> {
     let endpoint = std::env::var("AWS_ENDPOINT_URL")
         .context("set AWS_ENDPOINT_URL to the emulator, e.g. http://127.0.0.1:4566")?;
     let host = endpoint
@@ -496,7 +634,7 @@ async fn emulator_store(shards: u32, seed: u64) -> anyhow::Result<DynamoStore> {
         .await;
     let client = aws_sdk_dynamodb::Client::new(&config);
     let table = format!("rollcall-sim-{}-{}", std::process::id(), seed);
-    Ok(DynamoStore::new(client, table, shards))
+    Ok((DynamoStore::new(client.clone(), table, shards), client))
 }
 
 /// Writes every agent's heartbeat once per interval through the store, the
@@ -504,6 +642,7 @@ async fn emulator_store(shards: u32, seed: u64) -> anyhow::Result<DynamoStore> {
 /// all but the first (each agent's first heartbeat is a one-off).
 async fn write_intervals(
     store: &Arc<DynamoStore>,
+    sums: &FleetTable,
     fleet: &mut Fleet,
     start_ms: u64,
     intervals: u32,
@@ -513,15 +652,28 @@ async fn write_intervals(
     let mut computed = WriteUnits::default();
     let (mut steady, mut disagreements, mut failures_total) = (0u64, 0u64, 0.0);
     let started = Instant::now();
+    let mut previous: Option<Arc<Vec<StoredAgent>>> = None;
     for interval in 0..=intervals {
         if interval > 0 {
             fleet.step();
         }
         let sent_ms = start_ms + u64::from(interval) * INTERVAL_MS;
-        let heartbeats: Vec<StoredAgent> = (0..agents)
-            .map(|index| fleet.heartbeat(index, sent_ms))
-            .collect::<anyhow::Result<_>>()?;
-        let (units, reads, disagree) = write_interval(store, heartbeats, concurrency).await?;
+        let heartbeats: Arc<Vec<StoredAgent>> = Arc::new(
+            (0..agents)
+                .map(|index| fleet.heartbeat(index, sent_ms))
+                .collect::<anyhow::Result<_>>()?,
+        );
+        let (units, reads, disagree) =
+            write_interval(store, Arc::clone(&heartbeats), concurrency).await?;
+        tally_interval(
+            sums,
+            previous.as_deref(),
+            &heartbeats,
+            store.index_shards(),
+            &format!("interval {interval}"),
+        )
+        .await?;
+        previous = Some(heartbeats);
         if interval > 0 {
             // The first interval after the first heartbeats also marks every
             // wandering display's entry inexact, once.
@@ -557,10 +709,9 @@ async fn write_intervals(
 /// figure disagreed with the computed one.
 async fn write_interval(
     store: &Arc<DynamoStore>,
-    heartbeats: Vec<StoredAgent>,
+    heartbeats: Arc<Vec<StoredAgent>>,
     concurrency: usize,
 ) -> anyhow::Result<(WriteUnits, f64, u64)> {
-    let heartbeats = Arc::new(heartbeats);
     let mut workers = tokio::task::JoinSet::new();
     for worker in 0..concurrency {
         let (store, heartbeats) = (Arc::clone(store), Arc::clone(&heartbeats));
@@ -593,6 +744,125 @@ async fn write_interval(
     Ok((total, reads, disagreements))
 }
 
+/// Each agent's first item, written straight into the table in batches of
+/// 25 by `concurrency` writers, and added to the fleet sums.
+async fn write_direct(
+    client: &aws_sdk_dynamodb::Client,
+    store: &DynamoStore,
+    sums: &FleetTable,
+    fleet: &Fleet,
+    sent_ms: u64,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
+    let agents = fleet.agents.len();
+    let started = Instant::now();
+    let chunk = 25 * concurrency * 20;
+    for first in (0..agents).step_by(chunk) {
+        let heartbeats: Vec<StoredAgent> = (first..(first + chunk).min(agents))
+            .map(|index| fleet.heartbeat(index, sent_ms))
+            .collect::<anyhow::Result<_>>()?;
+        let mut writers = tokio::task::JoinSet::new();
+        let batches: Vec<Vec<WriteRequest>> = heartbeats
+            .chunks(25)
+            .map(|agents| {
+                agents
+                    .iter()
+                    .map(|agent| {
+                        let put = PutRequest::builder()
+                            .set_item(Some(encode(agent, store.index_shards())?))
+                            .build()?;
+                        Ok(WriteRequest::builder().put_request(put).build())
+                    })
+                    .collect::<anyhow::Result<_>>()
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let batches = Arc::new(std::sync::Mutex::new(batches));
+        for _ in 0..concurrency {
+            let (client, table, batches) = (
+                client.clone(),
+                store.table().to_owned(),
+                Arc::clone(&batches),
+            );
+            writers.spawn(async move {
+                loop {
+                    let Some(mut pending) = batches
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .pop()
+                    else {
+                        return anyhow::Ok(());
+                    };
+                    while !pending.is_empty() {
+                        let output = client
+                            .batch_write_item()
+                            .request_items(&table, pending)
+                            .send()
+                            .await?;
+                        pending = output
+                            .unprocessed_items()
+                            .and_then(|items| items.get(&table))
+                            .cloned()
+                            .unwrap_or_default();
+                    }
+                }
+            });
+        }
+        while let Some(done) = writers.join_next().await {
+            done??;
+        }
+        tally_interval(
+            sums,
+            None,
+            &heartbeats,
+            store.index_shards(),
+            &format!("direct {first}"),
+        )
+        .await?;
+        eprintln!(
+            "{} of {agents} agents written directly ({:.0} s so far)",
+            (first + chunk).min(agents),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    println!("{agents} agents written straight into the table (BatchWriteItem; no write figures)");
+    Ok(())
+}
+
+/// What the stream hands the fleet function for one interval's writes (each
+/// agent's item before and after), in batches of 1,000 as the template's
+/// event source mapping delivers them, added to the fleet sums.
+async fn tally_interval(
+    sums: &FleetTable,
+    previous: Option<&Vec<StoredAgent>>,
+    heartbeats: &[StoredAgent],
+    shards: u32,
+    label: &str,
+) -> anyhow::Result<()> {
+    for (number, chunk) in heartbeats.chunks(1000).enumerate() {
+        let changes = chunk
+            .iter()
+            .enumerate()
+            .map(|(offset, agent)| {
+                let old = previous
+                    .map(|agents| encode(&agents[number * 1000 + offset], shards))
+                    .transpose()?;
+                Ok(Change {
+                    old,
+                    new: Some(encode(agent, shards)?),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let batch = StreamBatch {
+            changes,
+            id: format!("{}|{label}|{number}", sums.name()),
+            newest_s: None,
+        };
+        sums.apply(&batch).await?;
+    }
+    Ok(())
+}
+
 /// The first page of 100 of a query matching 5 % of the fleet and of one
 /// with no filter, `queries` times each: reads and latency, beside what the
 /// earlier exact-rank index read for the same page.
@@ -620,7 +890,16 @@ async fn measure_queries(
             Some(bound_mb),
         ),
         ("no filter".to_owned(), "limit=100".to_owned(), None),
+        (
+            "a filter the index does not carry (min_cpu_cores=64, 0.1 % match)".to_owned(),
+            "min_cpu_cores=64&limit=100".to_owned(),
+            None,
+        ),
+        ("limit=1".to_owned(), "limit=1".to_owned(), None),
     ] {
+        // The earlier index read pages of VRAM order only; beside a filter
+        // it did not carry its figure would say nothing.
+        let comparable = !text.starts_with("min_cpu_cores");
         let query = CapacityQuery::from_query_string(&text)
             .map_err(|e| anyhow::anyhow!("query {text}: {e:?}"))?;
         let (mut latencies, mut cost, mut answers) = (Vec::new(), ReadCost::default(), 0);
@@ -632,9 +911,15 @@ async fn measure_queries(
             answers = page.agents.len();
         }
         latencies.sort_by(f64::total_cmp);
-        let before = earlier_design_page_units(fleet, &last_sizes, bound, 100);
+        let before = if comparable {
+            let units = earlier_design_page_units(fleet, &last_sizes, bound, query.limit);
+            format!(" (the earlier exact-rank index, 4 shards: {units:.1})")
+        } else {
+            String::new()
+        };
         println!(
-            "{agents} agents, {label}, first page of 100: {answers} answers; {} index entries and {} items read in {} requests = {:.1} read units (the earlier exact-rank index, 4 shards: {before:.1}); p50 {:.1} ms, p99 {:.1} ms on the emulator",
+            "{agents} agents, {label}, first page of {}: {answers} answers; {} index entries and {} items read in {} requests = {:.1} read units{before}; p50 {:.1} ms, p99 {:.1} ms on the emulator",
+            query.limit,
             cost.index_entries,
             cost.items_read,
             cost.requests,
@@ -643,6 +928,71 @@ async fn measure_queries(
             percentile(&latencies, 0.99),
         );
     }
+    Ok(())
+}
+
+/// The 10th page of 100 of the default query, reached by following cursors.
+async fn measure_paging(store: &DynamoStore, agents: usize, now_ms: i64) -> anyhow::Result<()> {
+    let query = CapacityQuery::from_query_string("limit=100")
+        .map_err(|e| anyhow::anyhow!("query: {e:?}"))?;
+    let (mut after, mut total, mut answers) = (None, ReadCost::default(), 0);
+    for page in 1..=10 {
+        let started = Instant::now();
+        let (found, cost) = store.query_measured(&query, after.as_ref(), now_ms).await?;
+        answers += found.agents.len();
+        total.requests += cost.requests;
+        total.units += cost.units;
+        if page == 10 {
+            println!(
+                "{} agents, no filter, 10th page of 100 (after following 9 cursors): {} answers; {} index entries and {} items read in {} requests = {:.1} read units, {:.0} ms on the emulator; pages 1-10: {answers} answers, {:.1} read units in {} requests",
+                agents,
+                found.agents.len(),
+                cost.index_entries,
+                cost.items_read,
+                cost.requests,
+                cost.units,
+                started.elapsed().as_secs_f64() * 1000.0,
+                total.units,
+                total.requests,
+            );
+        }
+        match found.next {
+            Some(next) => after = Some(next),
+            None => bail!("the fleet ended before the 10th page"),
+        }
+    }
+    Ok(())
+}
+
+/// A plain `/metrics` scrape's read: the fleet sums, `queries` times.
+async fn measure_metrics(
+    agents: usize,
+    sums: &FleetTable,
+    now_ms: i64,
+    queries: usize,
+) -> anyhow::Result<()> {
+    let mut latencies = Vec::new();
+    let mut last = None;
+    for _ in 0..queries {
+        let started = Instant::now();
+        last = Some(sums.read_measured(now_ms).await?);
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let Some((totals, cost)) = last else {
+        return Ok(());
+    };
+    let online: i64 = totals.pools.values().map(|pool| pool.online.agents).sum();
+    let on_record: i64 = totals.pools.values().map(|pool| pool.on_record).sum();
+    println!(
+        "{} agents, /metrics plain scrape: {} pools, {online} online of {on_record} on record; {} buckets read in {} requests = {:.1} read units; p50 {:.1} ms on the emulator",
+        agents,
+        totals.pools.len(),
+        cost.index_entries,
+        cost.requests,
+        cost.units,
+        percentile(&latencies, 0.5),
+    );
     Ok(())
 }
 
@@ -699,6 +1049,18 @@ async fn main() -> anyhow::Result<()> {
             shards,
             concurrency,
             seed,
-        } => run_emulator(agents, intervals, queries, shards, concurrency, seed).await,
+            direct,
+        } => {
+            run_emulator(
+                agents,
+                intervals,
+                queries,
+                shards,
+                concurrency,
+                seed,
+                direct,
+            )
+            .await
+        }
     }
 }

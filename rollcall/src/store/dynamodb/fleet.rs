@@ -31,8 +31,9 @@ use aws_sdk_dynamodb::types::{
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
-use super::item::{A_RECORD, Item, TTL_ATTRIBUTE, decode, number};
-use super::{build_error, unavailable};
+use super::item::{Item, TTL_ATTRIBUTE, decode, is_agent, item_size, number};
+use super::units::read_units;
+use super::{ReadCost, build_error, unavailable};
 use crate::fleet::{Figures, FleetTotals, Share};
 use crate::store::StoreError;
 
@@ -118,26 +119,35 @@ impl Tally {
     /// The differences of `changes`; buckets that ended by `as_of_s` are
     /// left out, since no scrape reads them again.
     pub fn of(changes: &[Change], as_of_s: Option<i64>) -> Self {
-        let mut tally = Tally::default();
-        for change in changes {
-            let images = [(&change.old, -1), (&change.new, 1)];
-            for (image, sign) in images
-                .into_iter()
-                .filter_map(|(image, sign)| Some((image.as_ref()?, sign)))
-            {
-                match share_of(image) {
-                    Ok(Some(share)) => tally.add(&share, sign),
-                    Ok(None) => {}
-                    Err(error) => {
-                        tracing::warn!(%error, "fleet sums: an agent item that does not decode is left out");
-                        tally.undecodable += 1;
-                    }
-                }
+        let mut undecodable = 0;
+        let mut share = |image: &Option<Item>| match image.as_ref().map(share_of) {
+            Some(Ok(share)) => share,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "fleet sums: an agent item that does not decode is left out");
+                undecodable += 1;
+                None
             }
+            None => None,
+        };
+        let shares: Vec<_> = changes
+            .iter()
+            .map(|change| (share(&change.old), share(&change.new)))
+            .collect();
+        let mut tally = Self::of_shares(&shares, as_of_s);
+        tally.undecodable = undecodable;
+        tally
+    }
+
+    /// The same from each change's shares, old and new.
+    pub fn of_shares(changes: &[(Option<Share>, Option<Share>)], as_of_s: Option<i64>) -> Self {
+        let mut tally = Tally::default();
+        for (old, new) in changes {
+            old.iter().for_each(|share| tally.add(share, -1));
+            new.iter().for_each(|share| tally.add(share, 1));
         }
-        tally.deltas.retain(|(_, end, _), figures| {
-            !figures.is_zero() && as_of_s.is_none_or(|as_of| *end > as_of)
-        });
+        tally
+            .deltas
+            .retain(|(_, end, _), figures| !figures.is_zero() && as_of_s.is_none_or(|as_of| *end > as_of));
         tally
     }
 
@@ -185,7 +195,7 @@ impl Tally {
 
 /// An agent's share, or `None` for items that are not agents (history windows).
 fn share_of(item: &Item) -> Result<Option<Share>, StoreError> {
-    if !item.contains_key(A_RECORD) {
+    if !is_agent(item) {
         return Ok(None);
     }
     Ok(Some(Share::of(&decode(item)?)))
@@ -418,8 +428,15 @@ impl FleetTable {
 
     /// The sums at `now_ms`: the buckets of both families that end after now.
     pub async fn read(&self, now_ms: i64) -> Result<FleetTotals, StoreError> {
+        Ok(self.read_measured(now_ms).await?.0)
+    }
+
+    /// The sums, with what reading them cost: a `Query` is billed by the
+    /// bytes of the buckets it returns (`ReadCost::items_read` counts them).
+    pub async fn read_measured(&self, now_ms: i64) -> Result<(FleetTotals, ReadCost), StoreError> {
         let now_s = now_ms.div_euclid(1000);
         let mut totals = FleetTotals::default();
+        let mut cost = ReadCost::default();
         for family in [Family::Online, Family::Record] {
             let mut start: Option<HashMap<String, AttributeValue>> = None;
             for page in 0.. {
@@ -443,6 +460,8 @@ impl FleetTable {
                     .send()
                     .await
                     .map_err(unavailable)?;
+                let bytes: usize = output.items().iter().map(item_size).sum();
+                cost.add_index_read(output.items().len(), read_units(bytes, false), None);
                 for item in output.items() {
                     let (pool, figures) = bucket_of(item)?;
                     add_bucket(&mut totals, family, pool, &figures);
@@ -457,7 +476,7 @@ impl FleetTable {
         totals
             .pools
             .retain(|_, pool| pool.on_record != 0 || !pool.online.is_zero());
-        Ok(totals)
+        Ok((totals, cost))
     }
 
     /// Creates the table with its TTL, as `infra/template.yaml` does; for

@@ -6,7 +6,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 
 use super::item::{A_AGENT, Item, TTL_ATTRIBUTE, number};
 use super::{DynamoStore, build_error, unavailable};
-use crate::heartbeat::MinuteRollup;
+use crate::heartbeat::{MinuteRollup, Spread};
 use crate::store::StoreError;
 
 impl DynamoStore {
@@ -143,11 +143,39 @@ pub fn encode_history(
         (TTL_ATTRIBUTE.to_owned(), number(expires_at_s)),
     ]);
     for rollup in minutes {
-        let json = serde_json::to_string(rollup)
+        let json = serde_json::to_string(&StoredMinute::of(rollup))
             .map_err(|e| StoreError::Corrupt(format!("cannot encode history: {e}")))?;
         item.insert(minute_attribute(rollup.minute), AttributeValue::S(json));
     }
     Ok(item)
+}
+
+/// One minute as a window stores it: positional, `[[load min, avg, max],
+/// [memory min, avg, max], [free VRAM per GPU]]`, since the attribute's name
+/// holds the minute and key names would double the window (an 8-GPU window
+/// of real figures was over 1 KB with them, two write units).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredMinute([f64; 3], [f64; 3], Vec<u64>);
+
+impl StoredMinute {
+    fn of(rollup: &MinuteRollup) -> Self {
+        let spread = |s: &Spread| [s.min, s.avg, s.max];
+        Self(
+            spread(&rollup.load_1m),
+            spread(&rollup.memory_available_mb),
+            rollup.gpu_free_mb_min.clone(),
+        )
+    }
+
+    fn rollup(self, minute: u64) -> MinuteRollup {
+        let spread = |[min, avg, max]: [f64; 3]| Spread { min, avg, max };
+        MinuteRollup {
+            minute,
+            load_1m: spread(self.0),
+            memory_available_mb: spread(self.1),
+            gpu_free_mb_min: self.2,
+        }
+    }
 }
 
 /// The attribute that holds one minute of a history window.
@@ -156,18 +184,75 @@ fn minute_attribute(minute: u64) -> String {
 }
 
 fn decode_history(item: &Item) -> Result<Vec<MinuteRollup>, StoreError> {
+    let unreadable = |e: serde_json::Error| StoreError::Corrupt(format!("unreadable history: {e}"));
     item.iter()
-        .filter(|(name, _)| {
-            name.strip_prefix('m').is_some_and(|digits| {
-                !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
-            })
+        .filter_map(|(name, value)| {
+            let minute = name.strip_prefix('m')?.parse::<u64>().ok()?;
+            Some((minute, value))
         })
-        .map(|(_, value)| {
+        .map(|(minute, value)| {
             let text = value
                 .as_s()
                 .map_err(|_| StoreError::Corrupt("history minute is not a string".into()))?;
-            serde_json::from_str(text)
-                .map_err(|e| StoreError::Corrupt(format!("unreadable history: {e}")))
+            // Windows written before the positional form hold whole roll-ups.
+            if text.starts_with('{') {
+                serde_json::from_str(text).map_err(unreadable)
+            } else {
+                let stored: StoredMinute = serde_json::from_str(text).map_err(unreadable)?;
+                Ok(stored.rollup(minute))
+            }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::dynamodb::item_size;
+
+    /// Figures as a collector's minute of 1 s samples really averages them.
+    fn minute(minute: u64, gpus: usize) -> MinuteRollup {
+        MinuteRollup {
+            minute,
+            load_1m: Spread {
+                min: 27.53,
+                avg: 28.013666666666666,
+                max: 29.71,
+            },
+            memory_available_mb: Spread {
+                min: 734_123.0,
+                avg: 734_987.4666666667,
+                max: 736_002.0,
+            },
+            gpu_free_mb_min: (0..gpus as u64)
+                .map(|gpu| 81_559 - 1_234 * gpu - 17)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_window_of_real_figures_fits_one_unit_up_to_16_gpus() {
+        for gpus in [0, 1, 2, 4, 8, 16] {
+            let minutes: Vec<_> = (0..5).map(|m| minute(29_402_000 + m, gpus)).collect();
+            let key = history_key("render-farm-node-00042", 5_880_400);
+            let item = encode_history(&key, &minutes, 1_795_700_000).unwrap();
+            let size = item_size(&item);
+            println!("a five-minute window, {gpus} GPUs: {size} bytes");
+            assert!(size <= 1024, "{gpus} GPUs: {size} bytes");
+            let mut read = decode_history(&item).unwrap();
+            read.sort_by_key(|rollup| rollup.minute);
+            assert_eq!(read, minutes);
+        }
+    }
+
+    #[test]
+    fn windows_written_whole_still_read() {
+        let rollup = minute(29_402_001, 2);
+        let mut item = encode_history("a#h#1", &[], 1).unwrap();
+        item.insert(
+            minute_attribute(rollup.minute),
+            AttributeValue::S(serde_json::to_string(&rollup).unwrap()),
+        );
+        assert_eq!(decode_history(&item).unwrap(), vec![rollup]);
+    }
 }

@@ -13,10 +13,12 @@
 //! wandering desktop's nearly so (docs/dynamodb.md).
 
 use std::collections::HashMap;
-use std::io::Read as _;
 
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
+use miniz_oxide::deflate::core::{
+    CompressorOxide, TDEFLFlush, TDEFLStatus, compress, create_comp_flags_from_zip_params,
+};
 
 use super::units::{IndexShape, Projection};
 use crate::record::StoredAgent;
@@ -31,15 +33,28 @@ pub(super) const A_AGENT: &str = "agent_id";
 pub(super) const A_SENT: &str = "sent";
 pub(super) const A_UNTIL: &str = "until";
 pub(super) const A_POOL: &str = "pool";
-pub(super) const A_CORES: &str = "cores";
-pub(super) const A_MEMORY: &str = "mem";
 pub(super) const A_SHARD: &str = "shard";
 pub(super) const A_RANK: &str = "rank";
 /// The figure an entry held before it became the rank's own; items written
 /// by earlier versions carry it, and the next write removes it.
 pub(super) const A_LEGACY_FREE_VRAM: &str = "fv";
 pub(super) const A_EXACT: &str = "fx";
-pub(super) const A_RECORD: &str = "rec";
+/// The whole record, deflated against [`RECORD_DICTIONARY`].
+pub(super) const A_RECORD: &str = "rd";
+/// The whole record deflated alone, as earlier versions wrote it; still
+/// read, and removed by the next write.
+pub(super) const A_LEGACY_RECORD: &str = "rec";
+/// Figures earlier versions kept beside the record; removed by the next write.
+pub(super) const A_LEGACY_CORES: &str = "cores";
+pub(super) const A_LEGACY_MEMORY: &str = "mem";
+
+/// A typical record's JSON, which every record is deflated against (a
+/// preset dictionary): the keys and the usual values then cost a few bytes
+/// of back-reference instead of a few hundred of literals, so that a
+/// 16-GPU host's item stays under 1 KB. Part of the stored format: changing
+/// a byte of it makes every stored record unreadable, so a new dictionary
+/// needs a new attribute name (a test pins its digest).
+const RECORD_DICTIONARY: &[u8] = include_bytes!("record_dictionary.json");
 
 /// The capacity index as the unit model sees it; `create_table` and
 /// `infra/template.yaml` declare the same shape.
@@ -198,8 +213,8 @@ pub fn encode(agent: &StoredAgent, shards: u32) -> Result<Item, StoreError> {
 }
 
 /// The item for one agent: the figures the write condition and the index
-/// need as attributes, and the whole record as a deflated blob, which keeps a
-/// two-GPU item under 1 KB.
+/// need as attributes, and the whole record as a blob deflated against the
+/// record dictionary, which keeps a 16-GPU item under 1 KB.
 pub fn encode_indexed(
     agent: &StoredAgent,
     shards: u32,
@@ -208,7 +223,7 @@ pub fn encode_indexed(
     let heartbeat = &agent.heartbeat;
     let json = serde_json::to_vec(agent)
         .map_err(|e| StoreError::Corrupt(format!("cannot encode agent record: {e}")))?;
-    let record = miniz_oxide::deflate::compress_to_vec(&json, 6);
+    let record = deflate_record(&json);
     let mut item = HashMap::from([
         (
             A_AGENT.into(),
@@ -218,8 +233,6 @@ pub fn encode_indexed(
         (A_UNTIL.into(), number(agent.online_until_ms)),
         (TTL_ATTRIBUTE.into(), number(agent.expires_at_s)),
         (A_POOL.into(), AttributeValue::S(heartbeat.pool.clone())),
-        (A_CORES.into(), number(heartbeat.cpu.cores_available)),
-        (A_MEMORY.into(), number(heartbeat.memory.available_mb)),
         (
             A_SHARD.into(),
             // A leaving heartbeat's deadline is its arrival.
@@ -244,20 +257,84 @@ pub fn set_index_figure(item: &mut Item, agent_id: &str, indexed: IndexedVram) {
     item.insert(A_EXACT.into(), AttributeValue::Bool(indexed.exact));
 }
 
+/// Whether an item is an agent's (history windows share the table).
+pub(super) fn is_agent(item: &Item) -> bool {
+    item.contains_key(A_RECORD) || item.contains_key(A_LEGACY_RECORD)
+}
+
 pub(super) fn decode(item: &Item) -> Result<StoredAgent, StoreError> {
     let corrupt = |why: &str| StoreError::Corrupt(format!("agent item: {why}"));
-    let blob = item
-        .get(A_RECORD)
-        .and_then(|value| value.as_b().ok())
-        .ok_or_else(|| corrupt("no rec attribute"))?;
-    let mut json = Vec::new();
-    // Bounded so that a corrupt blob cannot inflate without limit.
-    miniz_oxide::inflate::decompress_to_vec_with_limit(blob.as_ref(), 1 << 20)
-        .map_err(|_| corrupt("rec does not inflate"))?
-        .as_slice()
-        .read_to_end(&mut json)
-        .map_err(|_| corrupt("rec unreadable"))?;
+    let blob = |name: &str| item.get(name).and_then(|value| value.as_b().ok());
+    let json = match (blob(A_RECORD), blob(A_LEGACY_RECORD)) {
+        (Some(record), _) => inflate_record(record.as_ref()),
+        (None, Some(record)) => inflate(record.as_ref()),
+        (None, None) => return Err(corrupt("no record attribute")),
+    }
+    .ok_or_else(|| corrupt("the record does not inflate"))?;
     serde_json::from_slice(&json).map_err(|e| corrupt(&format!("rec is not an agent record: {e}")))
+}
+
+/// Deflates a record's JSON against the dictionary: the dictionary goes
+/// through the compressor first, a sync flush ends its part on a byte
+/// boundary, and only what follows is kept.
+fn deflate_record(json: &[u8]) -> Vec<u8> {
+    let flags = create_comp_flags_from_zip_params(6, 0, 0);
+    let mut compressor = CompressorOxide::new(flags);
+    let mut output = Vec::with_capacity(json.len() + RECORD_DICTIONARY.len());
+    push(
+        &mut compressor,
+        RECORD_DICTIONARY,
+        TDEFLFlush::Sync,
+        &mut output,
+    );
+    let dictionary_part = output.len();
+    push(&mut compressor, json, TDEFLFlush::Finish, &mut output);
+    output.split_off(dictionary_part)
+}
+
+/// Runs the compressor over all of `input`, growing `output` as it needs.
+fn push(
+    compressor: &mut CompressorOxide,
+    mut input: &[u8],
+    flush: TDEFLFlush,
+    output: &mut Vec<u8>,
+) {
+    loop {
+        let start = output.len();
+        let room = input.len() + 1024;
+        output.resize(start + room, 0);
+        let (status, read, written) = compress(compressor, input, &mut output[start..], flush);
+        output.truncate(start + written);
+        input = &input[read..];
+        match status {
+            TDEFLStatus::Done => return,
+            // Everything taken and flushed with room to spare: this flush is done.
+            TDEFLStatus::Okay if input.is_empty() && written < room => return,
+            TDEFLStatus::Okay => {}
+            // The compressor fails only on bad parameters, which are fixed here.
+            other => unreachable!("deflate failed: {other:?}"),
+        }
+    }
+}
+
+/// The inverse: the dictionary as a stored block (any encoding of it gives
+/// the inflater the same history), then the kept part.
+fn inflate_record(blob: &[u8]) -> Option<Vec<u8>> {
+    let length = u16::try_from(RECORD_DICTIONARY.len()).ok()?;
+    let mut stream = Vec::with_capacity(5 + RECORD_DICTIONARY.len() + blob.len());
+    // A stored block, not the last: header bits 000, then byte-aligned.
+    stream.push(0);
+    stream.extend(length.to_le_bytes());
+    stream.extend((!length).to_le_bytes());
+    stream.extend(RECORD_DICTIONARY);
+    stream.extend(blob);
+    let mut json = inflate(&stream)?;
+    Some(json.split_off(RECORD_DICTIONARY.len()))
+}
+
+/// Bounded, so that a corrupt blob cannot inflate without limit.
+fn inflate(stream: &[u8]) -> Option<Vec<u8>> {
+    miniz_oxide::inflate::decompress_to_vec_with_limit(stream, 1 << 20).ok()
 }
 
 /// An item's size by DynamoDB's rules: each attribute name's UTF-8 bytes plus
@@ -383,6 +460,75 @@ mod tests {
             counts[shard_of(&format!("node-{i}"), 4) as usize] += 1;
         }
         assert!(counts.iter().all(|&count| count > 800), "{counts:?}");
+    }
+
+    /// A host as big as the protocol allows GPUs, with values unlike the
+    /// dictionary's, and an item that still fits one write unit.
+    fn host_with_gpus(gpus: usize) -> StoredAgent {
+        let mut body = crate::heartbeat::tests::example();
+        body["agent_id"] = "render-farm-node-00042".into();
+        body["labels"] = serde_json::json!({"site": "berlin-2", "rack": "r12", "team": "vision"});
+        body["host"]["hostname"] = "render-farm-node-00042.gpu.example.com".into();
+        body["collector"] = serde_json::json!({"rss_mb": 4.92, "cpu_s": 1234.56});
+        let gpu = |index: usize| {
+            serde_json::json!({"index": index, "vendor": "nvidia", "name": "NVIDIA RTX 6000 Ada Generation",
+                "uuid": format!("GPU-{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}", index * 0x9e37_79b9 % 0xffff_ffff,
+                    index * 7919 % 0xffff, index * 104_729 % 0xfff, index * 1_299_709 % 0xfff,
+                    (index + 3) * 0x9e37_79b9_7f4a),
+                "memory_total_mb": 49140, "memory_free_mb": 49140 - 1234 * index as u64 - 17,
+                "utilization_percent": 37 + index, "temperature_c": 51 + index, "power_w": 131.25 + index as f64})
+        };
+        body["gpus"] = (0..gpus).map(gpu).collect();
+        let heartbeat = crate::heartbeat::Heartbeat::parse(body.to_string().as_bytes()).unwrap();
+        StoredAgent::accept(
+            heartbeat,
+            1_764_132_000_500,
+            crate::record::Deadlines::default(),
+        )
+    }
+
+    #[test]
+    fn a_record_comes_back_as_it_went_in_and_16_gpus_fit_one_unit() {
+        for gpus in [0, 1, 2, 4, 8, 16] {
+            let agent = host_with_gpus(gpus);
+            let item = encode(&agent, 8).unwrap();
+            assert_eq!(decode(&item).unwrap(), agent);
+            let size = item_size(&item);
+            println!("{gpus} GPUs: {size} bytes");
+            assert!(
+                size <= 1024,
+                "{gpus} GPUs: {size} bytes, past one write unit"
+            );
+        }
+    }
+
+    #[test]
+    fn records_written_by_earlier_versions_still_read() {
+        let agent = host_with_gpus(2);
+        let json = serde_json::to_vec(&agent).unwrap();
+        let mut item = encode(&agent, 8).unwrap();
+        item.remove(A_RECORD);
+        let legacy = miniz_oxide::deflate::compress_to_vec(&json, 6);
+        item.insert(A_LEGACY_RECORD.into(), AttributeValue::B(Blob::new(legacy)));
+        assert!(is_agent(&item));
+        assert_eq!(decode(&item).unwrap(), agent);
+        item.insert(
+            A_LEGACY_RECORD.into(),
+            AttributeValue::B(Blob::new(vec![1, 2, 3])),
+        );
+        assert!(matches!(decode(&item), Err(StoreError::Corrupt(_))));
+        item.remove(A_LEGACY_RECORD);
+        assert!(!is_agent(&item));
+    }
+
+    #[test]
+    fn the_record_dictionary_never_changes() {
+        use sha2::Digest as _;
+        // Every stored record depends on these bytes (see RECORD_DICTIONARY).
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(RECORD_DICTIONARY)),
+            "50932947e5132b82daba2b5dac1a4abdd83393330291473488870a07e71b375f"
+        );
     }
 
     #[test]

@@ -36,8 +36,8 @@ use crate::record::StoredAgent;
 
 pub use history::{encode_history, history_key};
 use item::{
-    A_AGENT, A_CORES, A_EXACT, A_LEGACY_FREE_VRAM, A_MEMORY, A_POOL, A_RANK, A_RECORD, A_SENT,
-    A_SHARD, A_UNTIL, decode, number, rank_prefix, rank_prefix_end,
+    A_AGENT, A_EXACT, A_LEGACY_CORES, A_LEGACY_FREE_VRAM, A_LEGACY_MEMORY, A_LEGACY_RECORD, A_POOL,
+    A_RANK, A_RECORD, A_SENT, A_SHARD, A_UNTIL, decode, number, rank_prefix, rank_prefix_end,
 };
 pub use item::{
     CAPACITY_INDEX, FV_SLACK_MB, INDEX_NAME, IndexedVram, Item, TABLE_KEY, TTL_ATTRIBUTE, encode,
@@ -289,13 +289,16 @@ impl DynamoStore {
             .key(A_AGENT, AttributeValue::S(agent.agent_id().to_owned()))
             .update_expression(
                 "SET #sent = :sent, #until = :until, #expires = :expires, #pool = :pool, \
-                 #cores = :cores, #mem = :mem, #rec = :rec REMOVE #legacy",
+                 #rec = :rec REMOVE #legacy, #legacy_rec, #legacy_cores, #legacy_mem",
             )
             .condition_expression(
                 "(#sent < :sent OR #expires <= :now_s) AND #shard = :shard \
                  AND (#rank = :exact_rank OR (#fx = :inexact AND #rank BETWEEN :from AND :to))",
             )
             .expression_attribute_names("#legacy", A_LEGACY_FREE_VRAM)
+            .expression_attribute_names("#legacy_rec", A_LEGACY_RECORD)
+            .expression_attribute_names("#legacy_cores", A_LEGACY_CORES)
+            .expression_attribute_names("#legacy_mem", A_LEGACY_MEMORY)
             .expression_attribute_names("#shard", A_SHARD)
             .expression_attribute_names("#rank", A_RANK)
             .expression_attribute_names("#fx", A_EXACT)
@@ -320,8 +323,6 @@ impl DynamoStore {
             ("until", A_UNTIL),
             ("expires", TTL_ATTRIBUTE),
             ("pool", A_POOL),
-            ("cores", A_CORES),
-            ("mem", A_MEMORY),
             ("rec", A_RECORD),
         ] {
             update = update

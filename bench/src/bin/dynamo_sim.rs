@@ -31,9 +31,9 @@ use anyhow::{Context, bail};
 use aws_sdk_dynamodb::types::AttributeValue;
 use clap::{Parser, Subcommand};
 use rollcall::capacity::CapacityQuery;
+use rollcall::fleet::Share;
 use rollcall::heartbeat::Heartbeat;
 use rollcall::record::{Deadlines, StoredAgent};
-use rollcall::fleet::Share;
 use rollcall::store::dynamodb::fleet::{Change, FleetTable, StreamBatch, Tally};
 use rollcall::store::dynamodb::units::{
     IndexShape, Projection, WriteUnits, read_units, write_units,
@@ -523,7 +523,9 @@ impl SumsModel {
         if self.batch.is_empty() {
             return;
         }
-        let as_of_s = self.batch_window.map(|window| (window + 1) * BATCH_WINDOW_MS / 1000 - 60);
+        let as_of_s = self
+            .batch_window
+            .map(|window| (window + 1) * BATCH_WINDOW_MS / 1000 - 60);
         self.buckets += Tally::of_shares(&self.batch, as_of_s).buckets() as u64;
         self.changes += self.batch.len() as u64;
         self.batches += 1;

@@ -9,7 +9,8 @@
 //! An agent counts as online until its deadline and as on record until its
 //! expiry, so its share is added to a *bucket* keyed by that time: partition
 //! `online` (bucket by deadline) or `record` (bucket by expiry), sort key
-//! `<bucket end, epoch s>#<pool>`. A scrape sums the buckets that end after
+//! the bucket's end in epoch seconds, one attribute per figure and pool
+//! (`n.render`, `cores.render`, ...). A scrape sums the buckets that end after
 //! now; an agent whose time passes drops out of the sums with its bucket,
 //! with no write at all. A bucket is at most 1/200 of the agent's span wide
 //! (10 s for a 90 s deadline, an hour for a week's retention), so an agent
@@ -53,6 +54,9 @@ const SPAN_PARTS: i64 = 200;
 const BUCKET_KEPT_S: i64 = 3600;
 /// DynamoDB's limit of actions per transaction.
 const TRANSACTION_ITEMS: usize = 100;
+/// Pools one update adds to a bucket (5 figures each), which keeps its
+/// expression well inside DynamoDB's 4 KB; more pools take more updates.
+const POOLS_PER_UPDATE: usize = 16;
 /// Pages of buckets one scrape reads at most (each up to 1 MB).
 const MAX_PAGES: usize = 4;
 
@@ -89,15 +93,8 @@ pub fn bucket_end(from_s: i64, until_s: i64) -> i64 {
         }
 }
 
-fn bucket_key(end_s: i64, pool: &str) -> String {
-    format!("{end_s:012}#{pool}")
-}
-
-/// A sort key just after every bucket that ends at `now_s`: the buckets
-/// after it still count.
-fn still_counting(now_s: i64) -> String {
-    // '$' sorts just after '#'.
-    format!("{now_s:012}$")
+fn bucket_key(end_s: i64) -> String {
+    format!("{end_s:012}")
 }
 
 /// One change to the agents table, as the stream delivers it.
@@ -145,9 +142,9 @@ impl Tally {
             old.iter().for_each(|share| tally.add(share, -1));
             new.iter().for_each(|share| tally.add(share, 1));
         }
-        tally
-            .deltas
-            .retain(|(_, end, _), figures| !figures.is_zero() && as_of_s.is_none_or(|as_of| *end > as_of));
+        tally.deltas.retain(|(_, end, _), figures| {
+            !figures.is_zero() && as_of_s.is_none_or(|as_of| *end > as_of)
+        });
         tally
     }
 
@@ -176,8 +173,16 @@ impl Tally {
         self.deltas.entry(record).or_default().add(&one, sign);
     }
 
+    /// The bucket items these differences write (every pool's figures for
+    /// one bucket are in one item).
     pub fn buckets(&self) -> usize {
-        self.deltas.len()
+        let mut items: Vec<(Family, i64)> = self
+            .deltas
+            .keys()
+            .map(|(family, end, _)| (*family, *end))
+            .collect();
+        items.dedup();
+        items.len()
     }
 
     /// The sums as a scrape at `now_s` would read them from these buckets
@@ -351,50 +356,51 @@ impl FleetTable {
     /// buckets written.
     pub async fn apply(&self, batch: &StreamBatch) -> Result<usize, StoreError> {
         let tally = Tally::of(&batch.changes, batch.newest_s.map(|newest| newest - 60));
-        let updates: Vec<TransactWriteItem> = tally
-            .deltas
-            .iter()
-            .map(|((family, end, pool), figures)| self.update(*family, *end, pool, figures))
-            .collect::<Result<_, _>>()?;
-        for (position, chunk) in updates.chunks(TRANSACTION_ITEMS).enumerate() {
-            let token = transaction_token(&batch.id, position);
-            self.transact(chunk, &token).await?;
+        let mut by_bucket: BTreeMap<(Family, i64), Vec<(&str, &Figures)>> = BTreeMap::new();
+        for ((family, end, pool), figures) in &tally.deltas {
+            by_bucket
+                .entry((*family, *end))
+                .or_default()
+                .push((pool.as_str(), figures));
         }
-        Ok(updates.len())
+        let mut updates = Vec::new();
+        for ((family, end), pools) in &by_bucket {
+            for some in pools.chunks(POOLS_PER_UPDATE) {
+                updates.push(((*family, *end), self.update(*family, *end, some)?));
+            }
+        }
+        let transactions = pack(updates);
+        for (position, transaction) in transactions.iter().enumerate() {
+            let token = transaction_token(&batch.id, position);
+            self.transact(transaction, &token).await?;
+        }
+        Ok(by_bucket.len())
     }
 
+    /// One bucket's update: an `ADD` of each pool's figures.
     fn update(
         &self,
         family: Family,
         end_s: i64,
-        pool: &str,
-        figures: &Figures,
+        pools: &[(&str, &Figures)],
     ) -> Result<TransactWriteItem, StoreError> {
-        let mut fields = vec![(A_AGENTS, figures.agents)];
-        if family == Family::Online {
-            fields.extend([
-                (A_CORES, figures.cores_available),
-                (A_GPUS, figures.gpus),
-                (A_GPU_FREE, figures.gpu_free_mb),
-                (A_GPU_TOTAL, figures.gpu_total_mb),
-            ]);
-        }
-        let adds: Vec<String> = fields
-            .iter()
-            .map(|(name, _)| format!("#{name} :{name}"))
-            .collect();
         let mut update = Update::builder()
             .table_name(&self.name)
             .key(FLEET_PART, AttributeValue::S(family.part().into()))
-            .key(FLEET_BUCKET, AttributeValue::S(bucket_key(end_s, pool)))
-            .update_expression(format!("ADD {} SET #ttl = :ttl", adds.join(", ")))
+            .key(FLEET_BUCKET, AttributeValue::S(bucket_key(end_s)))
             .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
             .expression_attribute_values(":ttl", number(end_s + BUCKET_KEPT_S));
-        for (name, value) in fields {
-            update = update
-                .expression_attribute_names(format!("#{name}"), name)
-                .expression_attribute_values(format!(":{name}"), number(value));
+        let mut adds = Vec::new();
+        for (pool, figures) in pools {
+            for (field, value) in fields(family, figures) {
+                let n = adds.len();
+                adds.push(format!("#a{n} :a{n}"));
+                update = update
+                    .expression_attribute_names(format!("#a{n}"), format!("{field}.{pool}"))
+                    .expression_attribute_values(format!(":a{n}"), number(value));
+            }
         }
+        let update = update.update_expression(format!("ADD {} SET #ttl = :ttl", adds.join(", ")));
         Ok(TransactWriteItem::builder()
             .update(update.build().map_err(build_error)?)
             .build())
@@ -455,7 +461,7 @@ impl FleetTable {
                     .expression_attribute_names("#part", FLEET_PART)
                     .expression_attribute_names("#bucket", FLEET_BUCKET)
                     .expression_attribute_values(":part", AttributeValue::S(family.part().into()))
-                    .expression_attribute_values(":now", AttributeValue::S(still_counting(now_s)))
+                    .expression_attribute_values(":now", AttributeValue::S(bucket_key(now_s)))
                     .set_exclusive_start_key(start.take())
                     .send()
                     .await
@@ -463,8 +469,9 @@ impl FleetTable {
                 let bytes: usize = output.items().iter().map(item_size).sum();
                 cost.add_index_read(output.items().len(), read_units(bytes, false), None);
                 for item in output.items() {
-                    let (pool, figures) = bucket_of(item)?;
-                    add_bucket(&mut totals, family, pool, &figures);
+                    for (pool, figures) in bucket_of(item)? {
+                        add_bucket(&mut totals, family, pool, &figures);
+                    }
                 }
                 match output.last_evaluated_key() {
                     Some(key) => start = Some(key.clone()),
@@ -522,36 +529,66 @@ impl FleetTable {
     }
 }
 
-/// A bucket item's pool and figures.
-fn bucket_of(item: &Item) -> Result<(&str, Figures), StoreError> {
-    let corrupt = |why: &str| StoreError::Corrupt(format!("fleet bucket: {why}"));
-    let key = item
-        .get(FLEET_BUCKET)
-        .and_then(|value| value.as_s().ok())
-        .ok_or_else(|| corrupt("no bucket key"))?;
-    let (_, pool) = key
-        .split_once('#')
-        .ok_or_else(|| corrupt("a key without a pool"))?;
-    let figure = |name: &str| -> Result<i64, StoreError> {
-        match item.get(name) {
-            None => Ok(0),
-            Some(value) => value
-                .as_n()
-                .ok()
-                .and_then(|digits| digits.parse().ok())
-                .ok_or_else(|| corrupt(&format!("{name} is not an integer"))),
+/// A bucket item's figures by pool, from its `<field>.<pool>` attributes.
+fn bucket_of(item: &Item) -> Result<BTreeMap<&str, Figures>, StoreError> {
+    let mut pools: BTreeMap<&str, Figures> = BTreeMap::new();
+    for (name, value) in item {
+        let Some((field, pool)) = name.split_once('.') else {
+            continue;
+        };
+        let figure: i64 = value
+            .as_n()
+            .ok()
+            .and_then(|digits| digits.parse().ok())
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("fleet bucket: {name} is not an integer"))
+            })?;
+        let figures = pools.entry(pool).or_default();
+        match field {
+            A_AGENTS => figures.agents = figure,
+            A_CORES => figures.cores_available = figure,
+            A_GPUS => figures.gpus = figure,
+            A_GPU_FREE => figures.gpu_free_mb = figure,
+            A_GPU_TOTAL => figures.gpu_total_mb = figure,
+            // A figure a later version keeps: not this version's to show.
+            _ => {}
         }
-    };
-    Ok((
-        pool,
-        Figures {
-            agents: figure(A_AGENTS)?,
-            cores_available: figure(A_CORES)?,
-            gpus: figure(A_GPUS)?,
-            gpu_free_mb: figure(A_GPU_FREE)?,
-            gpu_total_mb: figure(A_GPU_TOTAL)?,
-        },
-    ))
+    }
+    Ok(pools)
+}
+
+/// The figures a family keeps for one pool.
+fn fields(family: Family, figures: &Figures) -> Vec<(&'static str, i64)> {
+    let mut fields = vec![(A_AGENTS, figures.agents)];
+    if family == Family::Online {
+        fields.extend([
+            (A_CORES, figures.cores_available),
+            (A_GPUS, figures.gpus),
+            (A_GPU_FREE, figures.gpu_free_mb),
+            (A_GPU_TOTAL, figures.gpu_total_mb),
+        ]);
+    }
+    fields
+}
+
+/// Updates into transactions, in order: at most 100 each, and a bucket at
+/// most once in each (a transaction may not touch an item twice), so that
+/// the same batch always makes the same transactions and tokens.
+fn pack(updates: Vec<((Family, i64), TransactWriteItem)>) -> Vec<Vec<TransactWriteItem>> {
+    let mut transactions: Vec<(Vec<(Family, i64)>, Vec<TransactWriteItem>)> = Vec::new();
+    for (key, update) in updates {
+        // The first transaction with room that does not touch this bucket yet.
+        let fits = transactions
+            .iter()
+            .position(|(keys, items)| items.len() < TRANSACTION_ITEMS && !keys.contains(&key));
+        let index = fits.unwrap_or_else(|| {
+            transactions.push((Vec::new(), Vec::new()));
+            transactions.len() - 1
+        });
+        transactions[index].0.push(key);
+        transactions[index].1.push(update);
+    }
+    transactions.into_iter().map(|(_, items)| items).collect()
 }
 
 /// DynamoDB's idempotency token: at most 36 characters.
@@ -701,6 +738,60 @@ mod tests {
         item.iter()
             .map(|(name, v)| (name.clone(), value(v)))
             .collect()
+    }
+
+    #[test]
+    fn a_bucket_is_written_once_per_transaction_and_reads_back_by_pool() {
+        let table = FleetTable::new(
+            Client::from_conf(
+                aws_sdk_dynamodb::Config::builder()
+                    .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+                    .build(),
+            ),
+            "fleet",
+        );
+        let figures = Figures {
+            agents: 2,
+            cores_available: 12,
+            gpus: 3,
+            gpu_free_mb: 100,
+            gpu_total_mb: 200,
+        };
+        let pools: Vec<String> = (0..40).map(|n| format!("pool.{n}")).collect();
+        let mut updates = Vec::new();
+        for end in [10, 20] {
+            let all: Vec<(&str, &Figures)> =
+                pools.iter().map(|pool| (pool.as_str(), &figures)).collect();
+            for some in all.chunks(POOLS_PER_UPDATE) {
+                updates.push((
+                    (Family::Online, end),
+                    table.update(Family::Online, end, some).unwrap(),
+                ));
+            }
+        }
+        // 40 pools: three updates per bucket, so three transactions, each
+        // touching each bucket once.
+        let transactions = pack(updates);
+        assert_eq!(
+            transactions.iter().map(Vec::len).collect::<Vec<_>>(),
+            [2, 2, 2]
+        );
+        let update = transactions[0][0].update().unwrap();
+        let mut item = Item::new();
+        for (placeholder, name) in update.expression_attribute_names().unwrap() {
+            if let Some(value) = update
+                .expression_attribute_values()
+                .unwrap()
+                .get(&placeholder.replace('#', ":"))
+            {
+                item.insert(name.clone(), value.clone());
+            }
+        }
+        let read = bucket_of(&item).unwrap();
+        assert_eq!(read.len(), POOLS_PER_UPDATE);
+        assert_eq!(read["pool.0"], figures, "a pool's name may hold a dot");
+        item.insert("n.x".into(), AttributeValue::S("many".into()));
+        assert!(bucket_of(&item).is_err());
     }
 
     #[test]

@@ -494,7 +494,27 @@ mod tests {
             let item = encode(&agent, 8).unwrap();
             assert_eq!(decode(&item).unwrap(), agent);
             let size = item_size(&item);
-            println!("{gpus} GPUs: {size} bytes");
+            // The same item as earlier versions wrote it, for the docs' table.
+            let mut legacy = item.clone();
+            legacy.remove(A_RECORD);
+            let json = serde_json::to_vec(&agent).unwrap();
+            let deflated = miniz_oxide::deflate::compress_to_vec(&json, 6);
+            legacy.insert(
+                A_LEGACY_RECORD.into(),
+                AttributeValue::B(Blob::new(deflated)),
+            );
+            legacy.insert(
+                A_LEGACY_CORES.into(),
+                number(agent.heartbeat.cpu.cores_available),
+            );
+            legacy.insert(
+                A_LEGACY_MEMORY.into(),
+                number(agent.heartbeat.memory.available_mb),
+            );
+            println!(
+                "{gpus} GPUs: {size} bytes (as earlier versions wrote it: {})",
+                item_size(&legacy)
+            );
             assert!(
                 size <= 1024,
                 "{gpus} GPUs: {size} bytes, past one write unit"

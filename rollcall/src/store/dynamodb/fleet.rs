@@ -557,6 +557,9 @@ fn bucket_of(item: &Item) -> Result<BTreeMap<&str, Figures>, StoreError> {
     Ok(pools)
 }
 
+/// A bucket item's key: its family and its end.
+type BucketItem = (Family, i64);
+
 /// The figures a family keeps for one pool.
 fn fields(family: Family, figures: &Figures) -> Vec<(&'static str, i64)> {
     let mut fields = vec![(A_AGENTS, figures.agents)];
@@ -574,8 +577,8 @@ fn fields(family: Family, figures: &Figures) -> Vec<(&'static str, i64)> {
 /// Updates into transactions, in order: at most 100 each, and a bucket at
 /// most once in each (a transaction may not touch an item twice), so that
 /// the same batch always makes the same transactions and tokens.
-fn pack(updates: Vec<((Family, i64), TransactWriteItem)>) -> Vec<Vec<TransactWriteItem>> {
-    let mut transactions: Vec<(Vec<(Family, i64)>, Vec<TransactWriteItem>)> = Vec::new();
+fn pack(updates: Vec<(BucketItem, TransactWriteItem)>) -> Vec<Vec<TransactWriteItem>> {
+    let mut transactions: Vec<(Vec<BucketItem>, Vec<TransactWriteItem>)> = Vec::new();
     for (key, update) in updates {
         // The first transaction with room that does not touch this bucket yet.
         let fits = transactions

@@ -468,6 +468,32 @@ fn run_model(agents: usize, hours: f64, seed: u64) -> anyhow::Result<()> {
     let names: Vec<&str> = designs.iter().map(|(name, _, _)| *name).collect();
     print_designs(&names, &totals, &busiest_index_step, agents, heartbeats);
     sums.print();
+    print_tally_cost(&fleet)
+}
+
+/// What the fleet function spends per change on this machine: both images
+/// decoded and tallied, as `FleetTable::apply` does before it writes.
+fn print_tally_cost(fleet: &Fleet) -> anyhow::Result<()> {
+    let count = fleet.agents.len().min(2000);
+    let changes: Vec<Change> = (0..count)
+        .map(|index| {
+            let item = encode(&fleet.heartbeat(index, 1_764_000_000_000)?, 8)?;
+            Ok(Change {
+                old: Some(item.clone()),
+                new: Some(item),
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let started = Instant::now();
+    let rounds = 20;
+    for _ in 0..rounds {
+        std::hint::black_box(Tally::of(&changes, None));
+    }
+    let per_change = started.elapsed().as_secs_f64() / (rounds * count) as f64;
+    println!(
+        "fleet function: {:.1} µs of CPU per change (two images decoded and tallied, release build, one core of this machine)",
+        per_change * 1e6
+    );
     Ok(())
 }
 

@@ -290,6 +290,9 @@ def bench_dynamodb(results, args):
     chosen = re.search(r"\(chosen\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", model.stdout)
     results["ddb_write_units"] = float(chosen.group(3))
     results["ddb_table_units"] = float(chosen.group(1))
+    sums = re.search(r"fleet sums: .* ([\d.]+) write units per heartbeat", model.stdout)
+    if sums:
+        results["ddb_fleet_sums_units"] = float(sums.group(1))
     ministack = ROOT / ".venv" / "bin" / "ministack"
     if not ministack.exists():
         log("DynamoDB on the emulator: skipped (run scripts/test once to install the emulator)")
@@ -409,6 +412,9 @@ def write_report(results, args):
         "requests": heartbeats * 0.20e-6,
         "compute": heartbeats * 128 / 1024 * billed_ms / 1000 * 0.0000166667,
         "logs": 0.0,
+        # The churn model's fleet (1,000 agents, one stream shard): the
+        # fleet function's bucket writes per heartbeat.
+        "fleet_sums": heartbeats * r.get("ddb_fleet_sums_units", float("nan")) * 0.625e-6,
     }
     logs_without_config = heartbeats * PLATFORM_LOG_BYTES / 1e9 * 0.50
     text = f"""# Benchmarks
@@ -438,6 +444,7 @@ of CloudWatch log ingestion.
 | --- | --- | --- |
 | DynamoDB heartbeat writes | ${cost['writes']:.4f} | {r.get('ddb_write_units', float('nan')):.4f} units each, from the unit model over the churn model's run (below) |
 | DynamoDB history writes | ${cost['history']:.4f} | one `UpdateItem` of about {r.get('ddb_history_window_bytes', '?')} bytes (1 unit) per five-minute window |
+| fleet sums (`/metrics`) | ${cost['fleet_sums']:.4f} | the fleet function's transactional bucket writes, {r.get('ddb_fleet_sums_units', float('nan')):.4f} units per heartbeat at the churn model's 1,000 agents (one stream shard); far less per agent on larger fleets (docs/dynamodb.md, "Fleet sums") |
 | Lambda requests | ${cost['requests']:.4f} | one per heartbeat; history rides along |
 | Lambda duration | ${cost['compute']:.5f} | 128 MB for {billed_ms} ms: the measured warm heartbeat ({r['lambda_warm_heartbeat_ms']:.2f} ms) plus one {DYNAMODB_ROUND_TRIP_MS} ms DynamoDB round trip ({100 * fallback:.2f} % of heartbeats take a second), rounded up to the 1 ms billing step |
 | CloudWatch logs | ${cost['logs']:.4f} | nothing per heartbeat: JSON logs at WARN, Lambda's per-invocation lines off (they would add ${logs_without_config:.4f}) |

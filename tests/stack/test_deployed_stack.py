@@ -16,6 +16,7 @@ stack reports (https://<id>.lambda-url.<region>.on.aws/) are reached through
 the emulator's path-based form on 127.0.0.1.
 """
 
+import calendar
 import json
 import os
 import re
@@ -469,6 +470,30 @@ def test_no_secret_is_in_the_lambda_configuration(stack):
         assert stack["secret"] not in text and stack["token"] not in text, logical
         variables = configuration["Environment"]["Variables"]
         assert any(name.endswith("_SECRET_ID") for name in variables), variables
+
+
+def test_an_agent_past_its_deadline_leaves_the_online_index_when_a_query_finds_it(stack):
+    """Through the deployed query function: the first query that reads an
+    agent past its deadline moves its index entry to the offline part, so
+    later online queries never read it again."""
+    sent = collector(stack, "deadline-agent", "once", "--skip-cpu-usage", "--interval", "5")
+    assert sent.returncode == 0, sent.stderr
+    key = {"agent_id": {"S": "deadline-agent"}}
+    shard = lambda: client("dynamodb").get_item(TableName=stack["table"], Key=key, ConsistentRead=True)["Item"]["shard"]["S"]
+    assert not shard().startswith("off")
+    auth = {"Authorization": f"Bearer {stack['token']}"}
+    status, agent = http("GET", f"{stack['query']}/v1/agents/deadline-agent", auth)
+    deadline = time.strptime(agent["online_until"][:19], "%Y-%m-%dT%H:%M:%S")
+    time.sleep(max(0.0, calendar.timegm(deadline) + 1.5 - time.time()))
+
+    def moved():
+        status, page = http("GET", f"{stack['query']}/v1/agents?limit=1000", auth)
+        assert status == 200, page
+        assert "deadline-agent" not in [a["agent_id"] for a in page["agents"]]
+        return shard().startswith("off")
+    wait_for("the query function to move the dead agent", moved, 20)
+    status, page = http("GET", f"{stack['query']}/v1/agents?status=offline&limit=1000", auth)
+    assert "deadline-agent" in [a["agent_id"] for a in page["agents"]], page
 
 
 def test_the_index_shards_follow_the_declared_fleet_size(stack):

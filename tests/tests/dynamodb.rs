@@ -704,3 +704,66 @@ async fn the_fleet_sums_follow_every_change_and_count_a_redelivered_batch_once()
     // The store reads the same through `Store::fleet`.
     assert_eq!(store.fleet(now).await.unwrap(), expected(now));
 }
+
+/// A query that finds an agent past its deadline moves it out of the online
+/// part; a heartbeat that lands between the query's read and its move wins,
+/// and the agent stays online. The move is replayed here with the `until`
+/// the query read, after the heartbeat, which is the race's decisive step.
+#[tokio::test]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
+async fn a_heartbeat_wins_the_race_with_a_query_moving_its_agent_offline() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let store = dynamodb_store(4).await;
+    let now = now_ms();
+    let long_ago = now - 600_000;
+    let until_read = |agent_id: &'static str| {
+        let table = store.table().to_owned();
+        async move {
+            dynamodb_client()
+                .get_item()
+                .table_name(table)
+                .key("agent_id", AttributeValue::S(agent_id.into()))
+                .consistent_read(true)
+                .send()
+                .await
+                .unwrap()
+                .item()
+                .and_then(|item| item.get("until").cloned())
+                .expect("the agent's until")
+        }
+    };
+    for agent_id in ["racer", "departed"] {
+        store
+            .upsert(agent_at(agent_id, long_ago, long_ago, 9_000, 8))
+            .await
+            .unwrap();
+    }
+    let seen = until_read("racer").await;
+    store
+        .upsert(agent_at("racer", now, now, 9_000, 8))
+        .await
+        .unwrap();
+    assert!(
+        !store.move_offline("racer", seen).await.unwrap(),
+        "the move must lose to the heartbeat"
+    );
+    let seen = until_read("departed").await;
+    assert!(store.move_offline("departed", seen.clone()).await.unwrap());
+    assert!(
+        !store.move_offline("departed", seen).await.unwrap(),
+        "moved once"
+    );
+    let listed = |status: &'static str| {
+        let store = store.clone();
+        async move {
+            let query = CapacityQuery::from_query_string(&format!("status={status}")).unwrap();
+            let page = store.query(&query, None, now as i64).await.unwrap();
+            page.agents
+                .iter()
+                .map(|agent| agent.agent_id().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed("online").await, ["racer"]);
+    assert_eq!(listed("offline").await, ["departed"]);
+}

@@ -354,37 +354,65 @@ impl DynamoStore {
         let mut requests = tokio::task::JoinSet::new();
         for (agent_id, until) in moves {
             let Some(until) = until else { continue };
-            let partition = super::partition_key(&agent_id, self.shards, false);
-            let online = super::partition_key(&agent_id, self.shards, true);
-            let request = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .key(A_AGENT, AttributeValue::S(agent_id.clone()))
-                .update_expression("SET #shard = :offline")
-                // Loses to any heartbeat since the read.
-                .condition_expression("#until = :until AND #shard = :online")
-                .expression_attribute_names("#shard", A_SHARD)
-                .expression_attribute_names("#until", A_UNTIL)
-                .expression_attribute_values(":offline", AttributeValue::S(partition))
-                .expression_attribute_values(":online", AttributeValue::S(online))
-                .expression_attribute_values(":until", until);
-            requests.spawn(async move { (agent_id, request.send().await) });
+            let store = self.clone();
+            requests.spawn(async move {
+                let moved = store.move_offline(&agent_id, until).await;
+                (agent_id, moved)
+            });
         }
         while let Some(joined) = requests.join_next().await {
             match joined {
-                Ok((agent_id, Ok(_))) => {
+                Ok((agent_id, Ok(true))) => {
                     tracing::debug!(agent_id, "offline agent moved out of the online index")
                 }
-                Ok((agent_id, Err(error))) => tracing::debug!(
-                    agent_id,
-                    error = %aws_sdk_dynamodb::error::DisplayErrorContext(&error),
-                    "offline agent not moved"
-                ),
+                Ok((agent_id, Ok(false))) => {
+                    tracing::debug!(agent_id, "offline agent not moved: it reported since")
+                }
+                Ok((agent_id, Err(error))) => {
+                    tracing::debug!(agent_id, %error, "offline agent not moved")
+                }
                 Err(error) => tracing::debug!(%error, "move task failed"),
             }
         }
         page
+    }
+
+    /// Moves an agent found past its deadline (its `until` as read, in
+    /// `until_seen`) to its shard's offline part: `false` when a heartbeat
+    /// won the race since the read, and the agent stays where it is.
+    pub async fn move_offline(
+        &self,
+        agent_id: &str,
+        until_seen: AttributeValue,
+    ) -> Result<bool, StoreError> {
+        let offline = super::partition_key(agent_id, self.shards, false);
+        let online = super::partition_key(agent_id, self.shards, true);
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(A_AGENT, AttributeValue::S(agent_id.to_owned()))
+            .update_expression("SET #shard = :offline")
+            // Loses to any heartbeat since the read.
+            .condition_expression("#until = :until AND #shard = :online")
+            .expression_attribute_names("#shard", A_SHARD)
+            .expression_attribute_names("#until", A_UNTIL)
+            .expression_attribute_values(":offline", AttributeValue::S(offline))
+            .expression_attribute_values(":online", AttributeValue::S(online))
+            .expression_attribute_values(":until", until_seen)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(super::unavailable(error)),
+        }
     }
 
     /// Reads the next index page of every part whose unread entries may

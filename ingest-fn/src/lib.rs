@@ -8,6 +8,7 @@
 pub mod keys;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -17,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use rollcall::api::{self, ApiError};
 use rollcall::heartbeat::{MAX_BODY_BYTES, MinuteRollup};
+use rollcall::history;
 use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::store::{Store, Upsert};
 use rollcall::time::{now_ms, rfc3339};
@@ -28,6 +30,10 @@ use crate::keys::KeySource;
 /// This function's OpenAPI 3.1 document (PROTOCOL.md §3), served at
 /// `/openapi.json`; `tests/tests/openapi.rs` holds it to the router.
 pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// How long a heartbeat waits for its history before it is answered without
+/// it: well inside the function's 5 s, after the record's write.
+const HISTORY_BUDGET: Duration = Duration::from_secs(2);
 
 pub struct Ingest {
     /// The fleet secrets: fixed locally, fetched and refreshed in AWS.
@@ -110,18 +116,31 @@ impl Ingest {
         let oldest_kept =
             (received_at_ms.div_euclid(1000) - self.history_retention_s).div_euclid(60);
         minutes.retain(|rollup| i64::try_from(rollup.minute).is_ok_and(|m| m > oldest_kept));
+        let (minutes, cut) = history::newest_windows(minutes, history::MAX_WINDOWS_PER_HEARTBEAT);
+        if cut {
+            tracing::info!(
+                agent_id,
+                "history spread over more than {} windows: the newest written, the rest reported not stored",
+                history::MAX_WINDOWS_PER_HEARTBEAT
+            );
+        }
         if minutes.is_empty() {
             return true;
         }
         let expires_at_s = received_at_ms.div_euclid(1000) + self.history_retention_s;
-        match self
-            .store
-            .put_history(agent_id, minutes, expires_at_s)
-            .await
-        {
-            Ok(()) => true,
-            Err(error) => {
+        let write = self.store.put_history(agent_id, minutes, expires_at_s);
+        match tokio::time::timeout(HISTORY_BUDGET, write).await {
+            Ok(Ok(())) => !cut,
+            Ok(Err(error)) => {
                 tracing::warn!(agent_id, %error, "history not stored; the heartbeat was, and the collector will send the history again");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    agent_id,
+                    budget_ms = HISTORY_BUDGET.as_millis() as u64,
+                    "history not stored in time; the heartbeat was, and the collector will send the history again"
+                );
                 false
             }
         }

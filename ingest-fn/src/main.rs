@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, env = "ROLLCALL_RETENTION_S", default_value_t = DEFAULT_RETENTION_S, value_parser = clap::value_parser!(i64).range(0..=31_536_000))]
     retention_s: i64,
     /// Seconds per-minute history is kept.
-    #[arg(long, env = "ROLLCALL_HISTORY_RETENTION_S", default_value_t = DEFAULT_HISTORY_RETENTION_S, value_parser = clap::value_parser!(i64).range(60..=2_678_400))]
+    #[arg(long, env = "ROLLCALL_HISTORY_RETENTION_S", default_value_t = DEFAULT_HISTORY_RETENTION_S, value_parser = clap::value_parser!(i64).range(60..=rollcall::history::MAX_RETENTION_S))]
     history_retention_s: i64,
 }
 

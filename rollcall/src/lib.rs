@@ -5,6 +5,7 @@
 //!
 //! - [`signing`]: fleet secrets, agent-key derivation, the v1 signature.
 //! - [`heartbeat`]: the v1 heartbeat body and its range checks.
+//! - [`history`]: per-minute history's five-minute windows and its bounds.
 //! - [`verify`]: ingest's request checks, in the protocol's order.
 //! - [`record`]: what is stored per agent, its deadlines, and the API's agent record.
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
@@ -27,6 +28,7 @@
 pub mod capacity;
 pub mod fleet;
 pub mod heartbeat;
+pub mod history;
 pub mod record;
 pub mod signing;
 pub mod time;

@@ -1,7 +1,7 @@
 //! Faults injected into real stores, for what must survive them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use rollcall::capacity::{CapacityQuery, Position};
@@ -16,6 +16,9 @@ use rollcall::store::{Page, Store, StoreError, Upsert};
 pub struct HistoryOutage {
     inner: Arc<dyn Store>,
     failing: AtomicBool,
+    /// Each history write first waits this long (ms), like a store that
+    /// answers slowly.
+    slow_ms: AtomicU64,
 }
 
 impl HistoryOutage {
@@ -23,11 +26,17 @@ impl HistoryOutage {
         Arc::new(Self {
             inner,
             failing: AtomicBool::new(false),
+            slow_ms: AtomicU64::new(0),
         })
     }
 
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    pub fn set_slow(&self, delay: std::time::Duration) {
+        self.slow_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 }
 
@@ -66,6 +75,10 @@ impl Store for HistoryOutage {
     ) -> Result<(), StoreError> {
         if self.failing.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("injected history outage".into()));
+        }
+        let slow_ms = self.slow_ms.load(Ordering::SeqCst);
+        if slow_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(slow_ms)).await;
         }
         self.inner
             .put_history(agent_id, minutes, expires_at_s)

@@ -136,6 +136,85 @@ async fn history_outage_never_blocks_liveness(store: Arc<dyn Store>) {
     server.stop().await;
 }
 
+/// issue "Hardening, third pass" item 3: one heartbeat's history touches a
+/// bounded number of windows, and a slow history store never holds the
+/// answer past ingest's budget: the heartbeat is 202 either way, history
+/// reported not stored.
+async fn history_is_bounded_in_windows_and_in_time(store: Arc<dyn Store>) {
+    let outage = HistoryOutage::new(store);
+    let secret = FleetSecret::from_bytes(vec![7; 32]).unwrap();
+    let mut keyring = Keyring::default();
+    keyring.insert(KEY_ID, secret.clone());
+    let ingest = Ingest {
+        keyring: KeySource::fixed(keyring),
+        deadlines: Deadlines::default(),
+        history_retention_s: 24 * 3600,
+        store: outage.clone(),
+    };
+    let server = InProcess::serve(router(Arc::new(ingest))).await;
+    let now = now_ms();
+    let minute = now / 60_000;
+
+    // 30 minutes half an hour apart: 30 windows, over 14 hours.
+    let spread: Vec<u64> = (0..30).rev().map(|n| minute - 1 - 30 * n).collect();
+    let answer = post(&server, &secret, &with_history("spread", now, &spread)).await;
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    assert_eq!(
+        answer.json()["not_stored"],
+        json!(["history"]),
+        "{}",
+        answer.text()
+    );
+    let stored: Vec<u64> = outage
+        .history("spread", 0, now_ms() as i64)
+        .await
+        .unwrap()
+        .iter()
+        .map(|rollup| rollup.minute)
+        .collect();
+    let newest = &spread[spread.len() - rollcall::history::MAX_WINDOWS_PER_HEARTBEAT..];
+    assert_eq!(stored, newest, "the newest windows are written");
+    assert!(
+        outage
+            .get("spread", now_ms() as i64)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // A store that takes 30 s: the answer comes within the budget.
+    outage.set_slow(std::time::Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    let answer = post(&server, &secret, &with_history("slow", now, &[minute - 1])).await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    assert_eq!(
+        answer.json()["not_stored"],
+        json!(["history"]),
+        "{}",
+        answer.text()
+    );
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "answered after {took:?}"
+    );
+    assert!(outage.get("slow", now_ms() as i64).await.unwrap().is_some());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_history_is_bounded_in_windows_and_in_time() {
+    let backend = rollcall_tests::sqlite_backend().await;
+    history_is_bounded_in_windows_and_in_time(Arc::clone(&backend.store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
+async fn dynamodb_history_is_bounded_in_windows_and_in_time() {
+    let backend = rollcall_tests::dynamodb_backend().await;
+    history_is_bounded_in_windows_and_in_time(Arc::clone(&backend.store)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_history_outage_never_blocks_liveness() {
     let backend = rollcall_tests::sqlite_backend().await;

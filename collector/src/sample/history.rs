@@ -9,7 +9,7 @@ use rollcall::heartbeat::{Heartbeat, MAX_HISTORY_MINUTES, MinuteRollup, Spread};
 
 /// Minutes per roll-up window by default; ingest's DynamoDB store keeps one
 /// item per five minutes, so that is also the cheapest window to send.
-pub const WINDOW_MINUTES: u64 = 5;
+pub use rollcall::history::WINDOW_MINUTES;
 
 struct Sample {
     minute: u64,

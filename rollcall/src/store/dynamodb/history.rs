@@ -7,6 +7,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use super::item::{A_AGENT, Item, TTL_ATTRIBUTE, number};
 use super::{DynamoStore, build_error, unavailable};
 use crate::heartbeat::{MinuteRollup, Spread};
+use crate::history;
 use crate::store::StoreError;
 
 impl DynamoStore {
@@ -15,7 +16,8 @@ impl DynamoStore {
     /// its keys from the time range alone. Each minute is its own attribute
     /// (`m<minute>`), so one `UpdateItem` merges a window that arrives in
     /// parts without reading it first. The items carry no index keys, so
-    /// capacity queries never see them.
+    /// capacity queries never see them. The windows are written concurrently:
+    /// ingest bounds how many one heartbeat brings and how long it waits.
     pub(super) async fn write_history(
         &self,
         agent_id: &str,
@@ -25,10 +27,11 @@ impl DynamoStore {
         let mut windows: BTreeMap<u64, Vec<MinuteRollup>> = BTreeMap::new();
         for rollup in minutes {
             windows
-                .entry(rollup.minute / HISTORY_WINDOW_MINUTES)
+                .entry(history::window_of(rollup.minute))
                 .or_default()
                 .push(rollup);
         }
+        let mut writes = tokio::task::JoinSet::new();
         for (window, rollups) in windows {
             let key = history_key(agent_id, window);
             let mut item = encode_history(&key, &rollups, expires_at_s)?;
@@ -43,16 +46,19 @@ impl DynamoStore {
                 names.insert(format!("#a{position}"), name);
                 values.insert(format!(":a{position}"), value);
             }
-            self.client
+            let write = self
+                .client
                 .update_item()
                 .table_name(&self.table)
                 .key(A_AGENT, AttributeValue::S(key))
                 .update_expression(format!("SET {}", assignments.join(", ")))
                 .set_expression_attribute_names(Some(names))
-                .set_expression_attribute_values(Some(values))
-                .send()
-                .await
-                .map_err(unavailable)?;
+                .set_expression_attribute_values(Some(values));
+            writes.spawn(async move { write.send().await.map_err(unavailable) });
+        }
+        while let Some(written) = writes.join_next().await {
+            written
+                .map_err(|error| StoreError::Unavailable(format!("history write: {error}")))??;
         }
         Ok(())
     }
@@ -68,8 +74,7 @@ impl DynamoStore {
         // stored, so a far-back `since` never turns into millions of keys.
         let since_minute =
             since_minute.max(now_minute.saturating_sub(MAX_HISTORY_RETENTION_MINUTES));
-        let keys: Vec<String> = (since_minute / HISTORY_WINDOW_MINUTES
-            ..=now_minute / HISTORY_WINDOW_MINUTES)
+        let keys: Vec<String> = (history::window_of(since_minute)..=history::window_of(now_minute))
             .map(|window| history_key(agent_id, window))
             .collect();
         let now_s = now_ms.div_euclid(1000);
@@ -121,10 +126,8 @@ impl DynamoStore {
     }
 }
 
-/// Minutes per history item.
-const HISTORY_WINDOW_MINUTES: u64 = 5;
-/// The longest history retention ingest accepts (`--history-retention-s`, 31 days).
-const MAX_HISTORY_RETENTION_MINUTES: u64 = 31 * 24 * 60;
+/// Nothing older than the longest retention ingest accepts can be stored.
+const MAX_HISTORY_RETENTION_MINUTES: u64 = (history::MAX_RETENTION_S / 60) as u64;
 
 /// `#` cannot appear in an agent id, so these keys never collide with agents.
 pub fn history_key(agent_id: &str, window: u64) -> String {

@@ -17,6 +17,8 @@ the emulator's path-based form on 127.0.0.1.
 """
 
 import calendar
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -410,14 +412,25 @@ def test_the_fleet_sums_agree_with_the_agents_listed(stack):
     once the stream has caught up they equal what the API lists."""
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-    # Two GPUs, so that the GPU sums are checked against something: the debug
-    # collector that scripts/test builds with the fake-gpus feature.
-    debug_collector = ROOT / "target" / "debug" / "rollcall-collector"
-    env = {**collector_env(stack, "sums-agent"), "ROLLCALL_FAKE_GPUS": "nvidia:24564:20110,nvidia:24564:4096"}
-    sent = subprocess.run([str(debug_collector), "once", "--skip-cpu-usage"], env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert sent.returncode == 0, sent.stderr
-    assert "simulated GPUs" in sent.stderr, "build the collector with --features rollcall-collector/fake-gpus"
+    # Two GPUs, so that the GPU sums are checked against something: a
+    # heartbeat signed here as a collector signs it (PROTOCOL.md §1).
+    agent_id = "sums-agent"
+    body = json.dumps({
+        "v": 1, "agent_id": agent_id, "sent_at_ms": int(time.time() * 1000), "interval_s": 30,
+        "cpu": {"cores_physical": 8, "cores_logical": 16, "cores_available": 12, "load_1m": 1.0, "load_5m": 1.0, "load_15m": 1.0},
+        "memory": {"total_mb": 64000, "available_mb": 32000},
+        "gpus": [{"index": i, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090", "uuid": f"GPU-sums-{i}",
+                  "memory_total_mb": 24564, "memory_free_mb": free} for i, free in enumerate((20110, 4096))],
+    }).encode()
+    key = hmac.new(bytes.fromhex(stack["secret"]), b"rollcall-agent-key\n" + agent_id.encode(), hashlib.sha256).digest()
+    timestamp = str(int(time.time()))
+    to_sign = "\n".join(["rollcall-v1", "k1", agent_id, timestamp, hashlib.sha256(body).hexdigest()]).encode()
+    headers = {"Content-Type": "application/json", "X-Rollcall-Agent": agent_id, "X-Rollcall-Key-Id": "k1",
+               "X-Rollcall-Timestamp": timestamp,
+               "X-Rollcall-Signature": "v1=" + hmac.new(key, to_sign, hashlib.sha256).hexdigest()}
+    request = urllib.request.Request(loopback_only(f"{stack['ingest']}/v1/heartbeats"), data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 202
     auth = {"Authorization": f"Bearer {stack['token']}"}
 
     def listed():

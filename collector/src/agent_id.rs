@@ -6,19 +6,18 @@ use std::path::{Path, PathBuf};
 
 use rollcall::signing::{MAX_AGENT_ID_LEN, is_id_char, is_valid_agent_id};
 
+use crate::files::{self, FileError, Privacy};
+
 const FILE_NAME: &str = "agent-id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentIdError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "{path} holds {found:?}, which is not a valid agent id (1-64 of A-Z a-z 0-9 . _ -); fix or delete it"
-    )]
-    Invalid { path: PathBuf, found: String },
+    #[error(transparent)]
+    Read(#[from] FileError),
+    /// What the file holds is not repeated: it may be anything a link or a
+    /// mistake put there.
+    #[error("{path} does not hold a valid agent id (1-64 of A-Z a-z 0-9 . _ -); fix or delete it")]
+    Invalid { path: PathBuf },
     #[error(
         "cannot keep the generated agent id in {path}: {source} (set --state-dir to a writable folder, or --agent-id)"
     )]
@@ -31,19 +30,12 @@ pub enum AgentIdError {
 /// Reads the kept id from `state_dir`, or generates, writes and returns a new one.
 pub fn load_or_create(state_dir: &Path, hostname: &str) -> Result<String, AgentIdError> {
     let path = state_dir.join(FILE_NAME);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let id = text.trim();
-            if is_valid_agent_id(id) {
-                return Ok(id.to_owned());
-            }
-            return Err(AgentIdError::Invalid {
-                path,
-                found: id.to_owned(),
-            });
+    if let Some(text) = files::read_guarded_if_present(&path, Privacy::Public)? {
+        let id = text.trim();
+        if is_valid_agent_id(id) {
+            return Ok(id.to_owned());
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(AgentIdError::Read { path, source }),
+        return Err(AgentIdError::Invalid { path });
     }
     let id = generate(hostname);
     write_atomically(&path, &id).map_err(|source| AgentIdError::Write {
@@ -132,9 +124,22 @@ mod tests {
     fn a_corrupt_state_file_is_an_error_not_a_new_identity() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), "not/valid\n").unwrap();
-        assert!(matches!(
-            load_or_create(dir.path(), "h"),
-            Err(AgentIdError::Invalid { .. })
-        ));
+        let error = load_or_create(dir.path(), "h").unwrap_err();
+        assert!(matches!(error, AgentIdError::Invalid { .. }));
+        assert!(!error.to_string().contains("not/valid"), "{error}");
+    }
+
+    #[test]
+    fn an_agent_id_file_planted_as_a_link_is_not_read_or_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("shadow");
+        std::fs::write(&secret, "root:$6$secret-hash\n").unwrap();
+        std::os::unix::fs::symlink(&secret, dir.path().join(FILE_NAME)).unwrap();
+        let error = load_or_create(dir.path(), "h").unwrap_err();
+        assert!(
+            matches!(error, AgentIdError::Read(FileError::Link { .. })),
+            "{error}"
+        );
+        assert!(!error.to_string().contains("secret-hash"), "{error}");
     }
 }

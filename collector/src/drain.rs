@@ -10,28 +10,37 @@ use std::path::{Path, PathBuf};
 
 use rollcall::heartbeat::AgentState;
 
+use crate::files::{self, FileError};
+
 const MARKER: &str = "draining";
 
 fn marker(state_dir: &Path) -> PathBuf {
     state_dir.join(MARKER)
 }
 
-/// What the next heartbeat reports: draining while the marker exists.
+/// What the next heartbeat reports: draining while the marker is there
+/// (a link by that name is not the marker, and is not followed).
 pub fn current_state(state_dir: &Path) -> AgentState {
-    if marker(state_dir).exists() {
-        AgentState::Draining
-    } else {
-        AgentState::Up
+    match std::fs::symlink_metadata(marker(state_dir)) {
+        Ok(metadata) if metadata.is_file() => AgentState::Draining,
+        _ => AgentState::Up,
     }
 }
 
-/// Puts this machine into draining (idempotent).
-pub fn drain(state_dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(state_dir)?;
-    std::fs::write(
-        marker(state_dir),
+/// Puts this machine into draining (idempotent). Run as root, it never
+/// writes through a link someone planted in the state folder.
+pub fn drain(state_dir: &Path) -> Result<PathBuf, FileError> {
+    let path = marker(state_dir);
+    std::fs::create_dir_all(state_dir).map_err(|source| FileError::Write {
+        path: state_dir.to_owned(),
+        source,
+    })?;
+    files::write_no_follow(
+        &path,
         "draining: schedulers are asked to place no new work here\n",
-    )
+        0o644,
+    )?;
+    Ok(path)
 }
 
 /// Takes this machine out of draining (idempotent).
@@ -45,6 +54,18 @@ pub fn undrain(state_dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_planted_as_the_marker_is_neither_followed_nor_taken_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&victim, marker(dir.path())).unwrap();
+        assert_eq!(current_state(dir.path()), AgentState::Up);
+        let error = drain(dir.path()).unwrap_err();
+        assert!(matches!(error, FileError::Link { .. }), "{error}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    }
 
     #[test]
     fn drain_and_undrain_are_idempotent_and_kept_on_disk() {

@@ -159,17 +159,15 @@ async fn execute(command: Command) -> anyhow::Result<()> {
 fn set_draining(common: &Common, draining: bool) -> anyhow::Result<()> {
     let settings = common.settings()?;
     let state_dir = &settings.state_dir;
-    let done = if draining {
-        drain::drain(state_dir)
-    } else {
-        drain::undrain(state_dir)
-    };
-    done.with_context(|| format!("cannot write to {}", state_dir.display()))?;
     if draining {
+        let marker = drain::drain(state_dir)?;
         println!(
-            "draining: schedulers are asked to place no new work here; the collector reports it at its next heartbeat (undo with `rollcall-collector undrain`)"
+            "draining ({}): schedulers are asked to place no new work here; the collector reports it at its next heartbeat (undo with `rollcall-collector undrain`)",
+            marker.display()
         );
     } else {
+        drain::undrain(state_dir)
+            .with_context(|| format!("cannot write to {}", state_dir.display()))?;
         println!("not draining: the collector reports this machine as up at its next heartbeat");
     }
     Ok(())

@@ -18,10 +18,12 @@ use serde::Deserialize;
 
 /// Ask rollcall which machines are online and what they have free.
 ///
-/// The API's URL and token come from --url/--token, else ROLLCALL_URL and
-/// ROLLCALL_TOKEN, else ~/.config/rollcall/cli.toml (`url = "..."`,
-/// `token = "..."`). Prefer the environment or the file for the token: flags
-/// show in `ps`.
+/// The API's URL comes from --url, else ROLLCALL_URL, else
+/// ~/.config/rollcall/cli.toml (`url = "..."`). The token comes from
+/// ROLLCALL_TOKEN, --token-file, or `token = "..."` in that file; never from
+/// a flag, which every user sees in `ps`. Plain http:// is used only to this
+/// machine unless --insecure-plain-http says otherwise: the token would
+/// cross the network readable.
 ///
 /// Exit codes: 0 found, 1 nothing matched (unknown agent, `wait` timed out), 2 error.
 #[derive(Parser, Debug)]
@@ -38,9 +40,25 @@ struct Connection {
     /// The query API's base URL, e.g. http://127.0.0.1:8081
     #[arg(long, global = true, env = "ROLLCALL_URL")]
     url: Option<String>,
-    /// Bearer token for the query API.
-    #[arg(long, global = true, env = "ROLLCALL_TOKEN", hide_env_values = true)]
+    /// Bearer token for the query API, from the environment only.
+    #[arg(
+        long = "token-from-env",
+        hide = true,
+        global = true,
+        env = "ROLLCALL_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
+    /// A file that holds the bearer token (its first line).
+    #[arg(long, global = true, env = "ROLLCALL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Refused with advice: a token on the command line shows in `ps`.
+    #[arg(long = "token", hide = true, global = true)]
+    token_flag: Option<String>,
+    /// Allow a plain http:// URL on another host. The bearer token then
+    /// crosses the network readable; use https://.
+    #[arg(long, global = true, env = "ROLLCALL_INSECURE_PLAIN_HTTP")]
+    insecure_plain_http: bool,
     /// Config file [default: ~/.config/rollcall/cli.toml]
     #[arg(long, global = true, env = "ROLLCALL_CLI_CONFIG")]
     config: Option<PathBuf>,
@@ -120,6 +138,18 @@ struct Api {
     token: String,
 }
 
+/// The token file's first line; its contents never appear in an error.
+fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    text.lines()
+        .next()
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .map(str::to_owned)
+        .with_context(|| format!("the token file {} is empty", path.display()))
+}
+
 impl Api {
     fn new(connection: &Connection) -> anyhow::Result<Api> {
         let path = connection.config.clone().or_else(|| {
@@ -134,16 +164,32 @@ impl Api {
             .with_context(|| format!("{} is not valid TOML with url and token", path.display()))?,
             None => FileConfig::default(),
         };
+        if connection.token_flag.is_some() {
+            anyhow::bail!(
+                "--token is not accepted: a token on the command line shows in `ps` to every user; set ROLLCALL_TOKEN, --token-file, or token in the config file"
+            );
+        }
         let url = connection
             .url
             .clone()
             .or(file.url)
             .context("no API URL: set --url, ROLLCALL_URL or url in the config file")?;
+        rollcall::transport::check(
+            &url,
+            connection.insecure_plain_http,
+            "read the bearer token",
+        )
+        .map_err(|error| anyhow::anyhow!("API URL {error}"))?;
+        let from_file = match &connection.token_file {
+            Some(path) => Some(read_token_file(path)?),
+            None => None,
+        };
         let token = connection
             .token
             .clone()
+            .or(from_file)
             .or(file.token)
-            .context("no token: set ROLLCALL_TOKEN or token in the config file")?;
+            .context("no token: set ROLLCALL_TOKEN, --token-file, or token in the config file")?;
         let client = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
             .user_agent(concat!("rollcall-cli/", env!("CARGO_PKG_VERSION")))

@@ -6,6 +6,7 @@ use rollcall::heartbeat::Heartbeat;
 use rollcall::signing::{
     AgentKey, HEADER_AGENT, HEADER_KEY_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
+use rollcall::transport::{self, Transport};
 
 /// The longest one attempt may take, connection included; `run` lowers it
 /// to half the interval (see [`attempt_timeout`]).
@@ -146,30 +147,16 @@ impl Sender {
 
 /// https:// anywhere; http:// only to loopback, or when the operator said so.
 fn check_transport(url: &str, insecure_plain_http: bool) -> Result<(), SendError> {
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|error| SendError::Endpoint(format!("endpoint {url:?} is not a URL: {error}")))?;
-    let loopback = match parsed.host() {
-        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(address)) => address.is_loopback(),
-        Some(url::Host::Ipv6(address)) => address.is_loopback(),
-        None => false,
-    };
-    match parsed.scheme() {
-        "https" => Ok(()),
-        "http" if loopback => Ok(()),
-        "http" if insecure_plain_http => {
+    match transport::check(url, insecure_plain_http, "read and replay heartbeats") {
+        Ok(Transport::InsecurePlainHttp) => {
             tracing::warn!(
                 endpoint = url,
                 "sending heartbeats over plain http:// to another host (--insecure-plain-http): anyone on the path can read and replay them"
             );
             Ok(())
         }
-        "http" => Err(SendError::Endpoint(format!(
-            "endpoint {url:?} is plain http:// to another host: anyone on the path could read and replay heartbeats; use https://, or pass --insecure-plain-http to accept that"
-        ))),
-        other => Err(SendError::Endpoint(format!(
-            "endpoint {url:?}: scheme {other:?} is not http or https"
-        ))),
+        Ok(_) => Ok(()),
+        Err(error) => Err(SendError::Endpoint(format!("endpoint {error}"))),
     }
 }
 
@@ -224,26 +211,16 @@ mod tests {
     }
 
     #[test]
-    fn plain_http_only_to_loopback_unless_asked() {
-        for url in [
-            "https://ingest.example.org/v1/heartbeats",
-            "http://127.0.0.1:8080/v1/heartbeats",
-            "http://127.9.9.9/v1/heartbeats",
-            "http://[::1]:8080/v1/heartbeats",
-            "http://localhost:8080/v1/heartbeats",
-        ] {
-            assert!(check_transport(url, false).is_ok(), "{url}");
-        }
-        for url in [
-            "http://10.0.0.5:8080/v1/heartbeats",
-            "http://ingest.example.org/v1/heartbeats",
-            "http://localhost.example.org/v1/heartbeats",
-        ] {
-            let error = check_transport(url, false).unwrap_err().to_string();
-            assert!(error.contains("--insecure-plain-http"), "{url}: {error}");
-            assert!(check_transport(url, true).is_ok(), "{url}");
-        }
-        assert!(check_transport("ftp://x/v1/heartbeats", true).is_err());
+    fn the_endpoint_follows_the_shared_transport_rule() {
+        assert!(check_transport("http://127.0.0.1:8080/v1/heartbeats", false).is_ok());
+        let error = check_transport("http://10.0.0.5/v1/heartbeats", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--insecure-plain-http") && error.contains("replay heartbeats"),
+            "{error}"
+        );
+        assert!(check_transport("http://10.0.0.5/v1/heartbeats", true).is_ok());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
 //! - [`wire`]: answers both ends of the wire share (ingest's 202, a page of agents).
 //! - [`fleet`]: what one agent adds to the fleet's figures, and their sums by pool.
+//! - [`transport`]: where a heartbeat or a token may be sent (https, or
+//!   plain http to loopback unless the operator accepts the risk).
 //! - [`time`]: the clock in epoch milliseconds, and RFC 3339 as the protocol writes it.
 //! - [`store`] (feature `server`): the store trait, the embedded SQLite store,
 //!   and (feature `dynamodb`) the DynamoDB store: its item and index keys,
@@ -32,6 +34,7 @@ pub mod history;
 pub mod record;
 pub mod signing;
 pub mod time;
+pub mod transport;
 pub mod verify;
 pub mod wire;
 

@@ -109,6 +109,64 @@ fn one_agent_and_errors() {
     assert!(String::from_utf8_lossy(&wrong_token.stderr).contains("401"));
 }
 
+/// Hardening (issue 25 item 5): the token never rides on the command line,
+/// and never crosses the network over plain http unless asked.
+#[test]
+fn the_token_comes_from_a_file_never_a_flag_and_stays_off_plain_http_to_other_hosts() {
+    let stack = seeded();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = Command::new(binary("rollcall"));
+        command
+            .args(args)
+            .env_remove("ROLLCALL_TOKEN")
+            .env_remove("ROLLCALL_URL")
+            .env("ROLLCALL_CLI_CONFIG", "/nonexistent");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        command.output().unwrap()
+    };
+    let url = stack.query.url();
+    let token_file = stack.dir.path().join("token");
+    std::fs::write(&token_file, format!("{}\n", stack.token)).unwrap();
+    let from_file = run(
+        &[
+            "agents",
+            "--url",
+            &url,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(
+        from_file.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&from_file.stderr)
+    );
+
+    let flag = run(&["agents", "--url", &url, "--token", &stack.token], &[]);
+    assert_eq!(flag.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&flag.stderr);
+    assert!(
+        stderr.contains("ROLLCALL_TOKEN") && !stderr.contains(&stack.token),
+        "{stderr}"
+    );
+
+    // 192.0.2.0/24 is documentation space: refused before anything is sent.
+    let remote = run(
+        &["agents", "--url", "http://192.0.2.7:8081"],
+        &[("ROLLCALL_TOKEN", "x")],
+    );
+    assert_eq!(remote.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&remote.stderr);
+    assert!(
+        stderr.contains("--insecure-plain-http") && !stderr.contains("cannot reach"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn url_and_token_can_come_from_a_config_file() {
     let stack = seeded();

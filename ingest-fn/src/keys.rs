@@ -3,7 +3,6 @@
 
 use rollcall::heartbeat::Heartbeat;
 use rollcall::secrets::Secret;
-use rollcall::signing::HEADER_KEY_ID;
 use rollcall::verify::{Keyring, Rejection};
 
 pub struct KeySource {
@@ -28,21 +27,25 @@ impl KeySource {
         ids
     }
 
-    /// [`Keyring::verify`] with the current secrets. An unknown key id may
-    /// mean the secret was rotated since it was fetched: that triggers one
-    /// early refresh, rate-limited inside [`Secret`], and one more try.
+    /// [`Keyring::verify`] with the current secrets. An unknown key id in a
+    /// well-formed request inside the clock window may mean the secret was
+    /// rotated since it was fetched: that asks for one early refresh,
+    /// rate-limited and time-bounded inside [`Secret`], and one more try.
     pub async fn verify<'h>(
         &self,
         header: impl Fn(&str) -> Option<&'h [u8]>,
         body: &[u8],
         now_s: i64,
     ) -> Result<Heartbeat, Rejection> {
-        let keyring = self.keyring.current().await;
-        let result = keyring.verify(&header, body, now_s);
-        let unknown_key_id = header(HEADER_KEY_ID)
-            .and_then(|value| std::str::from_utf8(value).ok())
-            .is_some_and(|key_id| !keyring.knows(key_id));
-        if result.is_err() && unknown_key_id && self.keyring.refresh_early().await {
+        let result = self.keyring.current().await.verify(&header, body, now_s);
+        let worth_a_refresh = matches!(
+            result,
+            Err(Rejection::UnknownKeyId {
+                in_clock_window: true,
+                ..
+            })
+        );
+        if worth_a_refresh && self.keyring.refresh_early().await {
             return self.keyring.current().await.verify(&header, body, now_s);
         }
         result

@@ -33,6 +33,14 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Query tokens shorter than this are refused at start-up.
 pub const MIN_TOKEN_LEN: usize = 16;
+/// Longer than any token an operator generates; longer ones are not looked up again.
+const MAX_TOKEN_LEN: usize = 512;
+
+/// Whether `presented` has the form `Tokens::parse` accepts.
+fn could_be_a_token(presented: &[u8]) -> bool {
+    (MIN_TOKEN_LEN..=MAX_TOKEN_LEN).contains(&presented.len())
+        && presented.iter().all(|b| b.is_ascii_graphic())
+}
 
 pub struct QueryApi {
     tokens: Secret<Tokens>,
@@ -105,12 +113,16 @@ impl QueryApi {
     }
 
     /// An unknown token may be one rotated in since the tokens were fetched:
-    /// one early refresh (rate-limited inside [`Secret`]) and one more look.
+    /// one early refresh (rate-limited and time-bounded inside [`Secret`])
+    /// and one more look, only for a token that could be one, so that
+    /// garbage cannot choose when Secrets Manager is called.
     async fn authorised(&self, presented: &[u8]) -> bool {
         if self.tokens.current().await.authorised(presented) {
             return true;
         }
-        self.tokens.refresh_early().await && self.tokens.current().await.authorised(presented)
+        could_be_a_token(presented)
+            && self.tokens.refresh_early().await
+            && self.tokens.current().await.authorised(presented)
     }
 }
 
@@ -311,5 +323,18 @@ async fn get_agent(
     match api.store.get(&agent_id, now).await? {
         Some(agent) => Ok(Json(agent.view(now))),
         None => Err(ApiError::not_found(format!("unknown agent {agent_id:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_could_be_a_token_is_worth_an_early_refresh() {
+        assert!(could_be_a_token(b"0123456789abcdef"));
+        assert!(!could_be_a_token(b"short"));
+        assert!(!could_be_a_token(b"0123456789abcdef with spaces"));
+        assert!(!could_be_a_token(&[b'a'; MAX_TOKEN_LEN + 1]));
     }
 }

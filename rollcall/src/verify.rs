@@ -19,6 +19,15 @@ pub enum Rejection {
     PayloadTooLarge,
     #[error("{0}")]
     Unauthorized(String),
+    /// A key id this keyring does not hold: a rotated secret not fetched
+    /// yet, or a made-up one. Ingest refreshes its secrets early only for a
+    /// request inside the clock window, so that an old or made-up request
+    /// cannot choose when Secrets Manager is called.
+    #[error("unknown key id {key_id:?} in X-Rollcall-Key-Id")]
+    UnknownKeyId {
+        key_id: String,
+        in_clock_window: bool,
+    },
     #[error("{0}")]
     ClockSkew(String),
     #[error("{0}")]
@@ -34,7 +43,9 @@ impl Rejection {
         match self {
             Rejection::UnsupportedMediaType(_) => 415,
             Rejection::PayloadTooLarge => 413,
-            Rejection::Unauthorized(_) | Rejection::ClockSkew(_) => 401,
+            Rejection::Unauthorized(_)
+            | Rejection::UnknownKeyId { .. }
+            | Rejection::ClockSkew(_) => 401,
             Rejection::BadRequest(_) => 400,
             Rejection::Stale { .. } => 409,
         }
@@ -46,7 +57,7 @@ impl Rejection {
         match self {
             Rejection::UnsupportedMediaType(_) => code::UNSUPPORTED_MEDIA_TYPE,
             Rejection::PayloadTooLarge => code::PAYLOAD_TOO_LARGE,
-            Rejection::Unauthorized(_) => code::UNAUTHORIZED,
+            Rejection::Unauthorized(_) | Rejection::UnknownKeyId { .. } => code::UNAUTHORIZED,
             Rejection::ClockSkew(_) => code::CLOCK_SKEW,
             Rejection::BadRequest(_) => code::BAD_REQUEST,
             Rejection::Stale { .. } => code::STALE,
@@ -110,12 +121,13 @@ impl Keyring {
         now_s: i64,
     ) -> Result<Heartbeat, Rejection> {
         let headers = SignedHeaders::parse(header)?;
-        let secret = self.secrets.get(&headers.key_id).ok_or_else(|| {
-            Rejection::Unauthorized(format!(
-                "unknown key id {:?} in X-Rollcall-Key-Id",
-                headers.key_id
-            ))
-        })?;
+        let secret = self
+            .secrets
+            .get(&headers.key_id)
+            .ok_or_else(|| Rejection::UnknownKeyId {
+                key_id: headers.key_id.clone(),
+                in_clock_window: headers.timestamp.saturating_sub(now_s).abs() <= MAX_SKEW_S,
+            })?;
         let agent_key = secret.derive_agent_key(&headers.agent_id);
         if !agent_key.verify(
             &headers.key_id,
@@ -367,12 +379,31 @@ mod tests {
         let body = example().to_string();
         let mut headers = signed(body.as_bytes(), "lab-07", NOW);
         headers[1].1 = b"k9".to_vec();
+        let error = check(&headers, body.as_bytes(), NOW).unwrap_err();
         assert!(
-            check(&headers, body.as_bytes(), NOW)
-                .unwrap_err()
-                .to_string()
-                .contains("unknown key id")
+            error.to_string().contains("unknown key id \"k9\""),
+            "{error}"
         );
+        assert!(matches!(
+            error,
+            Rejection::UnknownKeyId {
+                in_clock_window: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            (error.status(), error.code()),
+            (401, crate::wire::code::UNAUTHORIZED)
+        );
+        // An old request for an unknown key id is no reason to call Secrets Manager.
+        let error = check(&headers, body.as_bytes(), NOW + MAX_SKEW_S + 1).unwrap_err();
+        assert!(matches!(
+            error,
+            Rejection::UnknownKeyId {
+                in_clock_window: false,
+                ..
+            }
+        ));
         assert!(Keyring::parse("").is_err());
         assert!(Keyring::parse("k1").is_err());
         assert!(Keyring::parse(&format!("k1={SECRET},k1={SECRET}")).is_err());

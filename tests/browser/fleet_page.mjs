@@ -16,6 +16,50 @@ const browser = await chromium.launch({
          "--disable-component-update", "--disable-sync"],
 });
 const outside = [];
+
+// One refresh loop however often Apply is pressed, none while the tab is
+// hidden, and each agent's history at most once a minute. The page's
+// timers run on a fake clock; its requests are real.
+async function refreshDiscipline() {
+  const page = await browser.newPage();
+  await page.clock.install();
+  const calls = [];
+  page.on("request", (request) => {
+    const path = request.url().slice(url.length);
+    if (path.startsWith("/v1/agents?")) calls.push("list");
+    else if (path.includes("/history")) calls.push("history");
+  });
+  const count = (kind) => calls.filter((call) => call === kind).length;
+  const advance = async (times) => {
+    for (let i = 0; i < times; i++) { await page.clock.runFor(10000); await page.waitForTimeout(700); }
+  };
+  const setHidden = (hidden) => page.evaluate((hidden) => {
+    Object.defineProperty(document, "hidden", { configurable: true, get: () => hidden });
+    Object.defineProperty(document, "visibilityState", { configurable: true, get: () => hidden ? "hidden" : "visible" });
+    document.dispatchEvent(new Event("visibilitychange"));
+  }, hidden);
+  await page.goto(url + "/");
+  await page.waitForSelector("#login:not([hidden])");
+  await page.fill("#token", token);
+  await page.click("#login-form button");
+  await page.waitForSelector("body[data-loaded=true]", { timeout: 15000 });
+  // Apply pressed three times while a refresh runs.
+  await page.evaluate(() => { for (let i = 0; i < 3; i++) document.getElementById("filters").requestSubmit(); });
+  await page.waitForTimeout(1500);
+  const before = { list: count("list"), history: count("history") };
+  await advance(3);
+  const thirtySeconds = { list: count("list") - before.list, history: count("history") - before.history };
+  await setHidden(true);
+  const hiddenFrom = count("list");
+  await advance(3);
+  const whileHidden = count("list") - hiddenFrom;
+  await setHidden(false);
+  await page.waitForTimeout(700);
+  const onShow = count("list") - hiddenFrom - whileHidden;
+  await page.close();
+  return { thirtySeconds, whileHidden, onShow };
+}
+
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 560 } });
   page.on("request", (request) => { if (!request.url().startsWith(url)) outside.push(request.url()); });
@@ -58,7 +102,8 @@ try {
   await page.click("#filters button");
   await page.waitForFunction(() => document.querySelectorAll("#agents tbody tr").length === 4);
   await page.screenshot({ path: screenshot, fullPage: true });
-  console.log(JSON.stringify({ rows, summary, token_kept, filtered, outside, injectedHandlerRan, cspViolations }));
+  const refresh = await refreshDiscipline();
+  console.log(JSON.stringify({ rows, summary, token_kept, filtered, outside, injectedHandlerRan, cspViolations, refresh }));
 } finally {
   await browser.close();
 }

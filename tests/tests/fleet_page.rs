@@ -109,6 +109,14 @@ fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
         "{seen}"
     );
     assert_eq!(seen["filtered"], json!(["alpha"]));
+    // One refresh loop after Apply was pressed three times during a
+    // refresh: a list every 10 s, history cached for a minute; nothing
+    // while hidden; one refresh when shown again.
+    let refresh = &seen["refresh"];
+    assert_eq!(refresh["thirtySeconds"]["list"], 3, "{refresh}");
+    assert_eq!(refresh["thirtySeconds"]["history"], 0, "{refresh}");
+    assert_eq!(refresh["whileHidden"], 0, "{refresh}");
+    assert_eq!(refresh["onShow"], 1, "{refresh}");
     assert_eq!(seen["token_kept"], true);
     assert_eq!(
         seen["injectedHandlerRan"], false,

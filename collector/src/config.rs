@@ -116,6 +116,9 @@ pub struct Settings {
     pub history_window_minutes: u64,
     pub disk_path: PathBuf,
     pub state_dir: PathBuf,
+    /// Whether the state folder was named (flag, environment, config file
+    /// or systemd), rather than guessed from who runs the collector.
+    pub state_dir_named: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +243,8 @@ impl Settings {
             interval_s,
             gpu_timeout: Duration::from_secs_f64(gpu_timeout_s),
             disk_path: options.disk_path.unwrap_or_else(|| PathBuf::from("/")),
+            state_dir_named: options.state_dir.is_some()
+                || std::env::var_os("STATE_DIRECTORY").is_some(),
             state_dir: options.state_dir.unwrap_or_else(default_state_dir),
         })
     }
@@ -313,6 +318,9 @@ pub fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>, Config
         .collect()
 }
 
+/// Where the packaged service keeps its state (`StateDirectory=rollcall`).
+pub const SERVICE_STATE_DIR: &str = "/var/lib/rollcall";
+
 /// The folder systemd made for the service (`StateDirectory=`), else
 /// `/var/lib/rollcall` for root, else the XDG state folder.
 pub fn default_state_dir() -> PathBuf {
@@ -328,7 +336,7 @@ pub fn default_state_dir() -> PathBuf {
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/rollcall");
+        return PathBuf::from(SERVICE_STATE_DIR);
     }
     if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|value| !value.is_empty()) {
         return PathBuf::from(state).join("rollcall");

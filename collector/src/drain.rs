@@ -43,6 +43,26 @@ pub fn drain(state_dir: &Path) -> Result<PathBuf, FileError> {
     Ok(path)
 }
 
+/// Refuses a marker in a folder the service never reads: a user who runs
+/// `drain` without naming the folder gets their own folder by default,
+/// while the packaged service keeps its state in `service_dir`.
+pub fn check_target(
+    state_dir: &Path,
+    named: bool,
+    service_dir: &Path,
+    draining: bool,
+) -> Result<(), String> {
+    if named || state_dir == service_dir || !service_dir.exists() {
+        return Ok(());
+    }
+    Err(format!(
+        "the service keeps its state in {}, but this user's would be {}: run `sudo rollcall-collector {}`, or name the folder with --state-dir",
+        service_dir.display(),
+        state_dir.display(),
+        if draining { "drain" } else { "undrain" }
+    ))
+}
+
 /// Takes this machine out of draining (idempotent).
 pub fn undrain(state_dir: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(marker(state_dir)) {
@@ -65,6 +85,26 @@ mod tests {
         let error = drain(dir.path()).unwrap_err();
         assert!(matches!(error, FileError::Link { .. }), "{error}");
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    }
+
+    #[test]
+    fn a_user_folder_guessed_beside_the_services_is_refused() {
+        let service = tempfile::tempdir().unwrap();
+        let own = Path::new("/home/someone/.local/state/rollcall");
+        let refused = check_target(own, false, service.path(), true).unwrap_err();
+        assert!(
+            refused.contains("sudo rollcall-collector drain") && refused.contains("--state-dir"),
+            "{refused}"
+        );
+        assert!(
+            check_target(own, true, service.path(), true).is_ok(),
+            "named: the operator knows"
+        );
+        assert!(check_target(service.path(), false, service.path(), true).is_ok());
+        assert!(
+            check_target(own, false, Path::new("/nonexistent/rollcall"), true).is_ok(),
+            "no service here"
+        );
     }
 
     #[test]

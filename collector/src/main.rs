@@ -159,6 +159,9 @@ async fn execute(command: Command) -> anyhow::Result<()> {
 fn set_draining(common: &Common, draining: bool) -> anyhow::Result<()> {
     let settings = common.settings()?;
     let state_dir = &settings.state_dir;
+    let service_dir = std::path::Path::new(config::SERVICE_STATE_DIR);
+    drain::check_target(state_dir, settings.state_dir_named, service_dir, draining)
+        .map_err(anyhow::Error::msg)?;
     if draining {
         let marker = drain::drain(state_dir)?;
         println!(

@@ -120,9 +120,13 @@ fn the_package_installs_reports_upgrades_and_purges() {
     let passwd = run("getent", &["passwd", "rollcall"]);
     assert!(String::from_utf8_lossy(&passwd.stdout).contains(STATE));
     let groups = String::from_utf8_lossy(&run("id", &["-nG", "rollcall"]).stdout).into_owned();
-    if has_group("video") {
-        assert!(groups.contains("video"), "rollcall is in {groups}");
+    if has_group("render") {
+        assert!(groups.contains("render"), "rollcall is in {groups}");
     }
+    assert!(
+        !groups.split_whitespace().any(|g| g == "video"),
+        "rollcall is in {groups}"
+    );
     let key_file = std::fs::metadata(KEY_FILE).expect("the key file exists");
     assert_eq!(key_file.permissions().mode() & 0o777, 0o600);
     assert_eq!(key_file.uid(), 0);
@@ -230,6 +234,25 @@ fn the_package_installs_reports_upgrades_and_purges() {
     assert!(
         !Path::new(ENABLED).exists(),
         "purge removes the service's links"
+    );
+
+    // A person called rollcall is never made the service's account.
+    let _ = Command::new("userdel").arg("rollcall").output();
+    run(
+        "useradd",
+        &["--uid", "4242", "--no-create-home", "rollcall"],
+    );
+    let refused = Command::new("dpkg").args(["-i", &first]).output().unwrap();
+    let _ = Command::new("dpkg").args(["--purge", PACKAGE]).output();
+    let _ = Command::new("userdel").arg("rollcall").output();
+    assert!(
+        !refused.status.success(),
+        "installed over a person's account"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not a system account"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
 }
 

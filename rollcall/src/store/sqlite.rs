@@ -319,6 +319,7 @@ impl Store for SqliteStore {
 }
 
 fn open_connection(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+    create_private(path)?;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -349,6 +350,24 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, St
         }
     }
     Ok(connection)
+}
+
+/// A new database is created readable by its owner only: it holds every
+/// agent's record (SQLite gives its WAL and shared-memory files the same
+/// mode). An existing one keeps the mode its operator gave it.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Err(error) if error.kind() != std::io::ErrorKind::AlreadyExists => Err(
+            StoreError::Unavailable(format!("cannot create {}: {error}", path.display())),
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn configure_error(path: &Path, error: rusqlite::Error) -> StoreError {
@@ -524,6 +543,18 @@ mod tests {
 
     /// `scripts/up` and a laptop's service manager start ingest and query
     /// together on one new file: neither may fail for the other's lock.
+    #[test]
+    fn a_new_database_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.db");
+        let _store = SqliteStore::open(&path, Durability::Normal).unwrap();
+        for file in [path.clone(), dir.path().join("fleet.db-wal")] {
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", file.display());
+        }
+    }
+
     #[test]
     fn openers_of_one_new_file_wait_for_each_other() {
         let dir = tempfile::tempdir().unwrap();

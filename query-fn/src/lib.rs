@@ -44,8 +44,58 @@ fn could_be_a_token(presented: &[u8]) -> bool {
 
 pub struct QueryApi {
     tokens: Secret<Tokens>,
-    cursors: CursorSealer,
+    cursors: CursorKeys,
     store: Arc<dyn Store>,
+}
+
+/// The cursor key, refreshed like the other secrets. A cursor sealed with
+/// the key before a rotation still opens, so a client paging through a
+/// fleet is not cut off halfway.
+struct CursorKeys {
+    key: Secret<Vec<u8>>,
+    /// The key seen last, and the one before it.
+    seen: std::sync::Mutex<Option<(Arc<Vec<u8>>, Option<Arc<Vec<u8>>>)>>,
+}
+
+impl CursorKeys {
+    fn new(key: Secret<Vec<u8>>) -> Self {
+        Self {
+            key,
+            seen: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The current key and the previous one, if the key has changed.
+    async fn sealers(&self) -> (CursorSealer, Option<CursorSealer>) {
+        let current = self.key.current().await;
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, previous) = seen.get_or_insert_with(|| (Arc::clone(&current), None));
+        if **last != *current {
+            *previous = Some(std::mem::replace(last, Arc::clone(&current)));
+        }
+        (
+            CursorSealer::new(&current),
+            previous.as_ref().map(|key| CursorSealer::new(key)),
+        )
+    }
+
+    async fn seal(&self, position: &rollcall::capacity::Position, query: &CapacityQuery) -> String {
+        self.sealers().await.0.seal(position, query)
+    }
+
+    async fn open(
+        &self,
+        cursor: &str,
+        query: &CapacityQuery,
+    ) -> Result<rollcall::capacity::Position, rollcall::capacity::ParamError> {
+        let (current, previous) = self.sealers().await;
+        match (current.open(cursor, query), previous) {
+            (Err(_), Some(previous)) if previous.open(cursor, query).is_ok() => {
+                previous.open(cursor, query)
+            }
+            (result, _) => result,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,9 +154,9 @@ impl QueryApi {
     /// Cursors are sealed with `cursor_key`: a secret of its own, never
     /// derived from the tokens, so that a leaked cursor says nothing about
     /// a token.
-    pub fn new(tokens: Secret<Tokens>, cursor_key: &[u8], store: Arc<dyn Store>) -> Self {
+    pub fn new(tokens: Secret<Tokens>, cursor_key: Secret<Vec<u8>>, store: Arc<dyn Store>) -> Self {
         Self {
-            cursors: CursorSealer::new(cursor_key),
+            cursors: CursorKeys::new(cursor_key),
             tokens,
             store,
         }
@@ -176,20 +226,24 @@ async fn list_agents(
 ) -> Result<Json<AgentPage>, ApiError> {
     let query = CapacityQuery::from_query_string(query.as_deref().unwrap_or(""))
         .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
-    let after = query
-        .cursor
-        .as_deref()
-        .map(|cursor| api.cursors.open(cursor, &query))
-        .transpose()
-        .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
+    let after = match query.cursor.as_deref() {
+        Some(cursor) => Some(
+            api.cursors
+                .open(cursor, &query)
+                .await
+                .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?,
+        ),
+        None => None,
+    };
     let now = now_ms();
     let page = api.store.query(&query, after.as_ref(), now).await?;
+    let next_cursor = match page.next.as_ref() {
+        Some(position) => Some(api.cursors.seal(position, &query).await),
+        None => None,
+    };
     Ok(Json(AgentPage {
         agents: page.agents.iter().map(|agent| agent.view(now)).collect(),
-        next_cursor: page
-            .next
-            .as_ref()
-            .map(|position| api.cursors.seal(position, &query)),
+        next_cursor,
         as_of: rfc3339(now),
     }))
 }

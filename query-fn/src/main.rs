@@ -4,7 +4,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use rollcall::capacity::CursorSealer;
-use rollcall::secrets::SecretsFromEnv;
+use rollcall::secrets::{Secret, SecretsFromEnv};
 use rollcall::store::StoreArgs;
 use rollcall_query::{QueryApi, Tokens, router};
 
@@ -41,11 +41,11 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
         .context("neither ROLLCALL_QUERY_TOKENS (token[,token2]; generate one with `openssl rand -hex 24`) nor ROLLCALL_QUERY_TOKENS_SECRET_ID is set")?;
-    let cursor_key = secrets
+    let cursor_key = match secrets
         .load("ROLLCALL_CURSOR_KEY", CursorSealer::parse_key)
-        .await?;
-    let cursor_key: Vec<u8> = match &cursor_key {
-        Some(key) => key.current().await.to_vec(),
+        .await?
+    {
+        Some(key) => key,
         None => {
             tracing::info!(
                 "no ROLLCALL_CURSOR_KEY: paging cursors are sealed with a key of this process's own and stop working when it restarts"
@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
             getrandom::fill(&mut key).map_err(|error| {
                 anyhow::anyhow!("no system randomness for the cursor key: {error}")
             })?;
-            key
+            Secret::fixed(key)
         }
     };
     let store_config = args.store.config();
@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
         .open()
         .await
         .with_context(|| format!("opening {}", store_config.describe()))?;
-    let api = QueryApi::new(tokens, &cursor_key, store);
+    let api = QueryApi::new(tokens, cursor_key, store);
     tracing::info!(store = %store_config.describe(), "query starting");
     rollcall::api::serve(router(Arc::new(api)), args.listen, "query").await?;
     Ok(())

@@ -26,11 +26,12 @@ pub fn ingest_router(db: &Path, secrets: &str) -> axum::Router {
 pub fn query_router(db: &Path, tokens: &str) -> axum::Router {
     let tokens = rollcall_query::Tokens::parse(tokens).expect("query tokens");
     let cursor_key: Vec<u8> = (0..32).collect();
-    rollcall_query::router(Arc::new(rollcall_query::QueryApi::new(
+    let api = rollcall_query::QueryApi::new(
         rollcall::secrets::Secret::fixed(tokens),
-        &cursor_key,
+        rollcall::secrets::Secret::fixed(cursor_key),
         open_sqlite(db),
-    )))
+    );
+    rollcall_query::router(Arc::new(api))
 }
 
 fn open_sqlite(db: &Path) -> Arc<dyn rollcall::store::Store> {

@@ -169,7 +169,7 @@ async fn drive_query(
         ))
         .await
         .expect("write the dead agent");
-    let api = rollcall_query::QueryApi::new(tokens, &cursor_key.current().await, Arc::new(store));
+    let api = rollcall_query::QueryApi::new(tokens, cursor_key, Arc::new(store));
     let server = InProcess::serve(rollcall_query::router(Arc::new(api))).await;
     let auth = vec![("Authorization".to_owned(), format!("Bearer {TOKEN}"))];
     for path in [

@@ -54,8 +54,10 @@ pub struct QueryApi {
 struct CursorKeys {
     key: Secret<Vec<u8>>,
     /// The key seen last, and the one before it.
-    seen: std::sync::Mutex<Option<(Arc<Vec<u8>>, Option<Arc<Vec<u8>>>)>>,
+    seen: std::sync::Mutex<Option<(Key, Option<Key>)>>,
 }
+
+type Key = Arc<Vec<u8>>;
 
 impl CursorKeys {
     fn new(key: Secret<Vec<u8>>) -> Self {

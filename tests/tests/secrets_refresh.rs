@@ -166,7 +166,11 @@ async fn a_rotated_cursor_key_takes_over_without_cutting_a_paging_client_off() {
         let heartbeat = Heartbeat::parse(body.as_bytes()).unwrap();
         backend
             .store
-            .upsert(StoredAgent::accept(heartbeat, now as i64, Deadlines::default()))
+            .upsert(StoredAgent::accept(
+                heartbeat,
+                now as i64,
+                Deadlines::default(),
+            ))
             .await
             .unwrap();
     }
@@ -198,7 +202,12 @@ async fn a_rotated_cursor_key_takes_over_without_cutting_a_paging_client_off() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let new_cursor = loop {
         let second = page(Some(old_cursor.clone())).await;
-        assert_eq!(second.status, 200, "the old cursor still opens: {}", second.text());
+        assert_eq!(
+            second.status,
+            200,
+            "the old cursor still opens: {}",
+            second.text()
+        );
         let cursor = second.json()["next_cursor"].as_str().unwrap().to_owned();
         if cursor != old_cursor && page(Some(cursor.clone())).await.status == 200 {
             // Sealed with the new key: the old key alone would not open it.

@@ -5,8 +5,15 @@
 
 use std::time::Duration;
 
-/// Build it once per process and share it: clients pool their connections.
-pub async fn sdk_config() -> aws_config::SdkConfig {
+static CONFIG: tokio::sync::OnceCell<aws_config::SdkConfig> = tokio::sync::OnceCell::const_new();
+
+/// The process's one configuration, loaded on first use: every client built
+/// from it (DynamoDB, Secrets Manager) shares its credentials and settings.
+pub async fn sdk_config() -> &'static aws_config::SdkConfig {
+    CONFIG.get_or_init(load).await
+}
+
+async fn load() -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .timeout_config(
             // Below ingest's 5 s function timeout: a call that times out

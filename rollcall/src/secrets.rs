@@ -219,7 +219,7 @@ async fn fetch_parsed<T>(
 /// A Secrets Manager client from the standard AWS configuration chain (it
 /// honours `AWS_ENDPOINT_URL`, so emulators work). Build it once per process.
 pub async fn client_from_env() -> Client {
-    Client::new(&crate::aws::sdk_config().await)
+    Client::new(crate::aws::sdk_config().await)
 }
 
 /// Where a function's secrets come from, given its environment: the text in

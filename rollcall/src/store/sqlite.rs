@@ -444,12 +444,7 @@ fn run_command(
             ])?;
             Ok(Ok(changed as u64))
         }
-        Command::Prune(now_ms, _) => {
-            let now_s = now_ms.div_euclid(1000);
-            let agents = transaction.execute(PRUNE, params![now_s])?;
-            transaction.execute(PRUNE_HISTORY, params![now_s])?;
-            Ok(Ok(agents as u64))
-        }
+        Command::Prune(now_ms, _) => Ok(Ok(delete_expired(transaction, *now_ms)?)),
         Command::History(write, _) => {
             let mut put = transaction.prepare_cached(PUT_HISTORY)?;
             for rollup in &write.minutes {
@@ -497,15 +492,19 @@ fn reply(batch: Vec<Command>, committed: rusqlite::Result<()>, outcomes: Vec<Res
 }
 
 fn prune_expired(connection: &Connection) {
-    let now_s = crate::time::now_ms().div_euclid(1000);
-    let pruned = connection
-        .execute(PRUNE, params![now_s])
-        .and_then(|agents| Ok((agents, connection.execute(PRUNE_HISTORY, params![now_s])?)));
-    match pruned {
-        Ok((0, _)) => {}
-        Ok((count, _)) => tracing::info!(count, "pruned agents past their retention"),
+    match delete_expired(connection, crate::time::now_ms()) {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(count, "pruned agents past their retention"),
         Err(error) => tracing::warn!(%error, "could not prune expired records"),
     }
+}
+
+/// Deletes agents and history past their expiry; how many agents went.
+fn delete_expired(connection: &Connection, now_ms: i64) -> rusqlite::Result<u64> {
+    let now_s = now_ms.div_euclid(1000);
+    let agents = connection.execute(PRUNE, params![now_s])?;
+    connection.execute(PRUNE_HISTORY, params![now_s])?;
+    Ok(agents as u64)
 }
 
 struct Columns {

@@ -135,7 +135,7 @@ impl DynamoStore {
     /// `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_DYNAMODB`, so the same binary talks to
     /// AWS, LocalStack or ministack.
     pub async fn client_from_env() -> Client {
-        Client::new(&crate::aws::sdk_config().await)
+        Client::new(crate::aws::sdk_config().await)
     }
 
     /// How many shards the capacity index is spread over.

@@ -91,12 +91,10 @@ impl CursorKeys {
         query: &CapacityQuery,
     ) -> Result<rollcall::capacity::Position, rollcall::capacity::ParamError> {
         let (current, previous) = self.sealers().await;
-        match (current.open(cursor, query), previous) {
-            (Err(_), Some(previous)) if previous.open(cursor, query).is_ok() => {
-                previous.open(cursor, query)
-            }
-            (result, _) => result,
-        }
+        current.open(cursor, query).or_else(|error| match previous {
+            Some(previous) => previous.open(cursor, query).map_err(|_| error),
+            None => Err(error),
+        })
     }
 }
 

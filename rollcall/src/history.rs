@@ -33,12 +33,10 @@ pub fn newest_windows(
         .collect();
     windows.sort_unstable_by(|a, b| b.cmp(a));
     windows.dedup();
-    let Some(&oldest_kept) = windows.get(max_windows.saturating_sub(1)) else {
-        return (minutes, false);
-    };
     if windows.len() <= max_windows {
         return (minutes, false);
     }
+    let oldest_kept = windows[max_windows.saturating_sub(1)];
     minutes.retain(|rollup| window_of(rollup.minute) >= oldest_kept);
     (minutes, true)
 }

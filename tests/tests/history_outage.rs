@@ -32,7 +32,9 @@ fn with_history(agent_id: &str, sent_at_ms: u64, minutes: &[u64]) -> Value {
     body
 }
 
-async fn history_outage_never_blocks_liveness(store: Arc<dyn Store>) {
+/// Ingest in this process over `store` behind a switchable fault, with the
+/// fleet secret it knows.
+async fn serve(store: Arc<dyn Store>) -> (InProcess, Arc<HistoryOutage>, FleetSecret) {
     let outage = HistoryOutage::new(store);
     let secret = FleetSecret::from_bytes(vec![7; 32]).unwrap();
     let mut keyring = Keyring::default();
@@ -43,7 +45,15 @@ async fn history_outage_never_blocks_liveness(store: Arc<dyn Store>) {
         history_retention_s: 24 * 3600,
         store: outage.clone(),
     };
-    let server = InProcess::serve(router(Arc::new(ingest))).await;
+    (
+        InProcess::serve(router(Arc::new(ingest))).await,
+        outage,
+        secret,
+    )
+}
+
+async fn history_outage_never_blocks_liveness(store: Arc<dyn Store>) {
+    let (server, outage, secret) = serve(store).await;
     let agent = "history-outage";
     let now = now_ms();
     let minute = now / 60_000;
@@ -141,17 +151,7 @@ async fn history_outage_never_blocks_liveness(store: Arc<dyn Store>) {
 /// answer past ingest's budget: the heartbeat is 202 either way, history
 /// reported not stored.
 async fn history_is_bounded_in_windows_and_in_time(store: Arc<dyn Store>) {
-    let outage = HistoryOutage::new(store);
-    let secret = FleetSecret::from_bytes(vec![7; 32]).unwrap();
-    let mut keyring = Keyring::default();
-    keyring.insert(KEY_ID, secret.clone());
-    let ingest = Ingest {
-        keyring: KeySource::fixed(keyring),
-        deadlines: Deadlines::default(),
-        history_retention_s: 24 * 3600,
-        store: outage.clone(),
-    };
-    let server = InProcess::serve(router(Arc::new(ingest))).await;
+    let (server, outage, secret) = serve(store).await;
     let now = now_ms();
     let minute = now / 60_000;
 

@@ -205,26 +205,6 @@ fn ingest_and_query_answer_function_url_events() {
     );
 }
 
-/// An item in DynamoDB's JSON, as a stream record carries it.
-fn stream_image(item: &rollcall::store::dynamodb::Item) -> serde_json::Value {
-    use aws_sdk_dynamodb::types::AttributeValue;
-    use base64::Engine as _;
-    item.iter()
-        .map(|(name, value)| {
-            let value = match value {
-                AttributeValue::S(text) => serde_json::json!({ "S": text }),
-                AttributeValue::N(digits) => serde_json::json!({ "N": digits }),
-                AttributeValue::Bool(flag) => serde_json::json!({ "BOOL": flag }),
-                AttributeValue::B(blob) => serde_json::json!({
-                    "B": base64::engine::general_purpose::STANDARD.encode(blob.as_ref())
-                }),
-                other => panic!("not in an agent item: {other:?}"),
-            };
-            (name.clone(), value)
-        })
-        .collect()
-}
-
 /// The fleet function on its real Lambda path: a stream event in, the sums
 /// in the fleet table on the emulator; an event that is not a stream batch
 /// is reported as the invocation's error (Lambda then retries it).
@@ -234,7 +214,7 @@ fn the_fleet_function_adds_a_stream_batch_to_the_sums() {
     use rollcall::heartbeat::Heartbeat;
     use rollcall::record::{Deadlines, StoredAgent};
     use rollcall::store::dynamodb::encode;
-    use rollcall::store::dynamodb::fleet::FleetTable;
+    use rollcall::store::dynamodb::fleet::{FleetTable, item_to_json};
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let fleet = FleetTable::new(
@@ -260,7 +240,7 @@ fn the_fleet_function_adds_a_stream_batch_to_the_sums() {
     let event = serde_json::json!({"Records": [{
         "eventName": "INSERT",
         "eventSourceARN": format!("arn:aws:dynamodb:us-east-1:000000000000:table/{}/stream/1", fleet.name()),
-        "dynamodb": {"NewImage": stream_image(&encode(&agent, 4).unwrap()),
+        "dynamodb": {"NewImage": item_to_json(&encode(&agent, 4).unwrap()),
                      "SequenceNumber": "1", "ApproximateCreationDateTime": now as f64 / 1000.0},
     }]});
     let outcome = api.invoke(event);

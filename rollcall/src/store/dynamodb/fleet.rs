@@ -25,16 +25,13 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::primitives::Blob;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType, TimeToLiveSpecification, TransactWriteItem, Update,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, BillingMode, KeyType, TransactWriteItem, Update};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use super::item::{Item, TTL_ATTRIBUTE, decode, is_agent, item_size, number};
 use super::units::read_units;
-use super::{ReadCost, build_error, unavailable};
+use super::{ReadCost, attribute, build_error, enable_ttl, key, unavailable};
 use crate::fleet::{Figures, FleetTotals, Share};
 use crate::store::StoreError;
 
@@ -108,20 +105,16 @@ pub struct Change {
 #[derive(Debug, Default, PartialEq)]
 pub struct Tally {
     deltas: BTreeMap<(Family, i64, String), Figures>,
-    /// Changes whose image was an agent that would not decode (logged, left out).
-    pub undecodable: usize,
 }
 
 impl Tally {
     /// The differences of `changes`; buckets that ended by `as_of_s` are
     /// left out, since no scrape reads them again.
     pub fn of(changes: &[Change], as_of_s: Option<i64>) -> Self {
-        let mut undecodable = 0;
-        let mut share = |image: &Option<Item>| match image.as_ref().map(share_of) {
+        let share = |image: &Option<Item>| match image.as_ref().map(share_of) {
             Some(Ok(share)) => share,
             Some(Err(error)) => {
                 tracing::warn!(%error, "fleet sums: an agent item that does not decode is left out");
-                undecodable += 1;
                 None
             }
             None => None,
@@ -130,9 +123,7 @@ impl Tally {
             .iter()
             .map(|change| (share(&change.old), share(&change.new)))
             .collect();
-        let mut tally = Self::of_shares(&shares, as_of_s);
-        tally.undecodable = undecodable;
-        tally
+        Self::of_shares(&shares, as_of_s)
     }
 
     /// The same from each change's shares, old and new.
@@ -271,6 +262,24 @@ pub fn item_from_json(value: &serde_json::Value) -> Result<Item, String> {
         .ok_or("not an attribute map")?
         .iter()
         .map(|(name, value)| Ok((name.clone(), attribute_from_json(value)?)))
+        .collect()
+}
+
+/// The inverse, for the types an agent item holds (`S`, `N`, `B`, `BOOL`):
+/// an item as the stream delivers it, for tests and tools that feed the
+/// fleet function.
+pub fn item_to_json(item: &Item) -> serde_json::Value {
+    let value = |value: &AttributeValue| match value {
+        AttributeValue::S(text) => serde_json::json!({ "S": text }),
+        AttributeValue::N(digits) => serde_json::json!({ "N": digits }),
+        AttributeValue::Bool(flag) => serde_json::json!({ "BOOL": flag }),
+        AttributeValue::B(blob) => serde_json::json!({
+            "B": base64::engine::general_purpose::STANDARD.encode(blob.as_ref())
+        }),
+        _ => serde_json::Value::Null,
+    };
+    item.iter()
+        .map(|(name, attribute)| (name.clone(), value(attribute)))
         .collect()
 }
 
@@ -489,43 +498,18 @@ impl FleetTable {
     /// Creates the table with its TTL, as `infra/template.yaml` does; for
     /// local runs and tests.
     pub async fn create(&self) -> Result<(), StoreError> {
-        let mut create = self
-            .client
+        self.client
             .create_table()
             .table_name(&self.name)
-            .billing_mode(BillingMode::PayPerRequest);
-        for (name, kind) in [(FLEET_PART, KeyType::Hash), (FLEET_BUCKET, KeyType::Range)] {
-            create = create
-                .attribute_definitions(
-                    AttributeDefinition::builder()
-                        .attribute_name(name)
-                        .attribute_type(ScalarAttributeType::S)
-                        .build()
-                        .map_err(build_error)?,
-                )
-                .key_schema(
-                    KeySchemaElement::builder()
-                        .attribute_name(name)
-                        .key_type(kind)
-                        .build()
-                        .map_err(build_error)?,
-                );
-        }
-        create.send().await.map_err(unavailable)?;
-        self.client
-            .update_time_to_live()
-            .table_name(&self.name)
-            .time_to_live_specification(
-                TimeToLiveSpecification::builder()
-                    .attribute_name(TTL_ATTRIBUTE)
-                    .enabled(true)
-                    .build()
-                    .map_err(build_error)?,
-            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(attribute(FLEET_PART)?)
+            .attribute_definitions(attribute(FLEET_BUCKET)?)
+            .key_schema(key(FLEET_PART, KeyType::Hash)?)
+            .key_schema(key(FLEET_BUCKET, KeyType::Range)?)
             .send()
             .await
             .map_err(unavailable)?;
-        Ok(())
+        enable_ttl(&self.client, &self.name).await
     }
 }
 
@@ -727,22 +711,6 @@ mod tests {
         );
     }
 
-    /// DynamoDB JSON as the stream writes it, for the parser to read back.
-    fn to_json(item: &Item) -> serde_json::Value {
-        let value = |value: &AttributeValue| match value {
-            AttributeValue::S(text) => serde_json::json!({"S": text}),
-            AttributeValue::N(digits) => serde_json::json!({"N": digits}),
-            AttributeValue::Bool(flag) => serde_json::json!({"BOOL": flag}),
-            AttributeValue::B(blob) => serde_json::json!({
-                "B": base64::engine::general_purpose::STANDARD.encode(blob.as_ref())
-            }),
-            other => panic!("not in an agent item: {other:?}"),
-        };
-        item.iter()
-            .map(|(name, v)| (name.clone(), value(v)))
-            .collect()
-    }
-
     #[test]
     fn a_bucket_is_written_once_per_transaction_and_reads_back_by_pool() {
         let table = FleetTable::new(
@@ -802,10 +770,10 @@ mod tests {
         let a = agent("a", "default", 100, NOW_MS);
         let event = serde_json::json!({"Records": [
             {"eventName": "INSERT", "eventSourceARN": "arn:stream",
-             "dynamodb": {"NewImage": to_json(&item(&a)), "SequenceNumber": "100",
+             "dynamodb": {"NewImage": item_to_json(&item(&a)), "SequenceNumber": "100",
                           "ApproximateCreationDateTime": 1764132000.0}},
             {"eventName": "REMOVE",
-             "dynamodb": {"OldImage": to_json(&item(&a)), "SequenceNumber": "101",
+             "dynamodb": {"OldImage": item_to_json(&item(&a)), "SequenceNumber": "101",
                           "ApproximateCreationDateTime": 1764132001.0}},
         ]});
         let batch = StreamBatch::from_event(&event).unwrap();

@@ -150,20 +150,6 @@ impl DynamoStore {
     /// Creates the table, its index and its TTL, as `infra/template.yaml` does;
     /// for local runs and tests.
     pub async fn create_table(&self) -> Result<(), StoreError> {
-        let attribute = |name: &str| {
-            AttributeDefinition::builder()
-                .attribute_name(name)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .map_err(build_error)
-        };
-        let key = |name: &str, kind: KeyType| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(kind)
-                .build()
-                .map_err(build_error)
-        };
         self.client
             .create_table()
             .table_name(&self.table)
@@ -190,20 +176,7 @@ impl DynamoStore {
             .send()
             .await
             .map_err(unavailable)?;
-        self.client
-            .update_time_to_live()
-            .table_name(&self.table)
-            .time_to_live_specification(
-                TimeToLiveSpecification::builder()
-                    .attribute_name(TTL_ATTRIBUTE)
-                    .enabled(true)
-                    .build()
-                    .map_err(build_error)?,
-            )
-            .send()
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        enable_ttl(&self.client, &self.table).await
     }
 
     /// The write, with what it cost. Most heartbeats leave the agent's index
@@ -518,6 +491,41 @@ fn unavailable<E: std::error::Error + 'static, R: std::fmt::Debug>(
     error: SdkError<E, R>,
 ) -> StoreError {
     StoreError::Unavailable(DisplayErrorContext(&error).to_string())
+}
+
+/// A string attribute for a table's or an index's key.
+fn attribute(name: &str) -> Result<AttributeDefinition, StoreError> {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(ScalarAttributeType::S)
+        .build()
+        .map_err(build_error)
+}
+
+fn key(name: &str, kind: KeyType) -> Result<KeySchemaElement, StoreError> {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(kind)
+        .build()
+        .map_err(build_error)
+}
+
+/// TTL on `expires_at`, as the template declares it for both tables.
+async fn enable_ttl(client: &Client, table: &str) -> Result<(), StoreError> {
+    client
+        .update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .attribute_name(TTL_ATTRIBUTE)
+                .enabled(true)
+                .build()
+                .map_err(build_error)?,
+        )
+        .send()
+        .await
+        .map_err(unavailable)?;
+    Ok(())
 }
 
 fn build_error(error: aws_sdk_dynamodb::error::BuildError) -> StoreError {

@@ -767,3 +767,49 @@ async fn a_heartbeat_wins_the_race_with_a_query_moving_its_agent_offline() {
     assert_eq!(listed("online").await, ["racer"]);
     assert_eq!(listed("offline").await, ["departed"]);
 }
+
+/// Batches of different stream shards add to the same buckets at the same
+/// moment: every one of them counts, none is lost to another's write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
+async fn concurrent_batches_on_the_same_buckets_all_count() {
+    use rollcall::store::dynamodb::fleet::{Change, FleetTable, StreamBatch};
+
+    let store = dynamodb_store(4).await;
+    let fleet = FleetTable::new(
+        dynamodb_client(),
+        rollcall_tests::fleet_table_of(store.table()),
+    );
+    let now = now_ms();
+    let batches: Vec<StreamBatch> = (0..16)
+        .map(|shard| StreamBatch {
+            changes: (0..5)
+                .map(|n| Change {
+                    old: None,
+                    // The same times: the same deadline and expiry buckets.
+                    new: Some(
+                        encode(
+                            &agent_at(&format!("race-{shard}-{n}"), now, now, 9_000, 4),
+                            4,
+                        )
+                        .unwrap(),
+                    ),
+                })
+                .collect(),
+            id: format!("{}|shard-{shard}", store.table()),
+            newest_s: None,
+        })
+        .collect();
+    let mut writers = tokio::task::JoinSet::new();
+    for batch in batches {
+        let fleet = fleet.clone();
+        writers.spawn(async move { fleet.apply(&batch).await });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap().expect("every batch is added");
+    }
+    let sums = fleet.read(now as i64).await.unwrap();
+    let pool = sums.pools["default"];
+    assert_eq!((pool.on_record, pool.online.agents), (80, 80), "{sums:?}");
+    assert_eq!(pool.online.cores_available, 80 * 4);
+}

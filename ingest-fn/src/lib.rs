@@ -13,16 +13,16 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use rollcall::api::{self, ApiError};
-use rollcall::heartbeat::{MAX_BODY_BYTES, MinuteRollup};
+use rollcall::heartbeat::MinuteRollup;
 use rollcall::history;
 use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::store::{Store, Upsert};
 use rollcall::time::{now_ms, rfc3339};
-use rollcall::verify::{Rejection, is_json_content_type};
+use rollcall::verify::Rejection;
 use rollcall::wire::{Accepted, EXTENSION_HISTORY};
 
 use crate::keys::KeySource;
@@ -65,7 +65,7 @@ async fn heartbeat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(&headers, body).await?;
+    let body = api::read_json_body(&headers, body).await?;
     let received_at_ms = now_ms();
     let mut heartbeat = ingest
         .keyring
@@ -147,62 +147,10 @@ impl Ingest {
     }
 }
 
-/// Checks 1 of PROTOCOL.md §1 that need no signature: content type and size,
-/// and a body that arrives in time.
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .map(|value| value.as_bytes());
-    if !is_json_content_type(content_type) {
-        let shown = content_type.map_or("nothing".into(), |value| {
-            format!("{:?}", String::from_utf8_lossy(value))
-        });
-        return Err(reject(Rejection::UnsupportedMediaType(shown)));
-    }
-    let declared_length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared_length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
-        return Err(reject(Rejection::PayloadTooLarge));
-    }
-    let read = tokio::time::timeout(
-        api::BODY_READ_TIMEOUT,
-        axum::body::to_bytes(body, MAX_BODY_BYTES),
-    );
-    read.await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "the request body did not arrive in time",
-            )
-        })?
-        .map_err(|error| {
-            if is_length_limit(&error) {
-                reject(Rejection::PayloadTooLarge)
-            } else {
-                ApiError::bad_request(format!("could not read the request body: {error}"))
-            }
-        })
-}
-
 fn reject(rejection: Rejection) -> ApiError {
     let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
     // Debug, not info: a flood of refused requests must not become a flood of
     // billed log lines. The reason is an escaped field, never raw text.
     tracing::debug!(status = status.as_u16(), reason = ?rejection.to_string(), "heartbeat refused");
     ApiError::new(status, rejection.to_string()).with_code(rejection.code())
-}
-
-/// `to_bytes` reports its limit as `LengthLimitError` somewhere in the chain;
-/// anything else is a broken body, not an oversized one.
-fn is_length_limit(error: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if current.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = current.source();
-    }
-    false
 }

@@ -1,28 +1,33 @@
 //! The query function: the capacity API of PROTOCOL.md §2.
 //!
-//! `GET /v1/agents`, `GET /v1/agents/{agent_id}`, its `/history`, and
-//! `GET /metrics` (see [`metrics`]) behind bearer tokens; `/healthz`,
-//! `/openapi.json` and the live fleet page at `/` without. The handlers parse, ask the store, and shape the answer;
-//! the match rule and answer order live in `rollcall::capacity`.
+//! `GET /v1/agents`, `GET /v1/agents/{agent_id}`, its `/history`,
+//! `GET /metrics` (see [`metrics`]) and the claims of PROTOCOL.md §4 behind
+//! bearer tokens with scopes and pools ([`Grant`]); `/healthz`,
+//! `/openapi.json` and the live fleet page at `/` without. The handlers
+//! parse, ask the store, and shape the answer; the match rule and answer
+//! order live in `rollcall::capacity`, the claiming procedure in
+//! `rollcall::claims`.
 
 pub mod metrics;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::header;
+use axum::body::Body;
+use axum::extract::{Extension, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use rollcall::api::{self, ApiError};
 use rollcall::capacity::{CapacityQuery, CursorSealer};
+use rollcall::claims::{self, ClaimId, ClaimRequest, ClaimView, Refusal};
 use rollcall::record::AgentView;
 use rollcall::secrets::Secret;
 use rollcall::signing::{AGENT_ID_RULE, is_valid_agent_id};
 use rollcall::store::Store;
 use rollcall::time::{now_ms, rfc3339};
-use rollcall::wire::AgentPage;
+use rollcall::wire::{AgentPage, code};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -100,53 +105,105 @@ impl CursorKeys {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("no query tokens given (expected token[,token2])")]
+    #[error("no query tokens given (expected token[,token2], each optionally token:scopes[:pools])")]
     Empty,
     #[error("query tokens must be at least {MIN_TOKEN_LEN} characters of visible ASCII")]
     Weak,
+    #[error("a query token's scopes must be read, claim or read+claim; got {0:?}")]
+    Scopes(String),
+    #[error("a query token's pools must be pool names joined by +; got {0:?}")]
+    Pools(String),
+}
+
+/// What a token may do (PROTOCOL.md §4 "Scoped tokens"): `read` for every
+/// `GET`, `claim` for the claim routes that change something, and the pools
+/// whose agents exist for it (`None`: all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub read: bool,
+    pub claim: bool,
+    pub pools: Option<Vec<String>>,
+}
+
+impl Grant {
+    /// What a v1 token (no scopes given) may do: read every pool.
+    pub const V1: Grant = Grant {
+        read: true,
+        claim: false,
+        pools: None,
+    };
+
+    pub fn sees(&self, pool: &str) -> bool {
+        self.pools
+            .as_ref()
+            .is_none_or(|pools| pools.iter().any(|p| p == pool))
+    }
+
+    fn parse(scopes: Option<&str>, pools: Option<&str>) -> Result<Self, TokenError> {
+        let mut grant = Grant {
+            read: false,
+            claim: false,
+            pools: None,
+        };
+        let Some(scopes) = scopes else {
+            return Ok(Self::V1);
+        };
+        for scope in scopes.split('+') {
+            match scope {
+                "read" => grant.read = true,
+                "claim" => grant.claim = true,
+                _ => return Err(TokenError::Scopes(scopes.to_owned())),
+            }
+        }
+        if let Some(pools) = pools {
+            let names: Vec<String> = pools.split('+').map(str::to_owned).collect();
+            if names.iter().any(|pool| {
+                !rollcall::signing::is_valid_id(pool, rollcall::heartbeat::MAX_POOL_LEN)
+            }) {
+                return Err(TokenError::Pools(pools.to_owned()));
+            }
+            grant.pools = Some(names);
+        }
+        Ok(grant)
+    }
 }
 
 /// The bearer tokens the API accepts: `token[,token2]`, two at once while
-/// rotating. Only their digests are kept.
+/// rotating, each optionally `token:scopes[:pools]`. Only their digests are
+/// kept.
 pub struct Tokens {
-    digests: Vec<[u8; 32]>,
+    entries: Vec<([u8; 32], Grant)>,
 }
 
 impl Tokens {
     pub fn parse(text: &str) -> Result<Self, TokenError> {
-        let mut tokens: Vec<&str> = text
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .collect();
-        if tokens.is_empty() {
+        let mut entries: Vec<([u8; 32], Grant)> = Vec::new();
+        for entry in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let mut parts = entry.splitn(3, ':');
+            let token = parts.next().unwrap_or_default();
+            if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(TokenError::Weak);
+            }
+            let grant = Grant::parse(parts.next(), parts.next())?;
+            entries.push((Sha256::digest(token.as_bytes()).into(), grant));
+        }
+        if entries.is_empty() {
             return Err(TokenError::Empty);
         }
-        if tokens
-            .iter()
-            .any(|t| t.len() < MIN_TOKEN_LEN || !t.bytes().all(|b| b.is_ascii_graphic()))
-        {
-            return Err(TokenError::Weak);
-        }
-        tokens.sort_unstable();
-        Ok(Self {
-            digests: tokens
-                .iter()
-                .map(|token| Sha256::digest(token.as_bytes()).into())
-                .collect(),
-        })
+        Ok(Self { entries })
     }
 
     /// Compares digests so that neither a token's content nor its length
     /// leaks through timing, and checks every token without stopping early.
-    fn authorised(&self, presented: &[u8]) -> bool {
+    fn grant(&self, presented: &[u8]) -> Option<Grant> {
         let digest: [u8; 32] = Sha256::digest(presented).into();
-        self.digests
-            .iter()
-            .fold(subtle::Choice::from(0), |any, known| {
-                any | known.ct_eq(&digest)
-            })
-            .into()
+        let mut found = None;
+        for (known, grant) in &self.entries {
+            if bool::from(known.ct_eq(&digest)) {
+                found = Some(grant.clone());
+            }
+        }
+        found
     }
 }
 
@@ -166,13 +223,14 @@ impl QueryApi {
     /// one early refresh (rate-limited and time-bounded inside [`Secret`])
     /// and one more look, only for a token that could be one, so that
     /// garbage cannot choose when Secrets Manager is called.
-    async fn authorised(&self, presented: &[u8]) -> bool {
-        if self.tokens.current().await.authorised(presented) {
-            return true;
+    async fn grant(&self, presented: &[u8]) -> Option<Grant> {
+        if let Some(grant) = self.tokens.current().await.grant(presented) {
+            return Some(grant);
         }
-        could_be_a_token(presented)
-            && self.tokens.refresh_early().await
-            && self.tokens.current().await.authorised(presented)
+        if could_be_a_token(presented) && self.tokens.refresh_early().await {
+            return self.tokens.current().await.grant(presented);
+        }
+        None
     }
 }
 
@@ -182,6 +240,11 @@ pub fn router(api: Arc<QueryApi>) -> Router {
         .route("/v1/agents/{agent_id}", get(get_agent))
         .route("/v1/agents/{agent_id}/history", get(agent_history))
         .route("/metrics", get(prometheus))
+        .route("/v1/claims", post(create_claim))
+        .route(
+            "/v1/claims/{claim_id}",
+            get(get_claim).put(extend_claim).delete(release_claim),
+        )
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&api),
             require_token,
@@ -194,7 +257,13 @@ pub fn router(api: Arc<QueryApi>) -> Router {
             get(|| async { api::openapi_json(OPENAPI) }),
         )
         .route("/", get(fleet_page))
-        .method_not_allowed_fallback(|| async { api::method_not_allowed("GET") })
+        .method_not_allowed_fallback(|method: Method| async move {
+            api::method_not_allowed(if method == Method::GET {
+                "POST"
+            } else {
+                "GET"
+            })
+        })
         .fallback(api::not_found)
         .layer(axum::middleware::map_response(api::no_sniff_no_store))
         .with_state(api)
@@ -214,18 +283,34 @@ async fn require_token(
         .as_bytes()
         .strip_prefix(b"Bearer ")
         .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <token>"))?;
-    if !api.authorised(token).await {
+    let Some(grant) = api.grant(token).await else {
         return Err(ApiError::unauthorized("unknown bearer token"));
+    };
+    // Every GET reads; every other method changes a claim.
+    let (allowed, scope) = if request.method() == Method::GET {
+        (grant.read, "read")
+    } else {
+        (grant.claim, "claim")
+    };
+    if !allowed {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("this token lacks the {scope} scope"),
+        ));
     }
+    let mut request = request;
+    request.extensions_mut().insert(grant);
     Ok(next.run(request).await)
 }
 
 async fn list_agents(
     State(api): State<Arc<QueryApi>>,
+    Extension(grant): Extension<Grant>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<AgentPage>, ApiError> {
-    let query = CapacityQuery::from_query_string(query.as_deref().unwrap_or(""))
+    let mut query = CapacityQuery::from_query_string(query.as_deref().unwrap_or(""))
         .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
+    query.pools = grant.pools;
     let after = match query.cursor.as_deref() {
         Some(cursor) => Some(
             api.cursors
@@ -262,6 +347,7 @@ struct History {
 /// for the last N minutes (default 60, at most 1440), oldest first.
 async fn agent_history(
     State(api): State<Arc<QueryApi>>,
+    Extension(grant): Extension<Grant>,
     Path(agent_id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<History>, ApiError> {
@@ -291,9 +377,7 @@ async fn agent_history(
         }
     }
     let now = now_ms();
-    if api.store.get(&agent_id, now).await?.is_none() {
-        return Err(ApiError::not_found(format!("unknown agent {agent_id:?}")));
-    }
+    visible_agent(&api, &grant, &agent_id, now).await?;
     let now_minute = u64::try_from(now.div_euclid(60_000)).unwrap_or(0);
     let since = now_minute.saturating_sub(minutes - 1);
     let rollups = api.store.history(&agent_id, since, now).await?;
@@ -347,12 +431,14 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// for the selection the parameters name (see [`metrics`]).
 async fn prometheus(
     State(api): State<Arc<QueryApi>>,
+    Extension(grant): Extension<Grant>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let selection = match query.as_deref().filter(|q| !q.is_empty()) {
         Some(query) => {
-            let selection = CapacityQuery::from_query_string(query)
+            let mut selection = CapacityQuery::from_query_string(query)
                 .map_err(|error| ApiError::bad_request(format!("parameter {error}")))?;
+            selection.pools = grant.pools.clone();
             if selection.cursor.is_some() {
                 return Err(ApiError::bad_request(
                     "parameter cursor: /metrics takes one page; narrow the selection instead",
@@ -362,21 +448,139 @@ async fn prometheus(
         }
         None => None,
     };
-    let text = metrics::render(api.store.as_ref(), selection.as_ref(), now_ms()).await?;
+    let text = metrics::render(
+        api.store.as_ref(),
+        selection.as_ref(),
+        grant.pools.as_deref(),
+        now_ms(),
+    )
+    .await?;
     Ok(([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response())
 }
 
 async fn get_agent(
     State(api): State<Arc<QueryApi>>,
+    Extension(grant): Extension<Grant>,
     Path(agent_id): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
-    if !is_valid_agent_id(&agent_id) {
+    let now = now_ms();
+    let agent = visible_agent(&api, &grant, &agent_id, now).await?;
+    Ok(Json(agent.view(now)))
+}
+
+/// The agent, if it exists for this token: an agent outside a
+/// pool-limited token's pools is as unknown as one never seen.
+async fn visible_agent(
+    api: &QueryApi,
+    grant: &Grant,
+    agent_id: &str,
+    now: i64,
+) -> Result<rollcall::record::StoredAgent, ApiError> {
+    if !is_valid_agent_id(agent_id) {
         return Err(ApiError::bad_request(format!("agent id {AGENT_ID_RULE}")));
     }
+    api.store
+        .get(agent_id, now)
+        .await?
+        .filter(|agent| grant.sees(&agent.heartbeat.pool))
+        .ok_or_else(|| ApiError::not_found(format!("unknown agent {agent_id:?}")))
+}
+
+/// `POST /v1/claims`: holds GPUs by name or by filters (PROTOCOL.md §4).
+async fn create_claim(
+    State(api): State<Arc<QueryApi>>,
+    Extension(grant): Extension<Grant>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = api::read_json_body(&headers, body).await?;
+    let request = ClaimRequest::parse(&body).map_err(ApiError::bad_request)?;
     let now = now_ms();
-    match api.store.get(&agent_id, now).await? {
-        Some(agent) => Ok(Json(agent.view(now))),
-        None => Err(ApiError::not_found(format!("unknown agent {agent_id:?}"))),
+    match claims::claim(api.store.as_ref(), &request, grant.pools.as_deref(), now).await {
+        Ok(claim) => {
+            tracing::info!(
+                claim_id = %claim.claim_id,
+                agent_id = claim.claim_id.agent_id(),
+                gpus = claim.gpus.len(),
+                holder = ?claim.holder,
+                "claim made"
+            );
+            Ok((StatusCode::CREATED, Json(claim.view())).into_response())
+        }
+        Err(refusal) => Err(refused(refusal)),
+    }
+}
+
+fn refused(refusal: Refusal) -> ApiError {
+    let message = refusal.to_string();
+    match refusal {
+        Refusal::Claimed { .. } => {
+            ApiError::new(StatusCode::CONFLICT, message).with_code(code::CLAIMED)
+        }
+        Refusal::NoCapacity => {
+            ApiError::new(StatusCode::CONFLICT, message).with_code(code::NO_CAPACITY)
+        }
+        Refusal::NotAvailable { .. } => {
+            ApiError::new(StatusCode::CONFLICT, message).with_code(code::NOT_AVAILABLE)
+        }
+        Refusal::UnknownAgent(_) | Refusal::UnknownGpu { .. } => ApiError::not_found(message),
+        Refusal::Store(error) => error.into(),
+    }
+}
+
+/// A claim id from the path; text no claim id has is an unknown claim.
+fn claim_id(text: &str) -> Result<ClaimId, ApiError> {
+    ClaimId::parse(text).ok_or_else(|| unknown_claim(text))
+}
+
+fn unknown_claim(text: &str) -> ApiError {
+    let shown: String = text.chars().take(200).collect();
+    ApiError::not_found(format!(
+        "no live claim {shown:?} (released, expired or never made)"
+    ))
+}
+
+async fn get_claim(
+    State(api): State<Arc<QueryApi>>,
+    Extension(grant): Extension<Grant>,
+    Path(id): Path<String>,
+) -> Result<Json<ClaimView>, ApiError> {
+    let claim_id = claim_id(&id)?;
+    claims::get(api.store.as_ref(), &claim_id, grant.pools.as_deref(), now_ms())
+        .await?
+        .map(|claim| Json(claim.view()))
+        .ok_or_else(|| unknown_claim(&id))
+}
+
+/// `PUT /v1/claims/{id}` with `{"ttl_s"}`: held for that long from now.
+async fn extend_claim(
+    State(api): State<Arc<QueryApi>>,
+    Extension(grant): Extension<Grant>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ClaimView>, ApiError> {
+    let body = api::read_json_body(&headers, body).await?;
+    let ttl_s = claims::parse_extension(&body).map_err(ApiError::bad_request)?;
+    let claim_id = claim_id(&id)?;
+    claims::extend(api.store.as_ref(), &claim_id, ttl_s, grant.pools.as_deref(), now_ms())
+        .await?
+        .map(|claim| Json(claim.view()))
+        .ok_or_else(|| unknown_claim(&id))
+}
+
+/// `DELETE /v1/claims/{id}`: 204, also for a claim already gone.
+async fn release_claim(
+    State(api): State<Arc<QueryApi>>,
+    Extension(grant): Extension<Grant>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let claim_id = claim_id(&id)?;
+    if claims::release(api.store.as_ref(), &claim_id, grant.pools.as_deref(), now_ms()).await? {
+        tracing::info!(claim_id = %claim_id, "claim released");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(unknown_claim(&id))
     }
 }
 

@@ -238,12 +238,19 @@ impl PerAgent {
 
 /// The exposition: the fleet's sums by pool, plus
 /// per-agent series for the first page of `selection` when one is given.
+/// The exposition for a caller that sees `pools` (`None`: every pool; a
+/// pool-limited token learns nothing of the others, not even their names).
 pub async fn render(
     store: &dyn Store,
     selection: Option<&CapacityQuery>,
+    pools: Option<&[String]>,
     now_ms: i64,
 ) -> Result<String, StoreError> {
-    let fleet = Fleet::of(&store.fleet(now_ms).await?);
+    let mut totals = store.fleet(now_ms).await?;
+    if let Some(pools) = pools {
+        totals.pools.retain(|pool, _| pools.contains(pool));
+    }
+    let fleet = Fleet::of(&totals);
     let mut registry = Registry::with_prefix("rollcall");
     fleet.register(&mut registry);
     if let Some(selection) = selection {

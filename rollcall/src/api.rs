@@ -79,6 +79,7 @@ fn code_for(status: StatusCode) -> &'static str {
     match status {
         StatusCode::UNAUTHORIZED => code::UNAUTHORIZED,
         StatusCode::NOT_FOUND => code::NOT_FOUND,
+        StatusCode::FORBIDDEN => code::FORBIDDEN,
         StatusCode::METHOD_NOT_ALLOWED => code::METHOD_NOT_ALLOWED,
         StatusCode::REQUEST_TIMEOUT => code::REQUEST_TIMEOUT,
         StatusCode::CONFLICT => code::STALE,
@@ -109,6 +110,64 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Reads a JSON request body: the content type and size of PROTOCOL.md §1
+/// check 1, and a body that arrives in time. Both functions' bodies.
+pub async fn read_json_body(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<axum::body::Bytes, ApiError> {
+    use crate::heartbeat::MAX_BODY_BYTES;
+    use crate::verify::{Rejection, is_json_content_type};
+    let refuse = |rejection: Rejection| {
+        let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        ApiError::new(status, rejection.to_string()).with_code(rejection.code())
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|value| value.as_bytes());
+    if !is_json_content_type(content_type) {
+        let shown = content_type.map_or("nothing".into(), |value| {
+            format!("{:?}", String::from_utf8_lossy(value))
+        });
+        return Err(refuse(Rejection::UnsupportedMediaType(shown)));
+    }
+    let declared_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(refuse(Rejection::PayloadTooLarge));
+    }
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES));
+    read.await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            )
+        })?
+        .map_err(|error| {
+            if is_length_limit(&error) {
+                refuse(Rejection::PayloadTooLarge)
+            } else {
+                ApiError::bad_request(format!("could not read the request body: {error}"))
+            }
+        })
+}
+
+/// `to_bytes` reports its limit as `LengthLimitError` somewhere in the chain;
+/// anything else is a broken body, not an oversized one.
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = current.source();
+    }
+    false
 }
 
 /// `GET /openapi.json`: the function's OpenAPI document, the very file its

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::heartbeat::{
-    AgentState, MAX_GPUS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_POOL_LEN, Vendor,
+    AgentState, Gpu, MAX_GPUS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_POOL_LEN, Vendor,
 };
 use crate::record::StoredAgent;
 use crate::signing::{id_rule, is_valid_id};
@@ -40,6 +40,13 @@ pub struct CapacityQuery {
     pub status: StatusFilter,
     /// Draining agents match only when asked for (PROTOCOL.md §3).
     pub include_draining: bool,
+    /// Claimed GPUs count towards `min_gpus` only when asked for
+    /// (PROTOCOL.md §4 "Claims").
+    pub include_claimed: bool,
+    /// The pools the caller's token may see (`None`: all). Not a parameter:
+    /// set from the token, so that to a pool-limited token no other agent
+    /// exists (PROTOCOL.md §4 "Scoped tokens").
+    pub pools: Option<Vec<String>>,
     pub limit: usize,
     pub cursor: Option<String>,
 }
@@ -56,6 +63,8 @@ impl Default for CapacityQuery {
             labels: Vec::new(),
             status: StatusFilter::Online,
             include_draining: false,
+            include_claimed: false,
+            pools: None,
             limit: DEFAULT_LIMIT,
             cursor: None,
         }
@@ -98,13 +107,14 @@ impl CapacityQuery {
                 }
                 seen.push(name.to_string());
             }
-            parsed.apply(&name, &value)?;
+            parsed.set(&name, &value)?;
         }
         Ok(parsed)
     }
 
-    /// One parameter, checked against its range.
-    fn apply(&mut self, name: &str, value: &str) -> Result<(), ParamError> {
+    /// One parameter, checked against its range: the one check for a filter
+    /// whether it comes in a query string or in a claim's body.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), ParamError> {
         match name {
             "min_gpu_vram_gb" => self.min_gpu_vram_gb = Some(bounded(name, value)?),
             "min_gpus" => self.min_gpus = Some(whole(name, value, 0..=MAX_GPUS as u32)?),
@@ -140,6 +150,9 @@ impl CapacityQuery {
             "include_draining" => {
                 self.include_draining = one_of(name, value, &[("true", true), ("false", false)])?
             }
+            "include_claimed" => {
+                self.include_claimed = one_of(name, value, &[("true", true), ("false", false)])?
+            }
             "cursor" => self.cursor = Some(value.to_owned()),
             _ => return Err(param_error(name, "unknown parameter")),
         }
@@ -153,7 +166,7 @@ impl CapacityQuery {
         let mut labels = self.labels.clone();
         labels.sort();
         let text = format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
             self.min_gpu_vram_gb,
             self.min_gpus,
             self.min_cpu_cores,
@@ -162,7 +175,9 @@ impl CapacityQuery {
             self.pool,
             labels,
             self.status,
-            self.include_draining
+            self.include_draining,
+            self.include_claimed,
+            self.pools
         );
         let mut key = (text.len() as u64).to_be_bytes().to_vec();
         key.extend_from_slice(text.as_bytes());
@@ -195,8 +210,46 @@ impl CapacityQuery {
         }
     }
 
-    /// The one definition of a match.
+    /// Whether `pool` is one the caller may see.
+    pub fn sees_pool(&self, pool: &str) -> bool {
+        self.pools
+            .as_ref()
+            .is_none_or(|pools| pools.iter().any(|p| p == pool))
+    }
+
+    /// The one definition of a match. Claims count as the store read them
+    /// into `agent.claims`.
     pub fn matches(&self, agent: &StoredAgent, now_ms: i64) -> bool {
+        self.matches_counting(agent, now_ms, self.include_claimed)
+    }
+
+    /// Whether `agent` would match if none of its GPUs were claimed: a store
+    /// reads the claims of these candidates only.
+    pub fn matches_before_claims(&self, agent: &StoredAgent, now_ms: i64) -> bool {
+        self.matches_counting(agent, now_ms, true)
+    }
+
+    /// The GPUs of `agent` that count towards `min_gpus`: the vendor asked
+    /// for, enough free VRAM, and not held by a live claim.
+    pub fn unclaimed_qualifying_gpus<'a>(
+        &'a self,
+        agent: &'a StoredAgent,
+    ) -> impl Iterator<Item = &'a Gpu> + 'a {
+        self.qualifying_gpus(agent)
+            .filter(|gpu| agent.claims.holder_of(gpu.index).is_none())
+    }
+
+    fn qualifying_gpus<'a>(&'a self, agent: &'a StoredAgent) -> impl Iterator<Item = &'a Gpu> + 'a {
+        let min_free_mb = self.min_gpu_free_mb();
+        agent
+            .heartbeat
+            .gpus
+            .iter()
+            .filter(|gpu| self.gpu_vendor.is_none_or(|vendor| gpu.vendor == vendor))
+            .filter(move |gpu| gpu.memory_free_mb as f64 >= min_free_mb)
+    }
+
+    fn matches_counting(&self, agent: &StoredAgent, now_ms: i64, count_claimed: bool) -> bool {
         if agent.is_expired(now_ms) {
             return false;
         }
@@ -210,6 +263,7 @@ impl CapacityQuery {
         let draining_ok = self.include_draining || heartbeat.state != AgentState::Draining;
         if !status_ok
             || !draining_ok
+            || !self.sees_pool(&heartbeat.pool)
             || self
                 .pool
                 .as_ref()
@@ -227,13 +281,11 @@ impl CapacityQuery {
         {
             return false;
         }
-        let min_free_mb = self.min_gpu_free_mb();
-        let qualifying = heartbeat
-            .gpus
-            .iter()
-            .filter(|gpu| self.gpu_vendor.is_none_or(|vendor| gpu.vendor == vendor))
-            .filter(|gpu| gpu.memory_free_mb as f64 >= min_free_mb)
-            .count();
+        let qualifying = if count_claimed {
+            self.qualifying_gpus(agent).count()
+        } else {
+            self.unclaimed_qualifying_gpus(agent).count()
+        };
         qualifying >= self.required_gpus() as usize
     }
 }

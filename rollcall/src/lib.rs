@@ -9,6 +9,8 @@
 //! - [`verify`]: ingest's request checks, in the protocol's order.
 //! - [`record`]: what is stored per agent, its deadlines, and the API's agent record.
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
+//! - [`claims`]: claims on GPUs, their ids and bodies, and (feature `server`)
+//!   the one claiming procedure both stores serve.
 //! - [`wire`]: answers both ends of the wire share (ingest's 202, a page of agents).
 //! - [`fleet`]: what one agent adds to the fleet's figures, and their sums by pool.
 //! - [`transport`]: where a heartbeat or a token may be sent (https, or
@@ -28,6 +30,7 @@
 //! store and HTTP server so that it stays small.
 
 pub mod capacity;
+pub mod claims;
 pub mod fleet;
 pub mod heartbeat;
 pub mod history;

@@ -4,6 +4,7 @@
 use crate::time::rfc3339;
 use serde::{Deserialize, Serialize};
 
+use crate::claims::{AgentClaims, GpuClaimView};
 use crate::heartbeat::{AgentState, Heartbeat};
 
 /// Bounds on the interval used for the deadline, so that a collector cannot
@@ -38,6 +39,11 @@ pub struct StoredAgent {
     pub online_until_ms: i64,
     /// DynamoDB-style TTL, epoch seconds: past this the record is gone.
     pub expires_at_s: i64,
+    /// The live claims on its GPUs when the store read it. Kept apart from
+    /// the record (a heartbeat never carries or overwrites a claim), so
+    /// never serialized with it.
+    #[serde(skip)]
+    pub claims: AgentClaims,
 }
 
 impl StoredAgent {
@@ -59,6 +65,7 @@ impl StoredAgent {
             received_at_ms,
             online_until_ms,
             expires_at_s,
+            claims: AgentClaims::default(),
         }
     }
 
@@ -136,6 +143,7 @@ impl StoredAgent {
                     memory_total_gb: mb_to_gb(gpu.memory_total_mb),
                     memory_free_gb: mb_to_gb(gpu.memory_free_mb),
                     utilization_percent: gpu.utilization_percent,
+                    claim: self.claims.holder_of(gpu.index).map(GpuClaimView::from),
                 })
                 .collect(),
             collector_rss_mb: heartbeat.collector.as_ref().and_then(|c| c.rss_mb),
@@ -197,6 +205,9 @@ pub struct GpuView {
     pub memory_total_gb: f64,
     pub memory_free_gb: f64,
     pub utilization_percent: Option<f64>,
+    /// The live claim holding it (PROTOCOL.md §4), `null` when free.
+    #[serde(default)]
+    pub claim: Option<GpuClaimView>,
 }
 
 /// GiB with three decimals: MiB precision, without float noise in answers.

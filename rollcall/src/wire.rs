@@ -58,6 +58,14 @@ pub mod code {
     /// The heartbeat's timestamp is outside ±300 s of ingest's clock.
     pub const CLOCK_SKEW: &str = "clock_skew";
     pub const NOT_FOUND: &str = "not_found";
+    /// The token lacks the scope the route needs (PROTOCOL.md §4).
+    pub const FORBIDDEN: &str = "forbidden";
+    /// A GPU asked for by name is held by a live claim.
+    pub const CLAIMED: &str = "claimed";
+    /// No agent matching a claim's filters has enough unclaimed GPUs.
+    pub const NO_CAPACITY: &str = "no_capacity";
+    /// The agent named by a claim is offline, draining or leaving.
+    pub const NOT_AVAILABLE: &str = "not_available";
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// A newer heartbeat is already stored (a replay or a reordering).

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
+use rollcall::claims::{AgentClaims, Claim, ClaimId};
 use rollcall::capacity::{CapacityQuery, Position};
 use rollcall::fleet::FleetTotals;
 use rollcall::heartbeat::MinuteRollup;
@@ -65,6 +66,29 @@ impl Store for HistoryOutage {
 
     async fn prune(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.inner.prune(now_ms).await
+    }
+
+    async fn claims(&self, agent_id: &str, now_ms: i64) -> Result<AgentClaims, StoreError> {
+        self.inner.claims(agent_id, now_ms).await
+    }
+
+    async fn put_claim(&self, claim: &Claim, now_ms: i64) -> Result<bool, StoreError> {
+        self.inner.put_claim(claim, now_ms).await
+    }
+
+    async fn extend_claim(
+        &self,
+        claim_id: &ClaimId,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<Option<Claim>, StoreError> {
+        self.inner
+            .extend_claim(claim_id, expires_at_ms, now_ms)
+            .await
+    }
+
+    async fn release_claim(&self, claim_id: &ClaimId, now_ms: i64) -> Result<(), StoreError> {
+        self.inner.release_claim(claim_id, now_ms).await
     }
 
     async fn put_history(

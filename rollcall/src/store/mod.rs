@@ -11,6 +11,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::capacity::{CapacityQuery, Position};
+use crate::claims::{AgentClaims, Claim, ClaimId};
 use crate::fleet::FleetTotals;
 use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
@@ -111,10 +112,13 @@ pub trait Store: Send + Sync + 'static {
     /// Writes `agent` unless the stored record's `sent_at_ms` is as new or newer.
     async fn upsert(&self, agent: StoredAgent) -> Result<Upsert, StoreError>;
 
-    /// One agent in any status; `None` if unknown or expired.
+    /// One agent in any status, with its GPUs' live claims; `None` if
+    /// unknown or expired.
     async fn get(&self, agent_id: &str, now_ms: i64) -> Result<Option<StoredAgent>, StoreError>;
 
-    /// Up to `query.limit` matches after `after`, in answer order.
+    /// Up to `query.limit` matches after `after`, in answer order, each
+    /// with its GPUs' live claims (read for the candidates that
+    /// `CapacityQuery::matches_before_claims`, which claims may rule out).
     async fn query(
         &self,
         query: &CapacityQuery,
@@ -137,6 +141,26 @@ pub trait Store: Send + Sync + 'static {
         minutes: Vec<MinuteRollup>,
         expires_at_s: i64,
     ) -> Result<(), StoreError>;
+
+    /// The live claims on an agent's GPUs. They outlive its record until
+    /// they expire, so a claim stays readable and releasable.
+    async fn claims(&self, agent_id: &str, now_ms: i64) -> Result<AgentClaims, StoreError>;
+
+    /// Holds every GPU of `claim` for it unless a live claim holds any of
+    /// them: all of them or none, and `false` for none.
+    async fn put_claim(&self, claim: &Claim, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Moves a live claim's expiry to `expires_at_ms`; `None` once it is
+    /// released or expired.
+    async fn extend_claim(
+        &self,
+        claim_id: &ClaimId,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<Option<Claim>, StoreError>;
+
+    /// Frees the GPUs `claim_id` still holds; nothing when it holds none.
+    async fn release_claim(&self, claim_id: &ClaimId, now_ms: i64) -> Result<(), StoreError>;
 
     /// The agent's roll-ups from `since_minute` on, oldest first, unexpired.
     async fn history(

@@ -4,6 +4,8 @@
 //! previous commit was syncing as one transaction (group commit), so the cost
 //! of a durable fsync is shared by every heartbeat waiting on it. Reads use a
 //! small pool of their own connections, which WAL lets run beside the writer.
+//! Claims are rows of their own, one per claimed GPU, written by the same
+//! writer thread, which makes a claim's check-and-take atomic.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -15,6 +17,7 @@ use tokio::sync::oneshot;
 
 use super::{Page, PageFill, Store, StoreError, Upsert};
 use crate::capacity::{CapacityQuery, Position, StatusFilter};
+use crate::claims::{AgentClaims, Claim, ClaimId, GpuClaim};
 use crate::fleet::FleetTotals;
 use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
@@ -58,6 +61,17 @@ CREATE TABLE IF NOT EXISTS agent_history (
     PRIMARY KEY (agent_id, minute)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_by_expiry ON agent_history (expires_at_s);
+CREATE TABLE IF NOT EXISTS gpu_claims (
+    agent_id TEXT NOT NULL,
+    gpu_index INTEGER NOT NULL,
+    claim_id TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    uuid TEXT,
+    expires_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, gpu_index)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS claims_by_id ON gpu_claims (claim_id);
+CREATE INDEX IF NOT EXISTS claims_by_expiry ON gpu_claims (expires_at_ms);
 ";
 
 const UPSERT: &str = "
@@ -93,6 +107,16 @@ enum Command {
     ),
     Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
     History(HistoryWrite, oneshot::Sender<Result<u64, StoreError>>),
+    /// The slots it wrote, changed or freed.
+    Claim(ClaimWrite, oneshot::Sender<Result<u64, StoreError>>),
+}
+
+/// Claims are written by the one writer thread, so that checking a GPU's
+/// slot and taking it cannot interleave with another claim.
+enum ClaimWrite {
+    Put { claim: Claim, now_ms: i64 },
+    Extend { claim_id: String, expires_at_ms: i64, now_ms: i64 },
+    Release { claim_id: String },
 }
 
 struct HistoryWrite {
@@ -104,6 +128,14 @@ struct HistoryWrite {
 const ON_RECORD: &str = "SELECT record FROM agents WHERE expires_at_s > ?1";
 const PRUNE: &str = "DELETE FROM agents WHERE expires_at_s <= ?1";
 const PRUNE_HISTORY: &str = "DELETE FROM agent_history WHERE expires_at_s <= ?1";
+const PRUNE_CLAIMS: &str = "DELETE FROM gpu_claims WHERE expires_at_ms <= ?1";
+const LIVE_CLAIMS: &str = "SELECT gpu_index, claim_id, holder, uuid, expires_at_ms FROM gpu_claims WHERE agent_id = ?1 AND expires_at_ms > ?2";
+const SLOT_HELD: &str =
+    "SELECT 1 FROM gpu_claims WHERE agent_id = ?1 AND gpu_index = ?2 AND expires_at_ms > ?3";
+const PUT_SLOT: &str = "INSERT OR REPLACE INTO gpu_claims (agent_id, gpu_index, claim_id, holder, uuid, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+const EXTEND_CLAIM: &str =
+    "UPDATE gpu_claims SET expires_at_ms = ?1 WHERE claim_id = ?2 AND expires_at_ms > ?3";
+const RELEASE_CLAIM: &str = "DELETE FROM gpu_claims WHERE claim_id = ?1";
 const PUT_HISTORY: &str = "INSERT OR REPLACE INTO agent_history (agent_id, minute, expires_at_s, rollup) VALUES (?1, ?2, ?3, ?4)";
 
 pub struct SqliteStore {
@@ -188,7 +220,11 @@ impl Store for SqliteStore {
                         .optional()
                 })
                 .map_err(unavailable)?;
-            record.map(|text| decode(&text)).transpose()
+            let Some(mut agent) = record.map(|text| decode(&text)).transpose()? else {
+                return Ok(None);
+            };
+            agent.claims = read_claims(connection, &agent_id, now_ms)?;
+            Ok(Some(agent))
         })
         .await
     }
@@ -239,9 +275,13 @@ impl Store for SqliteStore {
                     .map_err(unavailable)?;
                 let exhausted = rows.len() < READ_BATCH;
                 for text in rows {
-                    let agent = decode(&text)?;
+                    let mut agent = decode(&text)?;
                     let position = Position::of(&agent);
                     cursor = Some(position.clone());
+                    if !query.matches_before_claims(&agent, now_ms) {
+                        continue;
+                    }
+                    agent.claims = read_claims(connection, agent.agent_id(), now_ms)?;
                     if query.matches(&agent, now_ms) && fill.push(position, agent) {
                         return Ok(fill.page());
                     }
@@ -274,6 +314,45 @@ impl Store for SqliteStore {
 
     async fn prune(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.send(|reply| Command::Prune(now_ms, reply)).await
+    }
+
+    async fn claims(&self, agent_id: &str, now_ms: i64) -> Result<AgentClaims, StoreError> {
+        let agent_id = agent_id.to_owned();
+        self.read(move |connection| read_claims(connection, &agent_id, now_ms))
+            .await
+    }
+
+    async fn put_claim(&self, claim: &Claim, now_ms: i64) -> Result<bool, StoreError> {
+        let write = ClaimWrite::Put {
+            claim: claim.clone(),
+            now_ms,
+        };
+        Ok(self.send(|reply| Command::Claim(write, reply)).await? > 0)
+    }
+
+    async fn extend_claim(
+        &self,
+        claim_id: &ClaimId,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<Option<Claim>, StoreError> {
+        let write = ClaimWrite::Extend {
+            claim_id: claim_id.to_string(),
+            expires_at_ms,
+            now_ms,
+        };
+        if self.send(|reply| Command::Claim(write, reply)).await? == 0 {
+            return Ok(None);
+        }
+        Ok(self.claims(claim_id.agent_id(), now_ms).await?.claim(claim_id))
+    }
+
+    async fn release_claim(&self, claim_id: &ClaimId, _now_ms: i64) -> Result<(), StoreError> {
+        let write = ClaimWrite::Release {
+            claim_id: claim_id.to_string(),
+        };
+        self.send(|reply| Command::Claim(write, reply)).await?;
+        Ok(())
     }
 
     async fn put_history(
@@ -459,7 +538,68 @@ fn run_command(
             }
             Ok(Ok(write.minutes.len() as u64))
         }
+        Command::Claim(write, _) => Ok(Ok(write_claim(transaction, write)?)),
     }
+}
+
+fn write_claim(transaction: &rusqlite::Transaction, write: &ClaimWrite) -> rusqlite::Result<u64> {
+    match write {
+        ClaimWrite::Put { claim, now_ms } => {
+            let agent_id = claim.claim_id.agent_id();
+            let mut held = transaction.prepare_cached(SLOT_HELD)?;
+            for gpu in &claim.gpus {
+                if held.exists(params![agent_id, gpu.index, now_ms])? {
+                    return Ok(0);
+                }
+            }
+            let mut put = transaction.prepare_cached(PUT_SLOT)?;
+            for (index, slot) in claim.slots() {
+                put.execute(params![
+                    agent_id,
+                    index,
+                    slot.claim_id,
+                    slot.holder,
+                    slot.uuid,
+                    slot.expires_at_ms
+                ])?;
+            }
+            Ok(claim.gpus.len() as u64)
+        }
+        ClaimWrite::Extend {
+            claim_id,
+            expires_at_ms,
+            now_ms,
+        } => Ok(transaction
+            .prepare_cached(EXTEND_CLAIM)?
+            .execute(params![expires_at_ms, claim_id, now_ms])? as u64),
+        ClaimWrite::Release { claim_id } => Ok(transaction
+            .prepare_cached(RELEASE_CLAIM)?
+            .execute(params![claim_id])? as u64),
+    }
+}
+
+/// The live claims on `agent_id`'s GPUs.
+fn read_claims(
+    connection: &Connection,
+    agent_id: &str,
+    now_ms: i64,
+) -> Result<AgentClaims, StoreError> {
+    let mut statement = connection.prepare_cached(LIVE_CLAIMS).map_err(unavailable)?;
+    let slots: Vec<(u32, GpuClaim)> = statement
+        .query_map(params![agent_id, now_ms], |row| {
+            Ok((
+                row.get(0)?,
+                GpuClaim {
+                    claim_id: row.get(1)?,
+                    holder: row.get(2)?,
+                    uuid: row.get(3)?,
+                    expires_at_ms: row.get(4)?,
+                },
+            ))
+        })
+        .and_then(Iterator::collect)
+        .map_err(unavailable)?;
+    Ok(AgentClaims::live(slots, now_ms))
 }
 
 /// Answers each command of a batch once its transaction is over: its own
@@ -484,7 +624,7 @@ fn reply(batch: Vec<Command>, committed: rusqlite::Result<()>, outcomes: Vec<Res
                 };
                 let _ = reply.send(outcome.map(written).map_err(StoreError::Unavailable));
             }
-            Command::Prune(_, reply) | Command::History(_, reply) => {
+            Command::Prune(_, reply) | Command::History(_, reply) | Command::Claim(_, reply) => {
                 let _ = reply.send(outcome.map_err(StoreError::Unavailable));
             }
         }
@@ -504,6 +644,7 @@ fn delete_expired(connection: &Connection, now_ms: i64) -> rusqlite::Result<u64>
     let now_s = now_ms.div_euclid(1000);
     let agents = connection.execute(PRUNE, params![now_s])?;
     connection.execute(PRUNE_HISTORY, params![now_s])?;
+    connection.execute(PRUNE_CLAIMS, params![now_ms])?;
     Ok(agents as u64)
 }
 

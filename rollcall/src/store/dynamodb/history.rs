@@ -2,10 +2,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::item::{A_AGENT, Item, TTL_ATTRIBUTE, number};
-use super::{DynamoStore, build_error, unavailable};
+use super::{DynamoStore, unavailable};
 use crate::heartbeat::{MinuteRollup, Spread};
 use crate::history;
 use crate::store::StoreError;
@@ -79,46 +79,21 @@ impl DynamoStore {
             .collect();
         let now_s = now_ms.div_euclid(1000);
         let mut minutes = Vec::new();
-        for chunk in keys.chunks(100) {
-            let mut request = KeysAndAttributes::builder();
-            for key in chunk {
-                request = request.keys(HashMap::from([(
-                    A_AGENT.to_owned(),
-                    AttributeValue::S(key.clone()),
-                )]));
-            }
-            let mut pending = Some(HashMap::from([(
-                self.table.clone(),
-                request.build().map_err(build_error)?,
-            )]));
-            while let Some(items) = pending.take().filter(|items| !items.is_empty()) {
-                let output = self
-                    .client
-                    .batch_get_item()
-                    .set_request_items(Some(items))
-                    .send()
-                    .await
-                    .map_err(unavailable)?;
-                for item in output
-                    .responses()
-                    .and_then(|tables| tables.get(&self.table))
-                    .into_iter()
-                    .flatten()
-                {
-                    let expired = item
-                        .get(TTL_ATTRIBUTE)
-                        .and_then(|v| v.as_n().ok())
-                        .and_then(|n| n.parse::<i64>().ok())
-                        .is_none_or(|at| at <= now_s);
-                    if !expired {
-                        minutes.extend(
-                            decode_history(item)?
-                                .into_iter()
-                                .filter(|rollup| rollup.minute >= since_minute),
-                        );
-                    }
+        for chunk in keys.chunks(super::query::TABLE_BATCH) {
+            let (items, _) = self.read_batch(chunk.to_vec()).await?;
+            for item in &items {
+                let expired = item
+                    .get(TTL_ATTRIBUTE)
+                    .and_then(|v| v.as_n().ok())
+                    .and_then(|n| n.parse::<i64>().ok())
+                    .is_none_or(|at| at <= now_s);
+                if !expired {
+                    minutes.extend(
+                        decode_history(item)?
+                            .into_iter()
+                            .filter(|rollup| rollup.minute >= since_minute),
+                    );
                 }
-                pending = output.unprocessed_keys().cloned();
             }
         }
         minutes.sort_by_key(|rollup| rollup.minute);

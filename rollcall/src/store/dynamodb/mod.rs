@@ -3,6 +3,7 @@
 //! - [`item`]: the item an agent becomes, the capacity index's keys, sizes.
 //! - [`query`]: capacity queries, candidates from the index and answers from the table.
 //! - [`history`]: per-minute history, one item per five-minute window.
+//! - [`claims`]: claims on GPUs, one item per claimed agent.
 //! - [`fleet`]: the fleet's sums for `/metrics`, kept from the table's stream.
 //! - [`units`]: DynamoDB's capacity units, computed from AWS's rules.
 //!
@@ -11,6 +12,7 @@
 //! expired items lazily, often days late, so every read checks `expires_at`
 //! itself. `docs/dynamodb.md` covers the design, its costs and its limits.
 
+mod claims;
 pub mod fleet;
 mod history;
 mod item;
@@ -30,6 +32,7 @@ use aws_sdk_dynamodb::types::{
 
 use super::{Page, Store, StoreError, Upsert};
 use crate::capacity::{CapacityQuery, Position};
+use crate::claims::{AgentClaims, Claim, ClaimId};
 use crate::fleet::FleetTotals;
 use crate::heartbeat::MinuteRollup;
 use crate::record::StoredAgent;
@@ -433,8 +436,12 @@ impl Store for DynamoStore {
         let Some(item) = output.item() else {
             return Ok(None);
         };
-        let agent = decode(item)?;
-        Ok((!agent.is_expired(now_ms)).then_some(agent))
+        let mut agent = decode(item)?;
+        if agent.is_expired(now_ms) {
+            return Ok(None);
+        }
+        agent.claims = self.read_claims(agent_id, now_ms).await?;
+        Ok(Some(agent))
     }
 
     async fn query(
@@ -466,6 +473,27 @@ impl Store for DynamoStore {
     /// DynamoDB's TTL deletes expired items itself; reads already hide them.
     async fn prune(&self, _now_ms: i64) -> Result<u64, StoreError> {
         Ok(0)
+    }
+
+    async fn claims(&self, agent_id: &str, now_ms: i64) -> Result<AgentClaims, StoreError> {
+        self.read_claims(agent_id, now_ms).await
+    }
+
+    async fn put_claim(&self, claim: &Claim, now_ms: i64) -> Result<bool, StoreError> {
+        self.write_claim(claim, now_ms).await
+    }
+
+    async fn extend_claim(
+        &self,
+        claim_id: &ClaimId,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<Option<Claim>, StoreError> {
+        self.extend(claim_id, expires_at_ms, now_ms).await
+    }
+
+    async fn release_claim(&self, claim_id: &ClaimId, _now_ms: i64) -> Result<(), StoreError> {
+        self.release(claim_id).await
     }
 
     async fn put_history(

@@ -40,7 +40,7 @@ use crate::store::{Page, PageFill, StoreError};
 /// bytes, so this stays well under a request's 1 MB.
 const INDEX_BATCH: i32 = 1000;
 /// `BatchGetItem` takes at most 100 keys.
-const TABLE_BATCH: usize = 100;
+pub(super) const TABLE_BATCH: usize = 100;
 /// What an item read is budgeted at: one item up to 4 KB, eventually
 /// consistent. Agent items are under 2 KB.
 const ITEM_UNITS: f64 = 0.5;
@@ -326,11 +326,42 @@ impl DynamoStore {
                 .filter(|(_, read)| *read)
                 .map(|(entry, _)| entry.position.agent_id.clone())
                 .collect();
-            let found = self.read_items(&batch, &mut progress).await?;
+            let mut found = self.read_items(&batch, &mut progress).await?;
+            self.add_claims(&mut found, query, now_ms, &mut progress)
+                .await?;
             if progress.decide(decided, found, query, now_ms, &mut fill, &mut moves) {
                 return Ok((self.finish(fill.page(), moves).await, progress.cost));
             }
         }
+    }
+
+    /// Reads the claims of the agents that match but for claims: claims
+    /// can rule them out, and the answer shows them. Agents that fail
+    /// anyway cost no claims read.
+    async fn add_claims(
+        &self,
+        found: &mut HashMap<String, Fetched>,
+        query: &CapacityQuery,
+        now_ms: i64,
+        progress: &mut Progress,
+    ) -> Result<(), StoreError> {
+        let candidates: Vec<String> = found
+            .values()
+            .filter(|fetched| query.matches_before_claims(&fetched.agent, now_ms))
+            .map(|fetched| fetched.agent.agent_id().to_owned())
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        progress.rounds += 1;
+        let (mut claims, cost) = self.read_claims_of(&candidates, now_ms).await?;
+        progress.cost.merge(&cost);
+        for (agent_id, fetched) in found.iter_mut() {
+            if let Some(held) = claims.remove(agent_id) {
+                fetched.agent.claims = held;
+            }
+        }
+        Ok(())
     }
 
     /// Every part a query with this status reads: online parts always
@@ -545,7 +576,7 @@ impl DynamoStore {
 
     /// One `BatchGetItem` of at most 100 keys, until no key is left
     /// unprocessed (DynamoDB leaves some when throttled or past 16 MB).
-    async fn read_batch(
+    pub(super) async fn read_batch(
         &self,
         agent_ids: Vec<String>,
     ) -> Result<(Vec<Item>, ReadCost), StoreError> {
@@ -612,14 +643,13 @@ fn rank_of(cursor: &Position) -> String {
 }
 
 /// What the index entry alone rules out, so that it costs no table read:
-/// too little free VRAM, another pool. (Every entry read is past the
+/// too little free VRAM, a pool not asked for or not visible to the caller. (Every entry read is past the
 /// cursor: the range starts there and skips the cursor's own.)
 fn worth_reading(entry: &Entry, query: &CapacityQuery) -> bool {
     let enough_vram = entry.position.gpu_free_max_mb as f64 >= query.vram_floor_mb();
-    let in_pool = query
-        .pool
-        .as_ref()
-        .is_none_or(|pool| entry.pool.as_ref() == Some(pool));
+    let in_pool = entry.pool.as_ref().is_none_or(|pool| {
+        query.sees_pool(pool) && query.pool.as_ref().is_none_or(|wanted| wanted == pool)
+    });
     enough_vram && in_pool
 }
 

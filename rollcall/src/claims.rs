@@ -530,13 +530,12 @@ mod procedure {
 
     /// Why a claim by name is refused on this agent, if it is.
     fn unavailable(agent: &StoredAgent, now_ms: i64) -> Option<&'static str> {
-        if !agent.is_online(now_ms) {
-            return Some("offline");
-        }
         match agent.heartbeat.state {
-            AgentState::Up => None,
-            AgentState::Draining => Some("draining"),
+            // Leaving is offline at once; its own word says more.
             AgentState::Leaving => Some("leaving"),
+            _ if !agent.is_online(now_ms) => Some("offline"),
+            AgentState::Draining => Some("draining"),
+            AgentState::Up => None,
         }
     }
 

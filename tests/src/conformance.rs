@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use rollcall::capacity::{CapacityQuery, Position, answer_order};
+use rollcall::claims::{self, Claim, ClaimRequest, Refusal};
 use rollcall::heartbeat::{AgentState, Heartbeat};
 use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::store::{Store, Upsert};
@@ -521,6 +522,229 @@ pub async fn history_round_trip(backend: &Backend) {
 /// Every case, by name, for the macro in `tests/tests/store_conformance.rs`.
 /// `store_conformance.rs` checks that this list names every case function
 /// of this file, so that none can be left out silently.
+/// An agent with these GPUs' free MiB (each 80 GiB in total), in `pool`.
+fn gpu_host(id: &str, pool: &str, free_mb: &[u64], now: i64) -> StoredAgent {
+    let gpus: Vec<serde_json::Value> = free_mb
+        .iter()
+        .enumerate()
+        .map(|(index, free)| json!({"index": index, "vendor": "nvidia", "uuid": format!("GPU-{id}-{index}"),
+                                    "memory_total_mb": 81920, "memory_free_mb": free}))
+        .collect();
+    agent_at(id, 1, now, |b| {
+        b["pool"] = json!(pool);
+        b["gpus"] = json!(gpus);
+    })
+}
+
+fn claim_body(body: serde_json::Value) -> ClaimRequest {
+    ClaimRequest::parse(body.to_string().as_bytes()).expect("valid claim body")
+}
+
+fn by_name(agent: &str, gpus: &[u32], ttl_s: u64) -> ClaimRequest {
+    claim_body(json!({"agent_id": agent, "gpus": gpus, "ttl_s": ttl_s, "holder": "job-1"}))
+}
+
+fn by_filters(filters: serde_json::Value, ttl_s: u64) -> ClaimRequest {
+    let mut body = filters;
+    body["ttl_s"] = json!(ttl_s);
+    body["holder"] = json!("job-2");
+    claim_body(body)
+}
+
+fn indices(claim: &Claim) -> Vec<u32> {
+    claim.gpus.iter().map(|gpu| gpu.index).collect()
+}
+
+/// PROTOCOL.md §4: a claim by name holds exactly its GPUs, all or none; a
+/// GPU held cannot be claimed again; records show each GPU's claim.
+pub async fn claim_by_name_all_or_nothing(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    store.upsert(gpu_host("quad", "default", &[40_000; 4], now)).await.unwrap();
+    let first = claims::claim(store, &by_name("quad", &[1, 0], 60), None, now)
+        .await
+        .expect("free GPUs are claimed");
+    assert_eq!(indices(&first), [0, 1]);
+    assert_eq!(first.view().cuda_visible_devices, "GPU-quad-0,GPU-quad-1");
+    match claims::claim(store, &by_name("quad", &[1, 2], 60), None, now + 1).await {
+        Err(Refusal::Claimed { index: 1, .. }) => {}
+        other => panic!("{}: GPU 1 is held, got {other:?}", backend.name),
+    }
+    // The refused claim took nothing: GPU 2 is still free.
+    let second = claims::claim(store, &by_name("quad", &[2], 60), None, now + 2)
+        .await
+        .expect("GPU 2 was left free by the refused claim");
+    let agent = store.get("quad", now + 3).await.unwrap().expect("on record");
+    let view = agent.view(now + 3);
+    let held: Vec<Option<String>> = view
+        .gpus
+        .iter()
+        .map(|gpu| gpu.claim.as_ref().map(|claim| claim.claim_id.clone()))
+        .collect();
+    let (a, b) = (first.claim_id.to_string(), second.claim_id.to_string());
+    assert_eq!(held, [Some(a.clone()), Some(a), Some(b), None], "{}", backend.name);
+    assert_eq!(view.gpus[0].claim.as_ref().unwrap().holder, "job-1");
+    let read = claims::get(store, &first.claim_id, None, now + 3).await.unwrap();
+    assert_eq!(read.as_ref().map(indices), Some(vec![0, 1]));
+}
+
+/// A claim by filters takes the first agent in answer order with enough
+/// unclaimed GPUs; queries leave claimed GPUs out unless asked.
+pub async fn claim_by_filters_in_answer_order(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    store.upsert(gpu_host("large", "default", &[80_000], now)).await.unwrap();
+    store.upsert(gpu_host("medium", "default", &[40_000, 2_000], now)).await.unwrap();
+    store.upsert(gpu_host("small", "default", &[8_000], now)).await.unwrap();
+    let filters = json!({"min_gpu_vram_gb": 30});
+    let first = claims::claim(store, &by_filters(filters.clone(), 60), None, now).await.unwrap();
+    assert_eq!(first.claim_id.agent_id(), "large", "{}", backend.name);
+    assert_eq!(ids(store, "min_gpu_vram_gb=30", now).await, ["medium"]);
+    let second = claims::claim(store, &by_filters(filters.clone(), 60), None, now).await.unwrap();
+    assert_eq!((second.claim_id.agent_id(), indices(&second)), ("medium", vec![0]));
+    match claims::claim(store, &by_filters(filters, 60), None, now).await {
+        Err(Refusal::NoCapacity) => {}
+        other => panic!("{}: every matching GPU is held, got {other:?}", backend.name),
+    }
+    assert!(ids(store, "min_gpu_vram_gb=30", now).await.is_empty());
+    assert_eq!(
+        ids(store, "min_gpu_vram_gb=30&include_claimed=true", now).await,
+        ["large", "medium"]
+    );
+    // Without GPU filters nothing is left out: a claim holds GPUs, not hosts.
+    assert_eq!(ids(store, "", now).await, ["large", "medium", "small"]);
+    let two = claims::claim(store, &by_filters(json!({"min_gpus": 2}), 60), None, now).await;
+    assert!(matches!(two, Err(Refusal::NoCapacity)), "{two:?}");
+}
+
+/// Claims expire at their TTL with nothing left that blocks a GPU; an
+/// extension moves a live claim only; a release is idempotent.
+pub async fn claims_expire_extend_and_release(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    store.upsert(gpu_host("one", "default", &[40_000], now)).await.unwrap();
+    let claim = claims::claim(store, &by_name("one", &[0], 5), None, now).await.unwrap();
+    assert_eq!(claim.expires_at_ms, now + 5_000);
+    let extended = claims::extend(store, &claim.claim_id, 10, None, now + 4_000)
+        .await
+        .unwrap()
+        .expect("a live claim is extended");
+    assert_eq!(extended.expires_at_ms, now + 14_000);
+    assert!(store.claims("one", now + 13_999).await.unwrap().holder_of(0).is_some());
+    // Past its expiry: gone for every read, and the GPU is free again.
+    let later = now + 14_000;
+    assert!(claims::get(store, &claim.claim_id, None, later).await.unwrap().is_none());
+    assert!(claims::extend(store, &claim.claim_id, 60, None, later).await.unwrap().is_none());
+    assert_eq!(ids(store, "min_gpu_vram_gb=30", later).await, ["one"]);
+    let next = claims::claim(store, &by_name("one", &[0], 60), None, later)
+        .await
+        .expect("an expired claim blocks nothing");
+    // Releasing the expired claim leaves the new one alone.
+    assert!(claims::release(store, &claim.claim_id, None, later).await.unwrap());
+    assert!(store.claims("one", later).await.unwrap().holder_of(0).is_some());
+    assert!(claims::release(store, &next.claim_id, None, later).await.unwrap());
+    assert!(claims::release(store, &next.claim_id, None, later).await.unwrap(), "twice");
+    assert!(store.claims("one", later).await.unwrap().is_empty());
+    assert!(claims::extend(store, &next.claim_id, 60, None, later).await.unwrap().is_none());
+    claims::claim(store, &by_name("one", &[0], 60), None, later)
+        .await
+        .expect("a released GPU is free");
+}
+
+/// A claim by name is refused on an agent that takes no new work, and
+/// names what is unknown.
+pub async fn claims_refused_on_unavailable_agents(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    store.upsert(gpu_host("up", "default", &[40_000], now)).await.unwrap();
+    let mut draining = gpu_host("drain", "default", &[40_000], now);
+    draining.heartbeat.state = AgentState::Draining;
+    store.upsert(draining).await.unwrap();
+    let leaving = agent_at("bye", 1, now, |b| b["state"] = json!("leaving"));
+    store.upsert(leaving).await.unwrap();
+    store.upsert(gpu_host("dead", "default", &[40_000], now - 200_000)).await.unwrap();
+    for (agent, why) in [("drain", "draining"), ("bye", "leaving"), ("dead", "offline")] {
+        match claims::claim(store, &by_name(agent, &[0], 60), None, now).await {
+            Err(Refusal::NotAvailable { why: said, .. }) => assert_eq!(said, why),
+            other => panic!("{}: {agent} is {why}, got {other:?}", backend.name),
+        }
+    }
+    assert!(matches!(
+        claims::claim(store, &by_name("nobody", &[0], 60), None, now).await,
+        Err(Refusal::UnknownAgent(_))
+    ));
+    assert!(matches!(
+        claims::claim(store, &by_name("up", &[0, 3], 60), None, now).await,
+        Err(Refusal::UnknownGpu { index: 3, .. })
+    ));
+    // By filters, only "up" qualifies: draining, leaving and offline never do.
+    let claim = claims::claim(store, &by_filters(json!({"min_gpus": 1}), 60), None, now).await.unwrap();
+    assert_eq!(claim.claim_id.agent_id(), "up");
+    assert!(store.claims("up", now).await.unwrap().holder_of(3).is_none());
+}
+
+/// PROTOCOL.md §4 "Scoped tokens": to a pool-limited caller another
+/// pool's agents and claims do not exist.
+pub async fn claims_stay_inside_their_pools(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    store.upsert(gpu_host("lab", "lab-a", &[10_000], now)).await.unwrap();
+    store.upsert(gpu_host("farm", "render", &[80_000], now)).await.unwrap();
+    let lab_a = vec!["lab-a".to_owned()];
+    let pools = Some(lab_a.as_slice());
+    assert!(matches!(
+        claims::claim(store, &by_name("farm", &[0], 60), pools, now).await,
+        Err(Refusal::UnknownAgent(_))
+    ));
+    let claim = claims::claim(store, &by_filters(json!({"min_gpus": 1}), 60), pools, now).await.unwrap();
+    assert_eq!(claim.claim_id.agent_id(), "lab", "the bigger GPU is in another pool");
+    let theirs = claims::claim(store, &by_name("farm", &[0], 60), None, now).await.unwrap();
+    assert!(claims::get(store, &theirs.claim_id, pools, now).await.unwrap().is_none());
+    assert!(claims::extend(store, &theirs.claim_id, 60, pools, now).await.unwrap().is_none());
+    assert!(!claims::release(store, &theirs.claim_id, pools, now).await.unwrap());
+    assert!(store.claims("farm", now).await.unwrap().holder_of(0).is_some(), "not released");
+    let mut query = query("status=all");
+    query.pools = Some(lab_a.clone());
+    let page = store.query(&query, None, now).await.unwrap();
+    let seen: Vec<&str> = page.agents.iter().map(StoredAgent::agent_id).collect();
+    assert_eq!(seen, ["lab"]);
+}
+
+/// 32 claimers at once against exactly 9 unclaimed matching GPUs: exactly
+/// 9 claims, no GPU twice, none of the GPUs that were not free.
+pub async fn racing_claimers_never_share_a_gpu(backend: &Backend) {
+    let store = Arc::clone(&backend.store);
+    let now = base_ms();
+    store.upsert(gpu_host("r1", "default", &[40_000; 4], now)).await.unwrap();
+    store.upsert(gpu_host("r2", "default", &[40_000; 4], now)).await.unwrap();
+    store.upsert(gpu_host("r3", "default", &[40_000, 40_000, 4_000, 4_000], now)).await.unwrap();
+    claims::claim(&*store, &by_name("r1", &[2], 600), None, now).await.unwrap();
+    let mut claimers = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let store = Arc::clone(&store);
+        claimers.spawn(async move {
+            claims::claim(&*store, &by_filters(json!({"min_gpu_vram_gb": 30}), 600), None, now).await
+        });
+    }
+    let mut taken = std::collections::BTreeSet::new();
+    let mut refused = 0;
+    while let Some(joined) = claimers.join_next().await {
+        match joined.expect("claimer task") {
+            Ok(claim) => {
+                for index in indices(&claim) {
+                    let gpu = (claim.claim_id.agent_id().to_owned(), index);
+                    assert!(taken.insert(gpu.clone()), "{}: {gpu:?} claimed twice", backend.name);
+                }
+            }
+            Err(Refusal::NoCapacity) => refused += 1,
+            Err(other) => panic!("{}: {other:?}", backend.name),
+        }
+    }
+    assert_eq!((taken.len(), refused), (9, 23), "{}: {taken:?}", backend.name);
+    assert!(!taken.contains(&("r1".to_owned(), 2)));
+    assert!(!taken.iter().any(|(agent, index)| agent == "r3" && *index >= 2));
+}
+
 #[macro_export]
 macro_rules! conformance_cases {
     (@each $metas:tt $backend:expr; $($case:ident),*) => {
@@ -544,7 +768,10 @@ macro_rules! conformance_cases {
             upsert_then_get, unknown_agent, newer_only, concurrent_writers_keep_the_newest,
             status_at_the_deadline, leaving_is_offline_at_once,
             draining_is_online_but_listed_only_when_asked, every_filter,
-            pagination_over_260_agents, retention_pruning, history_round_trip);
+            pagination_over_260_agents, retention_pruning, history_round_trip,
+            claim_by_name_all_or_nothing, claim_by_filters_in_answer_order,
+            claims_expire_extend_and_release, claims_refused_on_unavailable_agents,
+            claims_stay_inside_their_pools, racing_claimers_never_share_a_gpu);
     };
     ($backend:expr) => {
         $crate::conformance_cases!(@list [] $backend);

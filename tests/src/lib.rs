@@ -217,6 +217,18 @@ fn test_credentials() -> (FleetSecret, String) {
     (secret, "test-token-0123456789abcdef".to_owned())
 }
 
+/// A token with both scopes on every pool (PROTOCOL.md §4), beside the
+/// stack's v1 token, which reads only.
+pub const CLAIM_TOKEN: &str = "claim-token-0123456789abcdef";
+/// A token with both scopes, limited to pool `lab-a`.
+pub const LAB_TOKEN: &str = "lab-token-0123456789abcdef";
+
+/// `ROLLCALL_QUERY_TOKENS` for a test stack: its v1 token and the two
+/// scoped ones.
+pub fn query_tokens(v1_token: &str) -> String {
+    format!("{v1_token},{CLAIM_TOKEN}:read+claim,{LAB_TOKEN}:read+claim:lab-a")
+}
+
 impl Stack {
     pub fn start() -> Stack {
         Self::start_with(&[])
@@ -232,7 +244,7 @@ impl Stack {
         let (secret, token) = test_credentials();
         let db = dir.path().join("rollcall.db");
         let ingest = Server::ingest_in_process(&db, &format!("{KEY_ID}={}", secret.to_hex()));
-        let query = Server::query_in_process(&db, &token);
+        let query = Server::query_in_process(&db, &query_tokens(&token));
         Stack {
             dir,
             secret,
@@ -312,7 +324,8 @@ impl Stack {
             env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let mut query_env = ingest_env.clone();
         ingest_env.push(("ROLLCALL_FLEET_SECRETS", &secrets));
-        query_env.push(("ROLLCALL_QUERY_TOKENS", &token));
+        let tokens = query_tokens(&token);
+        query_env.push(("ROLLCALL_QUERY_TOKENS", &tokens));
         let ingest = Server::start_on("rollcall-ingest", listen, &args, &ingest_env);
         let store_only: Vec<&str> = store_args.iter().map(String::as_str).collect();
         let query = Server::start_on("rollcall-query", listen, &store_only, &query_env);
@@ -365,6 +378,18 @@ impl Stack {
             &[("Authorization", &auth)],
             b"",
         )
+    }
+
+    /// `method path` on the query function with `token` and a JSON body
+    /// (none when `body` is `None`).
+    pub fn call(&self, method: &str, path: &str, token: &str, body: Option<&Value>) -> Response {
+        let auth = format!("Bearer {token}");
+        let text = body.map(Value::to_string).unwrap_or_default();
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        request(self.query.addr, method, path, &headers, text.as_bytes())
     }
 
     /// The stored record of one agent, or `None` on 404.

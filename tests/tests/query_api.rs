@@ -1,5 +1,9 @@
 //! The capacity API of PROTOCOL.md §2 through the running query binary.
 
+/// Claims and scoped tokens (PROTOCOL.md §4), in this test binary.
+#[path = "query_api/claims.rs"]
+mod claims;
+
 use rollcall_tests::{Stack, heartbeat, now_ms, request};
 use serde_json::{Value, json};
 

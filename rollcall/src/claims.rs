@@ -310,6 +310,13 @@ impl ClaimRequest {
                     query.set(&name, &value).map_err(|e| e.to_string())?;
                 }
                 for (key, value) in body.labels.unwrap_or_default() {
+                    // Checked alone: `key=value` splits at the first `=`.
+                    if !crate::signing::is_valid_id(&key, crate::heartbeat::MAX_LABEL_KEY_LEN) {
+                        return Err(format!(
+                            "labels: key {key:?} {}",
+                            crate::signing::id_rule(crate::heartbeat::MAX_LABEL_KEY_LEN)
+                        ));
+                    }
                     query
                         .set("label", &format!("{key}={value}"))
                         .map_err(|ParamError { message, .. }| format!("labels: {message}"))?;
@@ -337,9 +344,18 @@ pub fn parse_extension(body: &[u8]) -> Result<u64, String> {
     ttl(body.ttl_s.as_ref())
 }
 
+/// A JSON object with no `null` members (a field is given or left out:
+/// `null` is neither), as `T`.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    let deserializer = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|error| format!("body: not JSON: {error}"))?;
+    let object = value
+        .as_object()
+        .ok_or("body: must be a JSON object")?;
+    if let Some((name, _)) = object.iter().find(|(_, value)| value.is_null()) {
+        return Err(format!("{name}: must not be null (leave it out instead)"));
+    }
+    serde_path_to_error::deserialize(value).map_err(|error| {
         let path = error.path().to_string();
         if path == "." {
             format!("body: {}", error.inner())
@@ -705,6 +721,11 @@ mod tests {
             assert!(error.contains(field), "{body}: {error}");
         }
         assert!(ClaimRequest::parse(b"[").unwrap_err().starts_with("body"));
+        assert!(ClaimRequest::parse(b"[1]").unwrap_err().starts_with("body"));
+        let null = parse(serde_json::json!({"min_gpus": null, "ttl_s": 5, "holder": "j"})).unwrap_err();
+        assert!(null.starts_with("min_gpus"), "{null}");
+        let sneaky = parse(serde_json::json!({"labels": {"a=b": "c"}, "ttl_s": 5, "holder": "j"})).unwrap_err();
+        assert!(sneaky.contains("a=b"), "{sneaky}");
     }
 
     #[test]

@@ -56,6 +56,8 @@ fn document_routes(document: &Value) -> Vec<(String, BTreeSet<String>)> {
                 .as_object()
                 .expect("operations")
                 .keys()
+                // A path item may also hold what its operations share.
+                .filter(|key| !matches!(key.as_str(), "parameters" | "summary" | "description"))
                 .map(|method| method.to_ascii_uppercase())
                 .collect();
             (path.clone(), methods)

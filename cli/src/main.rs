@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use rollcall::claims::ClaimView;
 use rollcall::heartbeat::AgentState;
 use rollcall::record::AgentView;
 use rollcall::time::parse_rfc3339;
@@ -80,7 +81,34 @@ enum Command {
         /// First wait between polls, in seconds (at least 2); it grows to 60.
         #[arg(long, default_value_t = 5.0, value_parser = parse_poll)]
         every: f64,
+        /// Wait until a claim by these filters succeeds, then print it like
+        /// `rollcall claim` (needs --holder).
+        #[arg(long, requires = "holder")]
+        claim: bool,
+        #[command(flatten)]
+        hold: Hold,
+        /// With --claim: print shell `export` lines, for `eval`.
+        #[arg(long, requires = "claim")]
+        export: bool,
     },
+    /// Hold GPUs so that no other job takes them: named ones (--agent and
+    /// --gpu), or --gpus GPUs of the first agent in answer order that has
+    /// that many unclaimed GPUs matching the filters. Prints the claim and
+    /// CUDA_VISIBLE_DEVICES (exit 0), or why not (exit 1). Needs a token with
+    /// the claim scope.
+    Claim(ClaimArgs),
+    /// Hold a live claim for --ttl from now (exit 1 once it is released or
+    /// expired).
+    Extend {
+        claim_id: String,
+        /// How long from now: 90s, 10m, 2h, or plain seconds (at most 24h).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a claim (also when it is already released or expired).
+    Release { claim_id: String },
     /// Show one agent, in any status.
     Agent {
         agent_id: String,
@@ -90,13 +118,14 @@ enum Command {
     },
 }
 
-#[derive(Args, Debug)]
-struct Filters {
+/// What a job needs of one machine: the filters a listing and a claim share.
+#[derive(Args, Debug, Default)]
+struct Capacity {
     /// At least --min-gpus GPUs with this much free VRAM (GB) each.
     #[arg(long, value_name = "GB")]
     min_gpu_vram: Option<f64>,
-    /// How many such GPUs [default: 1 with --min-gpu-vram]
-    #[arg(long, value_name = "N")]
+    /// How many such GPUs [default: 1 with --min-gpu-vram, and for a claim]
+    #[arg(long, visible_alias = "gpus", value_name = "N")]
     min_gpus: Option<u32>,
     /// Free CPU cores at least.
     #[arg(long, value_name = "N")]
@@ -112,6 +141,15 @@ struct Filters {
     /// key=value; repeat for more (all must match).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct Filters {
+    #[command(flatten)]
+    capacity: Capacity,
+    /// Also count GPUs that claims hold.
+    #[arg(long)]
+    include_claimed: bool,
     /// online, offline or all.
     #[arg(long, default_value = "online")]
     status: String,
@@ -122,6 +160,37 @@ struct Filters {
     #[arg(long)]
     limit: Option<usize>,
     /// Print the agents as a JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How long a claim is held and by whom.
+#[derive(Args, Debug)]
+struct Hold {
+    /// How long to hold the GPUs: 90s, 10m, 2h, or plain seconds (at most 24h).
+    #[arg(long, default_value = "15m", value_parser = parse_ttl)]
+    ttl: u64,
+    /// Who holds them, e.g. a job id (shown on the GPUs' records).
+    #[arg(long)]
+    holder: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct ClaimArgs {
+    /// Claim GPUs of this agent by index (with --gpu) instead of by filters.
+    #[arg(long, requires = "gpu", conflicts_with_all = ["min_gpu_vram", "min_gpus", "min_cores", "min_memory", "gpu_vendor", "pool", "labels"])]
+    agent: Option<String>,
+    /// A GPU index of --agent; repeat for more.
+    #[arg(long, requires = "agent")]
+    gpu: Vec<u32>,
+    #[command(flatten)]
+    capacity: Capacity,
+    #[command(flatten)]
+    hold: Hold,
+    /// Print shell `export` lines (ROLLCALL_CLAIM_ID, CUDA_VISIBLE_DEVICES), for `eval`.
+    #[arg(long, conflicts_with = "json")]
+    export: bool,
+    /// Print the API's JSON.
     #[arg(long)]
     json: bool,
 }
@@ -228,33 +297,211 @@ impl Api {
     }
 }
 
+/// How the API answered a request that changes something.
+enum Answer {
+    Done(serde_json::Value),
+    /// A 404 or 409: what did not happen, and why, for the user.
+    Refused(String),
+}
+
+impl Api {
+    /// `method path` with a JSON body; 404 and 409 are answers, not errors.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<Answer> {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string());
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.url))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let reason = || {
+            serde_json::from_str::<ErrorBody>(&text)
+                .map(|body| body.error)
+                .unwrap_or_else(|_| "no reason given".to_owned())
+        };
+        match status.as_u16() {
+            200..=299 => Ok(Answer::Done(
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+            )),
+            404 | 409 => Ok(Answer::Refused(reason())),
+            code => bail!("the API answered {code}: {}", reason()),
+        }
+    }
+}
+
+/// The `POST /v1/claims` body for these filters or names.
+fn claim_body(
+    capacity: &Capacity,
+    named: Option<(&str, &[u32])>,
+    hold: &Hold,
+) -> anyhow::Result<serde_json::Value> {
+    let holder = hold
+        .holder
+        .clone()
+        .context("--holder is required: who holds the GPUs, e.g. a job id")?;
+    let mut body = serde_json::json!({"ttl_s": hold.ttl, "holder": holder});
+    if let Some((agent, gpus)) = named {
+        body["agent_id"] = agent.into();
+        body["gpus"] = gpus.into();
+        return Ok(body);
+    }
+    if let Some(gb) = capacity.min_gpu_vram {
+        body["min_gpu_vram_gb"] = gb.into();
+    }
+    if let Some(count) = capacity.min_gpus {
+        body["min_gpus"] = count.into();
+    }
+    if let Some(cores) = capacity.min_cores {
+        body["min_cpu_cores"] = cores.into();
+    }
+    if let Some(gb) = capacity.min_memory {
+        body["min_memory_gb"] = gb.into();
+    }
+    if let Some(vendor) = &capacity.gpu_vendor {
+        body["gpu_vendor"] = vendor.as_str().into();
+    }
+    if let Some(pool) = &capacity.pool {
+        body["pool"] = pool.as_str().into();
+    }
+    if !capacity.labels.is_empty() {
+        let mut labels = serde_json::Map::new();
+        for label in &capacity.labels {
+            let (key, value) = label
+                .split_once('=')
+                .with_context(|| format!("--label {label:?}: must be key=value"))?;
+            labels.insert(key.to_owned(), value.into());
+        }
+        body["labels"] = labels.into();
+    }
+    Ok(body)
+}
+
+fn print_claim(claim: &serde_json::Value, export: bool, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(claim)?);
+        return Ok(());
+    }
+    let view: ClaimView = serde_json::from_value(claim.clone())
+        .context("the API answered a claim this CLI cannot read")?;
+    if export {
+        println!("export ROLLCALL_CLAIM_ID={}", shell_quote(&view.claim_id));
+        println!(
+            "export CUDA_VISIBLE_DEVICES={}",
+            shell_quote(&view.cuda_visible_devices)
+        );
+        return Ok(());
+    }
+    let gpus: Vec<String> = view.gpus.iter().map(|gpu| gpu.index.to_string()).collect();
+    println!(
+        "claim {}\nagent {}  gpus {}  holder {}  until {}",
+        view.claim_id,
+        view.agent_id,
+        gpus.join(","),
+        view.holder,
+        view.expires_at
+    );
+    println!("CUDA_VISIBLE_DEVICES={}", view.cuda_visible_devices);
+    Ok(())
+}
+
+/// A word for a POSIX shell, single-quoted unless it needs no quotes.
+fn shell_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.,:/".contains(&b))
+    {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+async fn claim(api: &Api, args: &ClaimArgs) -> anyhow::Result<bool> {
+    let named = args.agent.as_deref().map(|agent| (agent, args.gpu.as_slice()));
+    let body = claim_body(&args.capacity, named, &args.hold)?;
+    match api.send(reqwest::Method::POST, "/v1/claims", Some(&body)).await? {
+        Answer::Done(claim) => {
+            print_claim(&claim, args.export, args.json)?;
+            Ok(true)
+        }
+        Answer::Refused(reason) => {
+            eprintln!("rollcall: not claimed: {reason}");
+            Ok(false)
+        }
+    }
+}
+
+async fn extend(api: &Api, claim_id: &str, ttl: u64, json: bool) -> anyhow::Result<bool> {
+    let body = serde_json::json!({"ttl_s": ttl});
+    let path = format!("/v1/claims/{}", encode(claim_id));
+    match api.send(reqwest::Method::PUT, &path, Some(&body)).await? {
+        Answer::Done(claim) => {
+            print_claim(&claim, false, json)?;
+            Ok(true)
+        }
+        Answer::Refused(reason) => {
+            eprintln!("rollcall: not extended: {reason}");
+            Ok(false)
+        }
+    }
+}
+
+async fn release(api: &Api, claim_id: &str) -> anyhow::Result<bool> {
+    let path = format!("/v1/claims/{}", encode(claim_id));
+    match api.send(reqwest::Method::DELETE, &path, None).await? {
+        Answer::Done(_) => Ok(true),
+        Answer::Refused(reason) => {
+            eprintln!("rollcall: not released: {reason}");
+            Ok(false)
+        }
+    }
+}
+
 fn query_string(filters: &Filters) -> String {
     let mut pairs: Vec<(String, String)> = Vec::new();
     let mut add = |name: &str, value: String| pairs.push((name.to_owned(), value));
-    if let Some(gb) = filters.min_gpu_vram {
+    let capacity = &filters.capacity;
+    if let Some(gb) = capacity.min_gpu_vram {
         add("min_gpu_vram_gb", gb.to_string());
     }
-    if let Some(count) = filters.min_gpus {
+    if let Some(count) = capacity.min_gpus {
         add("min_gpus", count.to_string());
     }
-    if let Some(cores) = filters.min_cores {
+    if let Some(cores) = capacity.min_cores {
         add("min_cpu_cores", cores.to_string());
     }
-    if let Some(gb) = filters.min_memory {
+    if let Some(gb) = capacity.min_memory {
         add("min_memory_gb", gb.to_string());
     }
-    if let Some(vendor) = &filters.gpu_vendor {
+    if let Some(vendor) = &capacity.gpu_vendor {
         add("gpu_vendor", vendor.clone());
     }
-    if let Some(pool) = &filters.pool {
+    if let Some(pool) = &capacity.pool {
         add("pool", pool.clone());
     }
-    for label in &filters.labels {
+    for label in &capacity.labels {
         add("label", label.clone());
     }
     add("status", filters.status.clone());
     if filters.include_draining {
         add("include_draining", "true".to_owned());
+    }
+    if filters.include_claimed {
+        add("include_claimed", "true".to_owned());
     }
     add("limit", filters.limit.unwrap_or(1000).min(1000).to_string());
     pairs
@@ -327,14 +574,37 @@ const MAX_POLL: Duration = Duration::from_secs(60);
 /// Polls until something matches or `timeout` passes. The wait between polls
 /// starts at `every`, grows by half each time up to a minute, and is jittered
 /// by ±20 % so that many waiting schedulers do not poll in step.
-async fn wait(api: &Api, filters: &Filters, timeout: Duration, every: f64) -> anyhow::Result<bool> {
+/// With `claim`, each poll tries to claim by the filters instead, and the
+/// wait ends with a claim.
+async fn wait(
+    api: &Api,
+    filters: &Filters,
+    timeout: Duration,
+    every: f64,
+    claim: Option<(&Hold, bool)>,
+) -> anyhow::Result<bool> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = Duration::from_secs_f64(every);
+    let body = match claim {
+        Some((hold, _)) => Some(claim_body(&filters.capacity, None, hold)?),
+        None => None,
+    };
     loop {
-        let (agents, as_of) = fetch(api, filters).await?;
-        if !agents.is_empty() {
-            print_agents(agents, &as_of, filters.json)?;
-            return Ok(true);
+        if let (Some(body), Some((_, export))) = (&body, claim) {
+            match api.send(reqwest::Method::POST, "/v1/claims", Some(body)).await? {
+                Answer::Done(made) => {
+                    print_claim(&made, export, filters.json)?;
+                    return Ok(true);
+                }
+                // No agent has the GPUs free yet (409 no_capacity): poll on.
+                Answer::Refused(_) => {}
+            }
+        } else {
+            let (agents, as_of) = fetch(api, filters).await?;
+            if !agents.is_empty() {
+                print_agents(agents, &as_of, filters.json)?;
+                return Ok(true);
+            }
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
@@ -346,6 +616,16 @@ async fn wait(api: &Api, filters: &Filters, timeout: Duration, every: f64) -> an
             .max(Duration::from_secs(2));
         tokio::time::sleep(jittered.min(deadline - now)).await;
         pause = pause.mul_f64(1.5).min(MAX_POLL);
+    }
+}
+
+/// A claim's `--ttl`: a duration of 1 s to 24 h, in whole seconds.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    let seconds = parse_duration(text)?.as_secs();
+    if (1..=rollcall::claims::MAX_TTL_S).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err(format!("{text:?}: a claim is held 1s to 24h"))
     }
 }
 
@@ -410,7 +690,14 @@ fn table(agents: &[AgentView], now_ms: Option<i64>) -> String {
             agent
                 .gpus
                 .iter()
-                .map(|gpu| format!("{:.1}/{:.1}", gpu.memory_free_gb, gpu.memory_total_gb))
+                .map(|gpu| {
+                    let held = gpu
+                        .claim
+                        .as_ref()
+                        .map(|claim| format!("[{}]", claim.holder))
+                        .unwrap_or_default();
+                    format!("{:.1}/{:.1}{held}", gpu.memory_free_gb, gpu.memory_total_gb)
+                })
                 .collect::<Vec<_>>()
                 .join(" ")
         };
@@ -482,6 +769,12 @@ async fn show(api: &Api, agent_id: &str, json: bool) -> anyhow::Result<bool> {
                 .map(|u| format!("{u:.0}% busy"))
                 .unwrap_or_default()
         );
+        if let Some(claim) = &gpu.claim {
+            println!(
+                "       claimed by {} until {} ({})",
+                claim.holder, claim.expires_at, claim.claim_id
+            );
+        }
     }
     Ok(true)
 }
@@ -506,7 +799,20 @@ fn main() -> ExitCode {
                 filters,
                 timeout,
                 every,
-            } => wait(&api, filters, *timeout, *every).await,
+                claim,
+                hold,
+                export,
+            } => {
+                let claim = claim.then_some((hold, *export));
+                wait(&api, filters, *timeout, *every, claim).await
+            }
+            Command::Claim(args) => self::claim(&api, args).await,
+            Command::Extend {
+                claim_id,
+                ttl,
+                json,
+            } => extend(&api, claim_id, *ttl, *json).await,
+            Command::Release { claim_id } => release(&api, claim_id).await,
             Command::Agent { agent_id, json } => show(&api, agent_id, *json).await,
         }
     });

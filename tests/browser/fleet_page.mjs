@@ -77,6 +77,7 @@ try {
     cores: tr.cells[3].textContent,
     bars: tr.querySelectorAll(".bar").length,
     barWidths: [...tr.querySelectorAll(".bar span")].map((s) => s.style.width),
+    holders: [...tr.querySelectorAll(".holder")].map((h) => h.textContent),
     sparkPoints: tr.querySelector("svg.spark polyline")?.getAttribute("points")?.split(" ").length || 0,
     offlineColour: getComputedStyle(tr.cells[0]).color,
     collector: tr.cells[7]?.textContent,

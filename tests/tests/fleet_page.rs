@@ -35,6 +35,10 @@ fn seed(stack: &Stack) {
     let mut delta = heartbeat("delta", now);
     delta["state"] = json!("draining");
     assert_eq!(stack.post_heartbeat(&delta).status, 202);
+    // A holder that looks like markup must show as text.
+    let claim = json!({"agent_id": "alpha", "gpus": [1], "ttl_s": 3600, "holder": "job <b>7</b>"});
+    let made = stack.call("POST", "/v1/claims", rollcall_tests::CLAIM_TOKEN, Some(&claim));
+    assert_eq!(made.status, 201, "{}", made.text());
 }
 
 #[test]
@@ -91,6 +95,9 @@ fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
     assert_eq!(row("alpha")["collector"], "4.5 MB · 1.3 s CPU");
     assert_eq!(row("beta")["collector"], "–");
     assert_eq!(row("alpha")["barWidths"], json!(["50%", "10%"]));
+    // The claimed GPU carries its holder, as text.
+    assert_eq!(row("alpha")["holders"], json!(["held by job <b>7</b>"]));
+    assert_eq!(row("beta")["holders"], json!([]));
     assert!(
         row("alpha")["sparkPoints"].as_u64().unwrap() >= 2,
         "alpha has history: {seen}"

@@ -108,9 +108,13 @@ def stack():
     secrets = client("secretsmanager")
     fleet_secret = os.urandom(32).hex()
     token = os.urandom(24).hex()
+    claim_token, lab_token = os.urandom(24).hex(), os.urandom(24).hex()
     names = {"fleet": f"rollcall-{RUN}/fleet-secrets", "tokens": f"rollcall-{RUN}/query-tokens"}
     secrets.create_secret(Name=names["fleet"], SecretString=f"k1={fleet_secret}")
-    secrets.create_secret(Name=names["tokens"], SecretString=token)
+    # A v1 token (reads every pool), one that may claim, one limited to a pool
+    # (PROTOCOL.md §4 "Scoped tokens"), in the form the README gives.
+    secrets.create_secret(Name=names["tokens"],
+                          SecretString=f"{token},{claim_token}:read+claim,{lab_token}:read+claim:lab-a")
 
     s3 = client("s3")
     bucket = f"rollcall-artifacts-{RUN}"
@@ -163,6 +167,8 @@ def stack():
         "fleet_table": outputs["FleetTableName"],
         "secret": fleet_secret,
         "token": token,
+        "claim_token": claim_token,
+        "lab_token": lab_token,
         "resources": resources,
         "deploy_s": deploy_s,
         "names": names,
@@ -224,6 +230,31 @@ def wait_for(what, check, limit_s):
             return result
         assert time.monotonic() < deadline, f"{what}: not within {limit_s} s"
         time.sleep(1)
+
+
+def post_signed(stack, body):
+    """Posts a heartbeat signed here as a collector signs it (PROTOCOL.md §1)."""
+    agent_id = body["agent_id"]
+    raw = json.dumps(body).encode()
+    key = hmac.new(bytes.fromhex(stack["secret"]), b"rollcall-agent-key\n" + agent_id.encode(), hashlib.sha256).digest()
+    timestamp = str(int(time.time()))
+    to_sign = "\n".join(["rollcall-v1", "k1", agent_id, timestamp, hashlib.sha256(raw).hexdigest()]).encode()
+    headers = {"Content-Type": "application/json", "X-Rollcall-Agent": agent_id, "X-Rollcall-Key-Id": "k1",
+               "X-Rollcall-Timestamp": timestamp,
+               "X-Rollcall-Signature": "v1=" + hmac.new(key, to_sign, hashlib.sha256).hexdigest()}
+    request = urllib.request.Request(loopback_only(f"{stack['ingest']}/v1/heartbeats"), data=raw, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 202
+
+
+def gpu_host(agent_id, pool, free_mb):
+    return {
+        "v": 1, "agent_id": agent_id, "sent_at_ms": int(time.time() * 1000), "interval_s": 30, "pool": pool,
+        "cpu": {"cores_physical": 8, "cores_logical": 16, "cores_available": 12, "load_1m": 1.0, "load_5m": 1.0, "load_15m": 1.0},
+        "memory": {"total_mb": 64000, "available_mb": 32000},
+        "gpus": [{"index": i, "vendor": "nvidia", "name": "NVIDIA H100", "uuid": f"GPU-{agent_id}-{i}",
+                  "memory_total_mb": 81920, "memory_free_mb": free} for i, free in enumerate(free_mb)],
+    }
 
 
 def test_template_declares_what_the_emulator_may_ignore():
@@ -414,23 +445,7 @@ def test_the_fleet_sums_agree_with_the_agents_listed(stack):
 
     # Two GPUs, so that the GPU sums are checked against something: a
     # heartbeat signed here as a collector signs it (PROTOCOL.md §1).
-    agent_id = "sums-agent"
-    body = json.dumps({
-        "v": 1, "agent_id": agent_id, "sent_at_ms": int(time.time() * 1000), "interval_s": 30,
-        "cpu": {"cores_physical": 8, "cores_logical": 16, "cores_available": 12, "load_1m": 1.0, "load_5m": 1.0, "load_15m": 1.0},
-        "memory": {"total_mb": 64000, "available_mb": 32000},
-        "gpus": [{"index": i, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090", "uuid": f"GPU-sums-{i}",
-                  "memory_total_mb": 24564, "memory_free_mb": free} for i, free in enumerate((20110, 4096))],
-    }).encode()
-    key = hmac.new(bytes.fromhex(stack["secret"]), b"rollcall-agent-key\n" + agent_id.encode(), hashlib.sha256).digest()
-    timestamp = str(int(time.time()))
-    to_sign = "\n".join(["rollcall-v1", "k1", agent_id, timestamp, hashlib.sha256(body).hexdigest()]).encode()
-    headers = {"Content-Type": "application/json", "X-Rollcall-Agent": agent_id, "X-Rollcall-Key-Id": "k1",
-               "X-Rollcall-Timestamp": timestamp,
-               "X-Rollcall-Signature": "v1=" + hmac.new(key, to_sign, hashlib.sha256).hexdigest()}
-    request = urllib.request.Request(loopback_only(f"{stack['ingest']}/v1/heartbeats"), data=body, headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert response.status == 202
+    post_signed(stack, gpu_host("sums-agent", "default", (20110, 4096)))
     auth = {"Authorization": f"Bearer {stack['token']}"}
 
     def listed():
@@ -667,3 +682,69 @@ def test_a_rotated_fleet_secret_is_picked_up_without_a_redeploy(stack):
     assert 'unknown key id \\"k1\\"' in refused.stderr or "unknown key id" in refused.stderr, refused.stderr
     print(f"retired key id refused after {time.monotonic() - started:.1f} s")
     assert collector(stack, "rotated-agent", "once", "--skip-cpu-usage", agent_key=key2, key_id="k2").returncode == 0
+
+
+def test_racing_claimers_through_the_deployed_stack_never_share_a_gpu(stack):
+    """32 schedulers claim at once through the function URL against exactly
+    7 unclaimed matching GPUs (PROTOCOL.md §4 "Claims"): 7 claims, no GPU
+    twice, 25 no_capacity."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    post_signed(stack, gpu_host("race-1", "race", (40_000,) * 4))
+    post_signed(stack, gpu_host("race-2", "race", (40_000, 40_000, 2_000, 2_000)))
+    post_signed(stack, gpu_host("race-3", "race", (40_000, 40_000)))
+    claim_auth = {"Authorization": f"Bearer {stack['claim_token']}", "Content-Type": "application/json"}
+    held = json.dumps({"agent_id": "race-3", "gpus": [1], "ttl_s": 600, "holder": "already"}).encode()
+    status, body = http("POST", f"{stack['query']}/v1/claims", claim_auth, held)
+    assert status == 201, body
+
+    wanted = json.dumps({"pool": "race", "min_gpu_vram_gb": 30, "ttl_s": 600, "holder": "racer"}).encode()
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(lambda _: http("POST", f"{stack['query']}/v1/claims", claim_auth, wanted), range(32)))
+    made = [body for status, body in answers if status == 201]
+    refused = [body["code"] for status, body in answers if status == 409]
+    gpus = [(claim["agent_id"], gpu["index"]) for claim in made for gpu in claim["gpus"]]
+    print(f"claims {len(made)}, refused {len(refused)}, statuses {sorted(status for status, _ in answers)}")
+    assert len(made) + len(refused) == 32, answers
+    assert len(gpus) == len(set(gpus)) == 7, gpus
+    assert set(refused) == {"no_capacity"}, refused
+    assert ("race-3", 1) not in gpus and not any(agent == "race-2" and index >= 2 for agent, index in gpus)
+    # The listing agrees: nothing in the pool has a GPU with 30 GB free left.
+    read = {"Authorization": f"Bearer {stack['token']}"}
+    status, page = http("GET", f"{stack['query']}/v1/agents?pool=race&min_gpu_vram_gb=30", read)
+    assert status == 200 and page["agents"] == [], page
+
+
+def test_scoped_tokens_and_claims_through_the_deployed_stack(stack):
+    """Scopes and pools from the tokens secret; a claim read, extended and
+    released through the function URL."""
+    post_signed(stack, gpu_host("scope-lab", "lab-a", (30_000,)))
+    post_signed(stack, gpu_host("scope-farm", "render", (80_000,)))
+    read = {"Authorization": f"Bearer {stack['token']}", "Content-Type": "application/json"}
+    lab = {"Authorization": f"Bearer {stack['lab_token']}", "Content-Type": "application/json"}
+    claim = {"Authorization": f"Bearer {stack['claim_token']}", "Content-Type": "application/json"}
+    by_name = json.dumps({"agent_id": "scope-farm", "gpus": [0], "ttl_s": 300, "holder": "job-1"}).encode()
+    status, body = http("POST", f"{stack['query']}/v1/claims", read, by_name)
+    assert (status, body["code"]) == (403, "forbidden"), body
+    status, body = http("POST", f"{stack['query']}/v1/claims", lab, by_name)
+    assert status == 404, body
+
+    status, page = http("GET", f"{stack['query']}/v1/agents?status=all", lab)
+    assert status == 200 and {a["pool"] for a in page["agents"]} == {"lab-a"}, page
+    assert http("GET", f"{stack['query']}/v1/agents/scope-farm", lab)[0] == 404
+
+    status, made = http("POST", f"{stack['query']}/v1/claims", claim, by_name)
+    assert status == 201, made
+    assert made["cuda_visible_devices"] == "GPU-scope-farm-0"
+    path = f"{stack['query']}/v1/claims/{made['claim_id']}"
+    assert http("GET", path, lab)[0] == 404, "another pool's claim does not exist for it"
+    status, shown = http("GET", f"{stack['query']}/v1/agents/scope-farm", read)
+    assert shown["gpus"][0]["claim"]["holder"] == "job-1", shown
+    status, extended = http("PUT", path, claim, json.dumps({"ttl_s": 3600}).encode())
+    assert status == 200 and extended["expires_at"] > made["expires_at"], extended
+    request = urllib.request.Request(loopback_only(path), method="DELETE", headers=claim)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 204
+    assert http("GET", path, read)[0] == 404
+    status, shown = http("GET", f"{stack['query']}/v1/agents/scope-farm", read)
+    assert shown["gpus"][0]["claim"] is None, shown

@@ -186,6 +186,30 @@ async fn drive_query(
         let answer = request(server.addr, "GET", path.into(), auth.clone(), Vec::new()).await;
         assert_eq!(answer.status, 200, "{path}: {}", answer.text());
     }
+    // Claims: made by name and by filters, read, extended, released.
+    let mut with_body = auth.clone();
+    with_body.push(("Content-Type".to_owned(), "application/json".to_owned()));
+    let mut made = Vec::new();
+    for body in [
+        json!({"agent_id": "iam-agent", "gpus": [0], "ttl_s": 60, "holder": "iam"}),
+        json!({"min_gpus": 1, "ttl_s": 60, "holder": "iam"}),
+    ] {
+        let answer = request(server.addr, "POST", "/v1/claims".into(), with_body.clone(), body.to_string().into_bytes()).await;
+        assert!(matches!(answer.status, 201 | 409), "{}", answer.text());
+        if answer.status == 201 {
+            made.push(answer.json()["claim_id"].as_str().expect("claim_id").to_owned());
+        }
+    }
+    let path = format!("/v1/claims/{}", made.first().expect("the claim by name is made"));
+    for (method, body, status) in [
+        ("GET", None, 200),
+        ("PUT", Some(json!({"ttl_s": 120})), 200),
+        ("DELETE", None, 204),
+    ] {
+        let body = body.map(|b: serde_json::Value| b.to_string().into_bytes()).unwrap_or_default();
+        let answer = request(server.addr, method, path.clone(), with_body.clone(), body).await;
+        assert_eq!(answer.status, status, "{method} {path}: {}", answer.text());
+    }
     let unknown = vec![(
         "Authorization".to_owned(),
         "Bearer not-a-known-token-at-all".to_owned(),
@@ -289,7 +313,7 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
     let secret = FleetSecret::from_bytes(vec![9; 32]).unwrap();
     let names = [&table, "tokens", "cursor"].map(|part| format!("{table}/{part}"));
     create_secret(&names[0], &format!("{KEY_ID}={}", secret.to_hex())).await;
-    create_secret(&names[1], TOKEN).await;
+    create_secret(&names[1], &format!("{TOKEN}:read+claim")).await;
     create_secret(
         &names[2],
         "a-cursor-key-of-sixty-four-characters-0123456789abcdefghijklmn",

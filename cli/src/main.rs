@@ -431,9 +431,15 @@ fn shell_quote(word: &str) -> String {
 }
 
 async fn claim(api: &Api, args: &ClaimArgs) -> anyhow::Result<bool> {
-    let named = args.agent.as_deref().map(|agent| (agent, args.gpu.as_slice()));
+    let named = args
+        .agent
+        .as_deref()
+        .map(|agent| (agent, args.gpu.as_slice()));
     let body = claim_body(&args.capacity, named, &args.hold)?;
-    match api.send(reqwest::Method::POST, "/v1/claims", Some(&body)).await? {
+    match api
+        .send(reqwest::Method::POST, "/v1/claims", Some(&body))
+        .await?
+    {
         Answer::Done(claim) => {
             print_claim(&claim, args.export, args.json)?;
             Ok(true)
@@ -591,7 +597,10 @@ async fn wait(
     };
     loop {
         if let (Some(body), Some((_, export))) = (&body, claim) {
-            match api.send(reqwest::Method::POST, "/v1/claims", Some(body)).await? {
+            match api
+                .send(reqwest::Method::POST, "/v1/claims", Some(body))
+                .await?
+            {
                 Answer::Done(made) => {
                     print_claim(&made, export, filters.json)?;
                     return Ok(true);

@@ -105,7 +105,9 @@ impl CursorKeys {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("no query tokens given (expected token[,token2], each optionally token:scopes[:pools])")]
+    #[error(
+        "no query tokens given (expected token[,token2], each optionally token:scopes[:pools])"
+    )]
     Empty,
     #[error("query tokens must be at least {MIN_TOKEN_LEN} characters of visible ASCII")]
     Weak,
@@ -258,11 +260,7 @@ pub fn router(api: Arc<QueryApi>) -> Router {
         )
         .route("/", get(fleet_page))
         .method_not_allowed_fallback(|method: Method| async move {
-            api::method_not_allowed(if method == Method::GET {
-                "POST"
-            } else {
-                "GET"
-            })
+            api::method_not_allowed(if method == Method::GET { "POST" } else { "GET" })
         })
         .fallback(api::not_found)
         .layer(axum::middleware::map_response(api::no_sniff_no_store))
@@ -546,10 +544,15 @@ async fn get_claim(
     Path(id): Path<String>,
 ) -> Result<Json<ClaimView>, ApiError> {
     let claim_id = claim_id(&id)?;
-    claims::get(api.store.as_ref(), &claim_id, grant.pools.as_deref(), now_ms())
-        .await?
-        .map(|claim| Json(claim.view()))
-        .ok_or_else(|| unknown_claim(&id))
+    claims::get(
+        api.store.as_ref(),
+        &claim_id,
+        grant.pools.as_deref(),
+        now_ms(),
+    )
+    .await?
+    .map(|claim| Json(claim.view()))
+    .ok_or_else(|| unknown_claim(&id))
 }
 
 /// `PUT /v1/claims/{id}` with `{"ttl_s"}`: held for that long from now.
@@ -563,10 +566,16 @@ async fn extend_claim(
     let body = api::read_json_body(&headers, body).await?;
     let ttl_s = claims::parse_extension(&body).map_err(ApiError::bad_request)?;
     let claim_id = claim_id(&id)?;
-    claims::extend(api.store.as_ref(), &claim_id, ttl_s, grant.pools.as_deref(), now_ms())
-        .await?
-        .map(|claim| Json(claim.view()))
-        .ok_or_else(|| unknown_claim(&id))
+    claims::extend(
+        api.store.as_ref(),
+        &claim_id,
+        ttl_s,
+        grant.pools.as_deref(),
+        now_ms(),
+    )
+    .await?
+    .map(|claim| Json(claim.view()))
+    .ok_or_else(|| unknown_claim(&id))
 }
 
 /// `DELETE /v1/claims/{id}`: 204, also for a claim already gone.
@@ -576,7 +585,14 @@ async fn release_claim(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let claim_id = claim_id(&id)?;
-    if claims::release(api.store.as_ref(), &claim_id, grant.pools.as_deref(), now_ms()).await? {
+    if claims::release(
+        api.store.as_ref(),
+        &claim_id,
+        grant.pools.as_deref(),
+        now_ms(),
+    )
+    .await?
+    {
         tracing::info!(claim_id = %claim_id, "claim released");
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -140,7 +140,10 @@ pub async fn read_json_body(
     if declared_length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
         return Err(refuse(Rejection::PayloadTooLarge));
     }
-    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES));
+    let read = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, MAX_BODY_BYTES),
+    );
     read.await
         .map_err(|_| {
             ApiError::new(

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::heartbeat::{
-    AgentState, Gpu, MAX_GPUS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_POOL_LEN, Vendor,
+    AgentState, Gpu, MAX_GPUS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_POOL_LEN,
+    Vendor,
 };
 use crate::record::StoredAgent;
 use crate::signing::{id_rule, is_valid_id};

@@ -117,7 +117,9 @@ impl ClaimId {
     pub fn parse(text: &str) -> Option<Self> {
         let (nonce, agent) = text.split_once('.')?;
         let valid_nonce = nonce.len() == NONCE_LEN * 2
-            && nonce.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && nonce
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         let agent_id = String::from_utf8(hex::decode(agent).ok()?).ok()?;
         (valid_nonce && crate::signing::is_valid_agent_id(&agent_id)).then(|| Self {
             nonce: nonce.to_owned(),
@@ -284,13 +286,12 @@ impl ClaimRequest {
                 );
             }
             (true, false) => {
-                let agent_id = body
-                    .agent_id
-                    .ok_or("agent_id: required with gpus")?;
+                let agent_id = body.agent_id.ok_or("agent_id: required with gpus")?;
                 if !crate::signing::is_valid_agent_id(&agent_id) {
                     return Err(format!("agent_id: {}", crate::signing::AGENT_ID_RULE));
                 }
-                let gpus = gpu_indices(body.gpus.as_deref().ok_or("gpus: required with agent_id")?)?;
+                let gpus =
+                    gpu_indices(body.gpus.as_deref().ok_or("gpus: required with agent_id")?)?;
                 Wanted::ByName { agent_id, gpus }
             }
             (false, _) => {
@@ -349,9 +350,7 @@ pub fn parse_extension(body: &[u8]) -> Result<u64, String> {
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|error| format!("body: not JSON: {error}"))?;
-    let object = value
-        .as_object()
-        .ok_or("body: must be a JSON object")?;
+    let object = value.as_object().ok_or("body: must be a JSON object")?;
     if let Some((name, _)) = object.iter().find(|(_, value)| value.is_null()) {
         return Err(format!("{name}: must not be null (leave it out instead)"));
     }
@@ -370,7 +369,9 @@ fn ttl(value: Option<&serde_json::Number>) -> Result<u64, String> {
     value
         .as_u64()
         .filter(|ttl| (1..=MAX_TTL_S).contains(ttl))
-        .ok_or_else(|| format!("ttl_s: must be a whole number of seconds from 1 to {MAX_TTL_S}, got {value}"))
+        .ok_or_else(|| {
+            format!("ttl_s: must be a whole number of seconds from 1 to {MAX_TTL_S}, got {value}")
+        })
 }
 
 fn holder(value: Option<&str>) -> Result<String, String> {
@@ -402,7 +403,9 @@ fn gpu_indices(values: &[serde_json::Value]) -> Result<Vec<u32>, String> {
             .as_u64()
             .and_then(|index| u32::try_from(index).ok())
             .filter(|index| (*index as usize) < MAX_GPUS * 64)
-            .ok_or_else(|| format!("gpus: each must be a GPU index (a whole number), got {value}"))?;
+            .ok_or_else(|| {
+                format!("gpus: each must be a GPU index (a whole number), got {value}")
+            })?;
         if indices.contains(&index) {
             return Err(format!("gpus: index {index} is listed twice"));
         }
@@ -522,8 +525,7 @@ mod procedure {
                             let Some(gpus) = choose(&query, &agent, now_ms) else {
                                 break;
                             };
-                            let claim =
-                                new_claim(agent.agent_id(), gpus, request, expires_at_ms)?;
+                            let claim = new_claim(agent.agent_id(), gpus, request, expires_at_ms)?;
                             writes += 1;
                             if store.put_claim(&claim, now_ms).await? {
                                 return Ok(claim);
@@ -563,7 +565,11 @@ mod procedure {
             return None;
         }
         let mut free: Vec<_> = query.unclaimed_qualifying_gpus(agent).collect();
-        free.sort_by(|a, b| b.memory_free_mb.cmp(&a.memory_free_mb).then(a.index.cmp(&b.index)));
+        free.sort_by(|a, b| {
+            b.memory_free_mb
+                .cmp(&a.memory_free_mb)
+                .then(a.index.cmp(&b.index))
+        });
         let wanted = query.required_gpus() as usize;
         (free.len() >= wanted).then(|| {
             let mut gpus: Vec<ClaimedGpu> = free[..wanted]
@@ -602,7 +608,10 @@ mod procedure {
         if !agent_visible(store, claim_id, pools, now_ms).await? {
             return Ok(None);
         }
-        Ok(store.claims(claim_id.agent_id(), now_ms).await?.claim(claim_id))
+        Ok(store
+            .claims(claim_id.agent_id(), now_ms)
+            .await?
+            .claim(claim_id))
     }
 
     /// Holds a live claim for `ttl_s` from now; `None` once it is released
@@ -672,14 +681,23 @@ mod tests {
         };
         let text = id.to_string();
         assert_eq!(ClaimId::parse(&text), Some(id));
-        for junk in ["", ".", "abc.6c6162", &format!("{}.zz", "0".repeat(32)), &format!("{}.", "0".repeat(32))] {
+        for junk in [
+            "",
+            ".",
+            "abc.6c6162",
+            &format!("{}.zz", "0".repeat(32)),
+            &format!("{}.", "0".repeat(32)),
+        ] {
             assert_eq!(ClaimId::parse(junk), None, "{junk}");
         }
     }
 
     #[test]
     fn by_name_or_by_filters_never_both() {
-        let name = parse(serde_json::json!({"agent_id": "a", "gpus": [1, 0], "ttl_s": 60, "holder": "job-1"})).unwrap();
+        let name = parse(
+            serde_json::json!({"agent_id": "a", "gpus": [1, 0], "ttl_s": 60, "holder": "job-1"}),
+        )
+        .unwrap();
         assert_eq!(
             name.wanted,
             Wanted::ByName {
@@ -701,30 +719,77 @@ mod tests {
     #[test]
     fn hostile_bodies_are_named() {
         for (body, field) in [
-            (serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 1e30, "holder": "j"}), "ttl_s"),
-            (serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 86401, "holder": "j"}), "ttl_s"),
-            (serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 0, "holder": "j"}), "ttl_s"),
-            (serde_json::json!({"agent_id": "a", "gpus": [0], "holder": "j"}), "ttl_s"),
-            (serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 5, "holder": "a\u{7}b"}), "holder"),
-            (serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 5, "holder": ""}), "holder"),
-            (serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 5, "holder": "x".repeat(129)}), "holder"),
-            (serde_json::json!({"agent_id": "a", "gpus": (0..10_000).collect::<Vec<_>>(), "ttl_s": 5, "holder": "j"}), "gpus"),
-            (serde_json::json!({"agent_id": "a", "gpus": [0, 0], "ttl_s": 5, "holder": "j"}), "gpus"),
-            (serde_json::json!({"agent_id": "a", "gpus": [-1], "ttl_s": 5, "holder": "j"}), "gpus"),
-            (serde_json::json!({"agent_id": "a b", "gpus": [0], "ttl_s": 5, "holder": "j"}), "agent_id"),
-            (serde_json::json!({"min_gpus": 0, "ttl_s": 5, "holder": "j"}), "min_gpus"),
-            (serde_json::json!({"min_gpu_vram_gb": -1, "ttl_s": 5, "holder": "j"}), "min_gpu_vram_gb"),
-            (serde_json::json!({"gpu_vendor": "NVIDIA", "ttl_s": 5, "holder": "j"}), "gpu_vendor"),
-            (serde_json::json!({"colour": "red", "ttl_s": 5, "holder": "j"}), "colour"),
+            (
+                serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 1e30, "holder": "j"}),
+                "ttl_s",
+            ),
+            (
+                serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 86401, "holder": "j"}),
+                "ttl_s",
+            ),
+            (
+                serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 0, "holder": "j"}),
+                "ttl_s",
+            ),
+            (
+                serde_json::json!({"agent_id": "a", "gpus": [0], "holder": "j"}),
+                "ttl_s",
+            ),
+            (
+                serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 5, "holder": "a\u{7}b"}),
+                "holder",
+            ),
+            (
+                serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 5, "holder": ""}),
+                "holder",
+            ),
+            (
+                serde_json::json!({"agent_id": "a", "gpus": [0], "ttl_s": 5, "holder": "x".repeat(129)}),
+                "holder",
+            ),
+            (
+                serde_json::json!({"agent_id": "a", "gpus": (0..10_000).collect::<Vec<_>>(), "ttl_s": 5, "holder": "j"}),
+                "gpus",
+            ),
+            (
+                serde_json::json!({"agent_id": "a", "gpus": [0, 0], "ttl_s": 5, "holder": "j"}),
+                "gpus",
+            ),
+            (
+                serde_json::json!({"agent_id": "a", "gpus": [-1], "ttl_s": 5, "holder": "j"}),
+                "gpus",
+            ),
+            (
+                serde_json::json!({"agent_id": "a b", "gpus": [0], "ttl_s": 5, "holder": "j"}),
+                "agent_id",
+            ),
+            (
+                serde_json::json!({"min_gpus": 0, "ttl_s": 5, "holder": "j"}),
+                "min_gpus",
+            ),
+            (
+                serde_json::json!({"min_gpu_vram_gb": -1, "ttl_s": 5, "holder": "j"}),
+                "min_gpu_vram_gb",
+            ),
+            (
+                serde_json::json!({"gpu_vendor": "NVIDIA", "ttl_s": 5, "holder": "j"}),
+                "gpu_vendor",
+            ),
+            (
+                serde_json::json!({"colour": "red", "ttl_s": 5, "holder": "j"}),
+                "colour",
+            ),
         ] {
             let error = parse(body.clone()).expect_err(&body.to_string());
             assert!(error.contains(field), "{body}: {error}");
         }
         assert!(ClaimRequest::parse(b"[").unwrap_err().starts_with("body"));
         assert!(ClaimRequest::parse(b"[1]").unwrap_err().starts_with("body"));
-        let null = parse(serde_json::json!({"min_gpus": null, "ttl_s": 5, "holder": "j"})).unwrap_err();
+        let null =
+            parse(serde_json::json!({"min_gpus": null, "ttl_s": 5, "holder": "j"})).unwrap_err();
         assert!(null.starts_with("min_gpus"), "{null}");
-        let sneaky = parse(serde_json::json!({"labels": {"a=b": "c"}, "ttl_s": 5, "holder": "j"})).unwrap_err();
+        let sneaky = parse(serde_json::json!({"labels": {"a=b": "c"}, "ttl_s": 5, "holder": "j"}))
+            .unwrap_err();
         assert!(sneaky.contains("a=b"), "{sneaky}");
     }
 
@@ -750,7 +815,10 @@ mod tests {
         let claims = AgentClaims::live([(0, slot(100)), (1, slot(50)), (3, slot(100))], 60);
         assert!(claims.holder_of(1).is_none());
         let claim = claims.claim(&id).unwrap();
-        assert_eq!(claim.gpus.iter().map(|g| g.index).collect::<Vec<_>>(), [0, 3]);
+        assert_eq!(
+            claim.gpus.iter().map(|g| g.index).collect::<Vec<_>>(),
+            [0, 3]
+        );
         assert_eq!(claim.view().cuda_visible_devices, "GPU-100,GPU-100");
     }
 }

@@ -527,8 +527,10 @@ fn gpu_host(id: &str, pool: &str, free_mb: &[u64], now: i64) -> StoredAgent {
     let gpus: Vec<serde_json::Value> = free_mb
         .iter()
         .enumerate()
-        .map(|(index, free)| json!({"index": index, "vendor": "nvidia", "uuid": format!("GPU-{id}-{index}"),
-                                    "memory_total_mb": 81920, "memory_free_mb": free}))
+        .map(|(index, free)| {
+            json!({"index": index, "vendor": "nvidia", "uuid": format!("GPU-{id}-{index}"),
+                                    "memory_total_mb": 81920, "memory_free_mb": free})
+        })
         .collect();
     agent_at(id, 1, now, |b| {
         b["pool"] = json!(pool);
@@ -560,7 +562,10 @@ fn indices(claim: &Claim) -> Vec<u32> {
 pub async fn claim_by_name_all_or_nothing(backend: &Backend) {
     let store = &*backend.store;
     let now = base_ms();
-    store.upsert(gpu_host("quad", "default", &[40_000; 4], now)).await.unwrap();
+    store
+        .upsert(gpu_host("quad", "default", &[40_000; 4], now))
+        .await
+        .unwrap();
     let first = claims::claim(store, &by_name("quad", &[1, 0], 60), None, now)
         .await
         .expect("free GPUs are claimed");
@@ -574,7 +579,11 @@ pub async fn claim_by_name_all_or_nothing(backend: &Backend) {
     let second = claims::claim(store, &by_name("quad", &[2], 60), None, now + 2)
         .await
         .expect("GPU 2 was left free by the refused claim");
-    let agent = store.get("quad", now + 3).await.unwrap().expect("on record");
+    let agent = store
+        .get("quad", now + 3)
+        .await
+        .unwrap()
+        .expect("on record");
     let view = agent.view(now + 3);
     let held: Vec<Option<String>> = view
         .gpus
@@ -582,9 +591,16 @@ pub async fn claim_by_name_all_or_nothing(backend: &Backend) {
         .map(|gpu| gpu.claim.as_ref().map(|claim| claim.claim_id.clone()))
         .collect();
     let (a, b) = (first.claim_id.to_string(), second.claim_id.to_string());
-    assert_eq!(held, [Some(a.clone()), Some(a), Some(b), None], "{}", backend.name);
+    assert_eq!(
+        held,
+        [Some(a.clone()), Some(a), Some(b), None],
+        "{}",
+        backend.name
+    );
     assert_eq!(view.gpus[0].claim.as_ref().unwrap().holder, "job-1");
-    let read = claims::get(store, &first.claim_id, None, now + 3).await.unwrap();
+    let read = claims::get(store, &first.claim_id, None, now + 3)
+        .await
+        .unwrap();
     assert_eq!(read.as_ref().map(indices), Some(vec![0, 1]));
 }
 
@@ -593,18 +609,37 @@ pub async fn claim_by_name_all_or_nothing(backend: &Backend) {
 pub async fn claim_by_filters_in_answer_order(backend: &Backend) {
     let store = &*backend.store;
     let now = base_ms();
-    store.upsert(gpu_host("large", "default", &[80_000], now)).await.unwrap();
-    store.upsert(gpu_host("medium", "default", &[40_000, 2_000], now)).await.unwrap();
-    store.upsert(gpu_host("small", "default", &[8_000], now)).await.unwrap();
+    store
+        .upsert(gpu_host("large", "default", &[80_000], now))
+        .await
+        .unwrap();
+    store
+        .upsert(gpu_host("medium", "default", &[40_000, 2_000], now))
+        .await
+        .unwrap();
+    store
+        .upsert(gpu_host("small", "default", &[8_000], now))
+        .await
+        .unwrap();
     let filters = json!({"min_gpu_vram_gb": 30});
-    let first = claims::claim(store, &by_filters(filters.clone(), 60), None, now).await.unwrap();
+    let first = claims::claim(store, &by_filters(filters.clone(), 60), None, now)
+        .await
+        .unwrap();
     assert_eq!(first.claim_id.agent_id(), "large", "{}", backend.name);
     assert_eq!(ids(store, "min_gpu_vram_gb=30", now).await, ["medium"]);
-    let second = claims::claim(store, &by_filters(filters.clone(), 60), None, now).await.unwrap();
-    assert_eq!((second.claim_id.agent_id(), indices(&second)), ("medium", vec![0]));
+    let second = claims::claim(store, &by_filters(filters.clone(), 60), None, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        (second.claim_id.agent_id(), indices(&second)),
+        ("medium", vec![0])
+    );
     match claims::claim(store, &by_filters(filters, 60), None, now).await {
         Err(Refusal::NoCapacity) => {}
-        other => panic!("{}: every matching GPU is held, got {other:?}", backend.name),
+        other => panic!(
+            "{}: every matching GPU is held, got {other:?}",
+            backend.name
+        ),
     }
     assert!(ids(store, "min_gpu_vram_gb=30", now).await.is_empty());
     assert_eq!(
@@ -622,30 +657,77 @@ pub async fn claim_by_filters_in_answer_order(backend: &Backend) {
 pub async fn claims_expire_extend_and_release(backend: &Backend) {
     let store = &*backend.store;
     let now = base_ms();
-    store.upsert(gpu_host("one", "default", &[40_000], now)).await.unwrap();
-    let claim = claims::claim(store, &by_name("one", &[0], 5), None, now).await.unwrap();
+    store
+        .upsert(gpu_host("one", "default", &[40_000], now))
+        .await
+        .unwrap();
+    let claim = claims::claim(store, &by_name("one", &[0], 5), None, now)
+        .await
+        .unwrap();
     assert_eq!(claim.expires_at_ms, now + 5_000);
     let extended = claims::extend(store, &claim.claim_id, 10, None, now + 4_000)
         .await
         .unwrap()
         .expect("a live claim is extended");
     assert_eq!(extended.expires_at_ms, now + 14_000);
-    assert!(store.claims("one", now + 13_999).await.unwrap().holder_of(0).is_some());
+    assert!(
+        store
+            .claims("one", now + 13_999)
+            .await
+            .unwrap()
+            .holder_of(0)
+            .is_some()
+    );
     // Past its expiry: gone for every read, and the GPU is free again.
     let later = now + 14_000;
-    assert!(claims::get(store, &claim.claim_id, None, later).await.unwrap().is_none());
-    assert!(claims::extend(store, &claim.claim_id, 60, None, later).await.unwrap().is_none());
+    assert!(
+        claims::get(store, &claim.claim_id, None, later)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        claims::extend(store, &claim.claim_id, 60, None, later)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(ids(store, "min_gpu_vram_gb=30", later).await, ["one"]);
     let next = claims::claim(store, &by_name("one", &[0], 60), None, later)
         .await
         .expect("an expired claim blocks nothing");
     // Releasing the expired claim leaves the new one alone.
-    assert!(claims::release(store, &claim.claim_id, None, later).await.unwrap());
-    assert!(store.claims("one", later).await.unwrap().holder_of(0).is_some());
-    assert!(claims::release(store, &next.claim_id, None, later).await.unwrap());
-    assert!(claims::release(store, &next.claim_id, None, later).await.unwrap(), "twice");
+    assert!(
+        claims::release(store, &claim.claim_id, None, later)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .claims("one", later)
+            .await
+            .unwrap()
+            .holder_of(0)
+            .is_some()
+    );
+    assert!(
+        claims::release(store, &next.claim_id, None, later)
+            .await
+            .unwrap()
+    );
+    assert!(
+        claims::release(store, &next.claim_id, None, later)
+            .await
+            .unwrap(),
+        "twice"
+    );
     assert!(store.claims("one", later).await.unwrap().is_empty());
-    assert!(claims::extend(store, &next.claim_id, 60, None, later).await.unwrap().is_none());
+    assert!(
+        claims::extend(store, &next.claim_id, 60, None, later)
+            .await
+            .unwrap()
+            .is_none()
+    );
     claims::claim(store, &by_name("one", &[0], 60), None, later)
         .await
         .expect("a released GPU is free");
@@ -656,14 +738,24 @@ pub async fn claims_expire_extend_and_release(backend: &Backend) {
 pub async fn claims_refused_on_unavailable_agents(backend: &Backend) {
     let store = &*backend.store;
     let now = base_ms();
-    store.upsert(gpu_host("up", "default", &[40_000], now)).await.unwrap();
+    store
+        .upsert(gpu_host("up", "default", &[40_000], now))
+        .await
+        .unwrap();
     let mut draining = gpu_host("drain", "default", &[40_000], now);
     draining.heartbeat.state = AgentState::Draining;
     store.upsert(draining).await.unwrap();
     let leaving = agent_at("bye", 1, now, |b| b["state"] = json!("leaving"));
     store.upsert(leaving).await.unwrap();
-    store.upsert(gpu_host("dead", "default", &[40_000], now - 200_000)).await.unwrap();
-    for (agent, why) in [("drain", "draining"), ("bye", "leaving"), ("dead", "offline")] {
+    store
+        .upsert(gpu_host("dead", "default", &[40_000], now - 200_000))
+        .await
+        .unwrap();
+    for (agent, why) in [
+        ("drain", "draining"),
+        ("bye", "leaving"),
+        ("dead", "offline"),
+    ] {
         match claims::claim(store, &by_name(agent, &[0], 60), None, now).await {
             Err(Refusal::NotAvailable { why: said, .. }) => assert_eq!(said, why),
             other => panic!("{}: {agent} is {why}, got {other:?}", backend.name),
@@ -678,9 +770,18 @@ pub async fn claims_refused_on_unavailable_agents(backend: &Backend) {
         Err(Refusal::UnknownGpu { index: 3, .. })
     ));
     // By filters, only "up" qualifies: draining, leaving and offline never do.
-    let claim = claims::claim(store, &by_filters(json!({"min_gpus": 1}), 60), None, now).await.unwrap();
+    let claim = claims::claim(store, &by_filters(json!({"min_gpus": 1}), 60), None, now)
+        .await
+        .unwrap();
     assert_eq!(claim.claim_id.agent_id(), "up");
-    assert!(store.claims("up", now).await.unwrap().holder_of(3).is_none());
+    assert!(
+        store
+            .claims("up", now)
+            .await
+            .unwrap()
+            .holder_of(3)
+            .is_none()
+    );
 }
 
 /// PROTOCOL.md §4 "Scoped tokens": to a pool-limited caller another
@@ -688,21 +789,57 @@ pub async fn claims_refused_on_unavailable_agents(backend: &Backend) {
 pub async fn claims_stay_inside_their_pools(backend: &Backend) {
     let store = &*backend.store;
     let now = base_ms();
-    store.upsert(gpu_host("lab", "lab-a", &[10_000], now)).await.unwrap();
-    store.upsert(gpu_host("farm", "render", &[80_000], now)).await.unwrap();
+    store
+        .upsert(gpu_host("lab", "lab-a", &[10_000], now))
+        .await
+        .unwrap();
+    store
+        .upsert(gpu_host("farm", "render", &[80_000], now))
+        .await
+        .unwrap();
     let lab_a = vec!["lab-a".to_owned()];
     let pools = Some(lab_a.as_slice());
     assert!(matches!(
         claims::claim(store, &by_name("farm", &[0], 60), pools, now).await,
         Err(Refusal::UnknownAgent(_))
     ));
-    let claim = claims::claim(store, &by_filters(json!({"min_gpus": 1}), 60), pools, now).await.unwrap();
-    assert_eq!(claim.claim_id.agent_id(), "lab", "the bigger GPU is in another pool");
-    let theirs = claims::claim(store, &by_name("farm", &[0], 60), None, now).await.unwrap();
-    assert!(claims::get(store, &theirs.claim_id, pools, now).await.unwrap().is_none());
-    assert!(claims::extend(store, &theirs.claim_id, 60, pools, now).await.unwrap().is_none());
-    assert!(!claims::release(store, &theirs.claim_id, pools, now).await.unwrap());
-    assert!(store.claims("farm", now).await.unwrap().holder_of(0).is_some(), "not released");
+    let claim = claims::claim(store, &by_filters(json!({"min_gpus": 1}), 60), pools, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        claim.claim_id.agent_id(),
+        "lab",
+        "the bigger GPU is in another pool"
+    );
+    let theirs = claims::claim(store, &by_name("farm", &[0], 60), None, now)
+        .await
+        .unwrap();
+    assert!(
+        claims::get(store, &theirs.claim_id, pools, now)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        claims::extend(store, &theirs.claim_id, 60, pools, now)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        !claims::release(store, &theirs.claim_id, pools, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .claims("farm", now)
+            .await
+            .unwrap()
+            .holder_of(0)
+            .is_some(),
+        "not released"
+    );
     let mut query = query("status=all");
     query.pools = Some(lab_a.clone());
     let page = store.query(&query, None, now).await.unwrap();
@@ -715,15 +852,37 @@ pub async fn claims_stay_inside_their_pools(backend: &Backend) {
 pub async fn racing_claimers_never_share_a_gpu(backend: &Backend) {
     let store = Arc::clone(&backend.store);
     let now = base_ms();
-    store.upsert(gpu_host("r1", "default", &[40_000; 4], now)).await.unwrap();
-    store.upsert(gpu_host("r2", "default", &[40_000; 4], now)).await.unwrap();
-    store.upsert(gpu_host("r3", "default", &[40_000, 40_000, 4_000, 4_000], now)).await.unwrap();
-    claims::claim(&*store, &by_name("r1", &[2], 600), None, now).await.unwrap();
+    store
+        .upsert(gpu_host("r1", "default", &[40_000; 4], now))
+        .await
+        .unwrap();
+    store
+        .upsert(gpu_host("r2", "default", &[40_000; 4], now))
+        .await
+        .unwrap();
+    store
+        .upsert(gpu_host(
+            "r3",
+            "default",
+            &[40_000, 40_000, 4_000, 4_000],
+            now,
+        ))
+        .await
+        .unwrap();
+    claims::claim(&*store, &by_name("r1", &[2], 600), None, now)
+        .await
+        .unwrap();
     let mut claimers = tokio::task::JoinSet::new();
     for _ in 0..32 {
         let store = Arc::clone(&store);
         claimers.spawn(async move {
-            claims::claim(&*store, &by_filters(json!({"min_gpu_vram_gb": 30}), 600), None, now).await
+            claims::claim(
+                &*store,
+                &by_filters(json!({"min_gpu_vram_gb": 30}), 600),
+                None,
+                now,
+            )
+            .await
         });
     }
     let mut taken = std::collections::BTreeSet::new();
@@ -733,16 +892,29 @@ pub async fn racing_claimers_never_share_a_gpu(backend: &Backend) {
             Ok(claim) => {
                 for index in indices(&claim) {
                     let gpu = (claim.claim_id.agent_id().to_owned(), index);
-                    assert!(taken.insert(gpu.clone()), "{}: {gpu:?} claimed twice", backend.name);
+                    assert!(
+                        taken.insert(gpu.clone()),
+                        "{}: {gpu:?} claimed twice",
+                        backend.name
+                    );
                 }
             }
             Err(Refusal::NoCapacity) => refused += 1,
             Err(other) => panic!("{}: {other:?}", backend.name),
         }
     }
-    assert_eq!((taken.len(), refused), (9, 23), "{}: {taken:?}", backend.name);
+    assert_eq!(
+        (taken.len(), refused),
+        (9, 23),
+        "{}: {taken:?}",
+        backend.name
+    );
     assert!(!taken.contains(&("r1".to_owned(), 2)));
-    assert!(!taken.iter().any(|(agent, index)| agent == "r3" && *index >= 2));
+    assert!(
+        !taken
+            .iter()
+            .any(|(agent, index)| agent == "r3" && *index >= 2)
+    );
 }
 
 #[macro_export]

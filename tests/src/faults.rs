@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use rollcall::claims::{AgentClaims, Claim, ClaimId};
 use rollcall::capacity::{CapacityQuery, Position};
+use rollcall::claims::{AgentClaims, Claim, ClaimId};
 use rollcall::fleet::FleetTotals;
 use rollcall::heartbeat::MinuteRollup;
 use rollcall::record::StoredAgent;

@@ -278,33 +278,68 @@ fn claim_extend_and_release_from_the_shell() {
     use rollcall_tests::CLAIM_TOKEN;
     let stack = seeded();
     let claim = |args: &[&str]| cli_with_token(&stack, CLAIM_TOKEN, args);
-    let made = claim(&["claim", "--min-gpu-vram", "40", "--ttl", "15m", "--holder", "job-42", "--export"]);
+    let made = claim(&[
+        "claim",
+        "--min-gpu-vram",
+        "40",
+        "--ttl",
+        "15m",
+        "--holder",
+        "job-42",
+        "--export",
+    ]);
     let stdout = String::from_utf8_lossy(&made.stdout).into_owned();
-    assert_eq!(made.status.code(), Some(0), "{}", String::from_utf8_lossy(&made.stderr));
+    assert_eq!(
+        made.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     let claim_id = lines[0]
         .strip_prefix("export ROLLCALL_CLAIM_ID=")
         .expect("the claim id first");
-    assert_eq!(lines[1], "export CUDA_VISIBLE_DEVICES=0", "no UUID: the index");
+    assert_eq!(
+        lines[1], "export CUDA_VISIBLE_DEVICES=0",
+        "no UUID: the index"
+    );
 
-    let table = String::from_utf8_lossy(&cli(&stack, &["agents", "--include-claimed"]).stdout).into_owned();
+    let table =
+        String::from_utf8_lossy(&cli(&stack, &["agents", "--include-claimed"]).stdout).into_owned();
     assert!(table.contains("78.1/80.0[job-42]"), "{table}");
-    let again = claim(&["claim", "--agent", "big-gpu", "--gpu", "0", "--holder", "job-43"]);
+    let again = claim(&[
+        "claim", "--agent", "big-gpu", "--gpu", "0", "--holder", "job-43",
+    ]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("held by another claim"));
     let nothing = claim(&["claim", "--min-gpu-vram", "40", "--holder", "job-44"]);
     assert_eq!(nothing.status.code(), Some(1));
 
     let extended = claim(&["extend", claim_id, "--ttl", "2h"]);
-    assert_eq!(extended.status.code(), Some(0), "{}", String::from_utf8_lossy(&extended.stderr));
+    assert_eq!(
+        extended.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&extended.stderr)
+    );
     assert!(String::from_utf8_lossy(&extended.stdout).contains("CUDA_VISIBLE_DEVICES=0"));
     assert_eq!(claim(&["release", claim_id]).status.code(), Some(0));
-    assert_eq!(claim(&["release", claim_id]).status.code(), Some(0), "twice");
-    assert_eq!(claim(&["extend", claim_id, "--ttl", "1m"]).status.code(), Some(1));
+    assert_eq!(
+        claim(&["release", claim_id]).status.code(),
+        Some(0),
+        "twice"
+    );
+    assert_eq!(
+        claim(&["extend", claim_id, "--ttl", "1m"]).status.code(),
+        Some(1)
+    );
 
     // The read-only token is told what it lacks (exit 2).
-    let refused = cli(&stack, &["claim", "--agent", "big-gpu", "--gpu", "0", "--holder", "x"]);
+    let refused = cli(
+        &stack,
+        &["claim", "--agent", "big-gpu", "--gpu", "0", "--holder", "x"],
+    );
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("claim scope"));
     let no_holder = claim(&["claim", "--min-gpu-vram", "1"]);
@@ -318,24 +353,50 @@ fn claim_extend_and_release_from_the_shell() {
 fn wait_claim_holds_the_gpu_once_it_is_free() {
     use rollcall_tests::CLAIM_TOKEN;
     let stack = seeded();
-    let first = cli_with_token(&stack, CLAIM_TOKEN, &["claim", "--agent", "big-gpu", "--gpu", "0", "--holder", "first", "--json"]);
+    let first = cli_with_token(
+        &stack,
+        CLAIM_TOKEN,
+        &[
+            "claim", "--agent", "big-gpu", "--gpu", "0", "--holder", "first", "--json",
+        ],
+    );
     assert_eq!(first.status.code(), Some(0));
     let first: serde_json::Value = serde_json::from_slice(&first.stdout).expect("JSON claim");
     let claim_id = first["claim_id"].as_str().expect("claim_id").to_owned();
     let mut waiter = Command::new(binary("rollcall"))
-        .args(["wait", "--claim", "--min-gpu-vram", "40", "--holder", "second", "--every", "2", "--timeout", "60s"])
+        .args([
+            "wait",
+            "--claim",
+            "--min-gpu-vram",
+            "40",
+            "--holder",
+            "second",
+            "--every",
+            "2",
+            "--timeout",
+            "60s",
+        ])
         .env("ROLLCALL_URL", stack.query.url())
         .env("ROLLCALL_TOKEN", CLAIM_TOKEN)
-        .env("ROLLCALL_CLI_CONFIG", stack.dir.path().join("no-such-cli.toml"))
+        .env(
+            "ROLLCALL_CLI_CONFIG",
+            stack.dir.path().join("no-such-cli.toml"),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start rollcall wait");
     std::thread::sleep(std::time::Duration::from_secs(3));
-    assert!(waiter.try_wait().expect("poll").is_none(), "still waiting while the GPU is held");
+    assert!(
+        waiter.try_wait().expect("poll").is_none(),
+        "still waiting while the GPU is held"
+    );
     let released = cli_with_token(&stack, CLAIM_TOKEN, &["release", &claim_id]);
     assert_eq!(released.status.code(), Some(0));
     let output = waiter.wait_with_output().expect("wait ends");
     assert_eq!(output.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("holder second") && stdout.contains("CUDA_VISIBLE_DEVICES=0"), "{stdout}");
+    assert!(
+        stdout.contains("holder second") && stdout.contains("CUDA_VISIBLE_DEVICES=0"),
+        "{stdout}"
+    );
 }

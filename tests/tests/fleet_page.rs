@@ -37,7 +37,12 @@ fn seed(stack: &Stack) {
     assert_eq!(stack.post_heartbeat(&delta).status, 202);
     // A holder that looks like markup must show as text.
     let claim = json!({"agent_id": "alpha", "gpus": [1], "ttl_s": 3600, "holder": "job <b>7</b>"});
-    let made = stack.call("POST", "/v1/claims", rollcall_tests::CLAIM_TOKEN, Some(&claim));
+    let made = stack.call(
+        "POST",
+        "/v1/claims",
+        rollcall_tests::CLAIM_TOKEN,
+        Some(&claim),
+    );
     assert_eq!(made.status, 201, "{}", made.text());
 }
 

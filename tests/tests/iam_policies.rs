@@ -194,19 +194,36 @@ async fn drive_query(
         json!({"agent_id": "iam-agent", "gpus": [0], "ttl_s": 60, "holder": "iam"}),
         json!({"min_gpus": 1, "ttl_s": 60, "holder": "iam"}),
     ] {
-        let answer = request(server.addr, "POST", "/v1/claims".into(), with_body.clone(), body.to_string().into_bytes()).await;
+        let answer = request(
+            server.addr,
+            "POST",
+            "/v1/claims".into(),
+            with_body.clone(),
+            body.to_string().into_bytes(),
+        )
+        .await;
         assert!(matches!(answer.status, 201 | 409), "{}", answer.text());
         if answer.status == 201 {
-            made.push(answer.json()["claim_id"].as_str().expect("claim_id").to_owned());
+            made.push(
+                answer.json()["claim_id"]
+                    .as_str()
+                    .expect("claim_id")
+                    .to_owned(),
+            );
         }
     }
-    let path = format!("/v1/claims/{}", made.first().expect("the claim by name is made"));
+    let path = format!(
+        "/v1/claims/{}",
+        made.first().expect("the claim by name is made")
+    );
     for (method, body, status) in [
         ("GET", None, 200),
         ("PUT", Some(json!({"ttl_s": 120})), 200),
         ("DELETE", None, 204),
     ] {
-        let body = body.map(|b: serde_json::Value| b.to_string().into_bytes()).unwrap_or_default();
+        let body = body
+            .map(|b: serde_json::Value| b.to_string().into_bytes())
+            .unwrap_or_default();
         let answer = request(server.addr, method, path.clone(), with_body.clone(), body).await;
         assert_eq!(answer.status, status, "{method} {path}: {}", answer.text());
     }

@@ -114,9 +114,18 @@ enum Command {
 /// Claims are written by the one writer thread, so that checking a GPU's
 /// slot and taking it cannot interleave with another claim.
 enum ClaimWrite {
-    Put { claim: Claim, now_ms: i64 },
-    Extend { claim_id: String, expires_at_ms: i64, now_ms: i64 },
-    Release { claim_id: String },
+    Put {
+        claim: Claim,
+        now_ms: i64,
+    },
+    Extend {
+        claim_id: String,
+        expires_at_ms: i64,
+        now_ms: i64,
+    },
+    Release {
+        claim_id: String,
+    },
 }
 
 struct HistoryWrite {
@@ -344,7 +353,10 @@ impl Store for SqliteStore {
         if self.send(|reply| Command::Claim(write, reply)).await? == 0 {
             return Ok(None);
         }
-        Ok(self.claims(claim_id.agent_id(), now_ms).await?.claim(claim_id))
+        Ok(self
+            .claims(claim_id.agent_id(), now_ms)
+            .await?
+            .claim(claim_id))
     }
 
     async fn release_claim(&self, claim_id: &ClaimId, _now_ms: i64) -> Result<(), StoreError> {
@@ -569,9 +581,11 @@ fn write_claim(transaction: &rusqlite::Transaction, write: &ClaimWrite) -> rusql
             claim_id,
             expires_at_ms,
             now_ms,
-        } => Ok(transaction
-            .prepare_cached(EXTEND_CLAIM)?
-            .execute(params![expires_at_ms, claim_id, now_ms])? as u64),
+        } => Ok(transaction.prepare_cached(EXTEND_CLAIM)?.execute(params![
+            expires_at_ms,
+            claim_id,
+            now_ms
+        ])? as u64),
         ClaimWrite::Release { claim_id } => Ok(transaction
             .prepare_cached(RELEASE_CLAIM)?
             .execute(params![claim_id])? as u64),
@@ -584,7 +598,9 @@ fn read_claims(
     agent_id: &str,
     now_ms: i64,
 ) -> Result<AgentClaims, StoreError> {
-    let mut statement = connection.prepare_cached(LIVE_CLAIMS).map_err(unavailable)?;
+    let mut statement = connection
+        .prepare_cached(LIVE_CLAIMS)
+        .map_err(unavailable)?;
     let slots: Vec<(u32, GpuClaim)> = statement
         .query_map(params![agent_id, now_ms], |row| {
             Ok((

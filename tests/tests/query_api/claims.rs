@@ -12,8 +12,10 @@ fn host(stack: &Stack, id: &str, pool: &str, free_mb: &[u64], state: &str) {
     body["gpus"] = free_mb
         .iter()
         .enumerate()
-        .map(|(index, free)| json!({"index": index, "vendor": "nvidia", "uuid": format!("GPU-{id}-{index}"),
-                                    "memory_total_mb": 81920, "memory_free_mb": free}))
+        .map(|(index, free)| {
+            json!({"index": index, "vendor": "nvidia", "uuid": format!("GPU-{id}-{index}"),
+                                    "memory_total_mb": 81920, "memory_free_mb": free})
+        })
         .collect();
     assert_eq!(stack.post_heartbeat(&body).status, 202);
 }
@@ -38,7 +40,9 @@ fn ids(answer: &Value) -> Vec<&str> {
 
 /// Every GPU's claim on an agent, as the record shows it.
 fn gpu_claims(stack: &Stack, agent: &str) -> Vec<Value> {
-    let record = stack.call("GET", &format!("/v1/agents/{agent}"), CLAIM_TOKEN, None).json();
+    let record = stack
+        .call("GET", &format!("/v1/agents/{agent}"), CLAIM_TOKEN, None)
+        .json();
     record["gpus"]
         .as_array()
         .expect("gpus")
@@ -61,7 +65,10 @@ fn a_claim_is_made_read_extended_and_released() {
     assert_eq!(claim["agent_id"], "big");
     assert_eq!(claim["holder"], "job-42");
     assert_eq!(claim["cuda_visible_devices"], "GPU-big-0,GPU-big-1");
-    assert_eq!(claim["gpus"], json!([{"index": 0, "uuid": "GPU-big-0"}, {"index": 1, "uuid": "GPU-big-1"}]));
+    assert_eq!(
+        claim["gpus"],
+        json!([{"index": 0, "uuid": "GPU-big-0"}, {"index": 1, "uuid": "GPU-big-1"}])
+    );
     let id = claim["claim_id"].as_str().expect("claim_id").to_owned();
     let path = format!("/v1/claims/{id}");
 
@@ -74,7 +81,9 @@ fn a_claim_is_made_read_extended_and_released() {
     assert_eq!(shown[0]["expires_at"], claim["expires_at"]);
     assert!(ids(&stack.get("/v1/agents?min_gpu_vram_gb=40").json()).is_empty());
     assert_eq!(
-        ids(&stack.get("/v1/agents?min_gpu_vram_gb=40&include_claimed=true").json()),
+        ids(&stack
+            .get("/v1/agents?min_gpu_vram_gb=40&include_claimed=true")
+            .json()),
         ["big"]
     );
 
@@ -83,12 +92,19 @@ fn a_claim_is_made_read_extended_and_released() {
     assert!(extended.json()["expires_at"].as_str() > claim["expires_at"].as_str());
 
     assert_eq!(stack.call("DELETE", &path, CLAIM_TOKEN, None).status, 204);
-    assert_eq!(stack.call("DELETE", &path, CLAIM_TOKEN, None).status, 204, "twice");
+    assert_eq!(
+        stack.call("DELETE", &path, CLAIM_TOKEN, None).status,
+        204,
+        "twice"
+    );
     assert_eq!(stack.get(&path).status, 404);
     let late = stack.call("PUT", &path, CLAIM_TOKEN, Some(&json!({"ttl_s": 60})));
     assert_eq!(late.status, 404, "{}", late.text());
     assert_eq!(gpu_claims(&stack, "big"), [Value::Null, Value::Null]);
-    assert_eq!(ids(&stack.get("/v1/agents?min_gpu_vram_gb=40").json()), ["big"]);
+    assert_eq!(
+        ids(&stack.get("/v1/agents?min_gpu_vram_gb=40").json()),
+        ["big"]
+    );
 }
 
 #[test]
@@ -100,11 +116,31 @@ fn refusals_carry_their_codes() {
         201
     );
     for (body, status, code) in [
-        (json!({"agent_id": "big", "gpus": [0, 1], "ttl_s": 60, "holder": "b"}), 409, "claimed"),
-        (json!({"agent_id": "gaming", "gpus": [0], "ttl_s": 60, "holder": "b"}), 409, "not_available"),
-        (json!({"min_gpu_vram_gb": 40, "min_gpus": 2, "ttl_s": 60, "holder": "b"}), 409, "no_capacity"),
-        (json!({"agent_id": "nobody", "gpus": [0], "ttl_s": 60, "holder": "b"}), 404, "not_found"),
-        (json!({"agent_id": "small", "gpus": [5], "ttl_s": 60, "holder": "b"}), 404, "not_found"),
+        (
+            json!({"agent_id": "big", "gpus": [0, 1], "ttl_s": 60, "holder": "b"}),
+            409,
+            "claimed",
+        ),
+        (
+            json!({"agent_id": "gaming", "gpus": [0], "ttl_s": 60, "holder": "b"}),
+            409,
+            "not_available",
+        ),
+        (
+            json!({"min_gpu_vram_gb": 40, "min_gpus": 2, "ttl_s": 60, "holder": "b"}),
+            409,
+            "no_capacity",
+        ),
+        (
+            json!({"agent_id": "nobody", "gpus": [0], "ttl_s": 60, "holder": "b"}),
+            404,
+            "not_found",
+        ),
+        (
+            json!({"agent_id": "small", "gpus": [5], "ttl_s": 60, "holder": "b"}),
+            404,
+            "not_found",
+        ),
     ] {
         let answer = claim(body.clone());
         assert_eq!(answer.status, status, "{body}: {}", answer.text());
@@ -113,9 +149,16 @@ fn refusals_carry_their_codes() {
     }
     // GPU 0 stayed free through the refused claim by name.
     assert_eq!(gpu_claims(&stack, "big")[0], Value::Null);
-    for path in ["/v1/claims/nonsense", &format!("/v1/claims/{}.00", "0".repeat(32))] {
+    for path in [
+        "/v1/claims/nonsense",
+        &format!("/v1/claims/{}.00", "0".repeat(32)),
+    ] {
         assert_eq!(stack.get(path).status, 404, "{path}");
-        assert_eq!(stack.call("DELETE", path, CLAIM_TOKEN, None).status, 404, "{path}");
+        assert_eq!(
+            stack.call("DELETE", path, CLAIM_TOKEN, None).status,
+            404,
+            "{path}"
+        );
     }
 }
 
@@ -169,12 +212,19 @@ fn scopes_and_pools_bound_every_token() {
     );
     assert_eq!(refused.status, 403, "{}", refused.text());
     assert_eq!(refused.json()["code"], "forbidden");
-    assert!(refused.error().contains("claim scope"), "{}", refused.error());
+    assert!(
+        refused.error().contains("claim scope"),
+        "{}",
+        refused.error()
+    );
     assert_eq!(gpu_claims(&stack, "big"), [Value::Null, Value::Null]);
 
     // To the lab-a token, no other pool's agent exists.
     let lab = |path: &str| stack.call("GET", path, LAB_TOKEN, None);
-    assert_eq!(ids(&lab("/v1/agents?status=all&include_draining=true").json()), ["lab"]);
+    assert_eq!(
+        ids(&lab("/v1/agents?status=all&include_draining=true").json()),
+        ["lab"]
+    );
     assert_eq!(lab("/v1/agents/big").status, 404);
     assert_eq!(lab("/v1/agents/big/history").status, 404);
     assert_eq!(lab("/v1/agents/lab").status, 200);
@@ -197,7 +247,11 @@ fn scopes_and_pools_bound_every_token() {
         Some(&json!({"min_gpus": 1, "ttl_s": 60, "holder": "job"})),
     );
     assert_eq!(ours.status, 201, "{}", ours.text());
-    assert_eq!(ours.json()["agent_id"], "lab", "big has more free VRAM but another pool");
+    assert_eq!(
+        ours.json()["agent_id"],
+        "lab",
+        "big has more free VRAM but another pool"
+    );
 
     // A claim in another pool is unknown to it, and stays held.
     let other = stack

@@ -79,11 +79,21 @@ impl DynamoStore {
         for chunk in agent_ids.chunks(super::query::TABLE_BATCH) {
             let store = self.clone();
             let keys: Vec<String> = chunk.iter().map(|id| claims_key(id)).collect();
-            batches.spawn(async move { store.read_batch(keys).await });
+            let requested = keys.len() as u64;
+            batches.spawn(async move {
+                store.read_batch(keys).await.map(|(items, mut cost)| {
+                    cost.requested = requested;
+                    (items, cost)
+                })
+            });
         }
         while let Some(joined) = batches.join_next().await {
-            let (items, read) = joined
+            let (items, mut read) = joined
                 .map_err(|e| StoreError::Unavailable(format!("claims read failed: {e}")))??;
+            // Most agents have no claims item, and a key read that finds
+            // nothing is billed half a unit all the same.
+            let missing = read.requested.saturating_sub(items.len() as u64);
+            read.units += missing as f64 * 0.5;
             cost.merge(&read);
             for item in items {
                 let Some(agent_id) = item
@@ -93,10 +103,28 @@ impl DynamoStore {
                 else {
                     continue;
                 };
-                found.insert(agent_id.to_owned(), AgentClaims::live(slots(&item)?, now_ms));
+                found.insert(
+                    agent_id.to_owned(),
+                    AgentClaims::live(slots(&item)?, now_ms),
+                );
             }
         }
         Ok((found, cost))
+    }
+
+    /// The size of an agent's claims item by DynamoDB's rules (0 without
+    /// one): what its claim writes are billed by.
+    pub async fn claims_item_size(&self, agent_id: &str) -> Result<usize, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(A_AGENT, AttributeValue::S(claims_key(agent_id)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        Ok(output.item().map_or(0, super::item_size))
     }
 
     pub(super) async fn write_claim(&self, claim: &Claim, now_ms: i64) -> Result<bool, StoreError> {
@@ -117,7 +145,9 @@ impl DynamoStore {
         for (index, slot) in claim.slots() {
             let (name, value) = (format!("#g{index}"), format!(":g{index}"));
             sets.push(format!("{name} = {value}"));
-            conditions.push(format!("(attribute_not_exists({name}) OR {name}.#e <= :now)"));
+            conditions.push(format!(
+                "(attribute_not_exists({name}) OR {name}.#e <= :now)"
+            ));
             update = update
                 .expression_attribute_names(&name, slot_name(index))
                 .expression_attribute_values(&value, slot_value(&slot));
@@ -220,7 +250,10 @@ impl DynamoStore {
                 update = update.expression_attribute_names(&name, slot_name(*index));
                 names.push(name);
             }
-            let conditions: Vec<String> = names.iter().map(|name| format!("{name}.#c = :id")).collect();
+            let conditions: Vec<String> = names
+                .iter()
+                .map(|name| format!("{name}.#c = :id"))
+                .collect();
             let result = update
                 .update_expression(format!("REMOVE {}", names.join(", ")))
                 .condition_expression(conditions.join(" AND "))

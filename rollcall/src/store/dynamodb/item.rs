@@ -342,17 +342,32 @@ fn inflate(stream: &[u8]) -> Option<Vec<u8>> {
 /// per two significant digits, plus one).
 pub fn item_size(item: &Item) -> usize {
     item.iter()
-        .map(|(name, value)| {
-            name.len()
-                + match value {
-                    AttributeValue::S(text) => text.len(),
-                    AttributeValue::B(blob) => blob.as_ref().len(),
-                    AttributeValue::N(digits) => number_size(digits),
-                    AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
-                    _ => 0,
-                }
-        })
+        .map(|(name, value)| name.len() + value_size(value))
         .sum()
+}
+
+/// One value's size: a map or list costs 3 bytes, and 1 more per element
+/// beside the element's own size (and, in a map, its name).
+fn value_size(value: &AttributeValue) -> usize {
+    match value {
+        AttributeValue::S(text) => text.len(),
+        AttributeValue::B(blob) => blob.as_ref().len(),
+        AttributeValue::N(digits) => number_size(digits),
+        AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
+        AttributeValue::M(map) => {
+            3 + map
+                .iter()
+                .map(|(name, value)| name.len() + value_size(value) + 1)
+                .sum::<usize>()
+        }
+        AttributeValue::L(list) => {
+            3 + list
+                .iter()
+                .map(|value| value_size(value) + 1)
+                .sum::<usize>()
+        }
+        _ => 0,
+    }
 }
 
 fn number_size(digits: &str) -> usize {

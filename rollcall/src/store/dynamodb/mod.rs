@@ -73,6 +73,8 @@ pub struct WriteCost {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ReadCost {
     pub requests: u32,
+    /// Keys asked for by key (found or not), where that was counted.
+    pub requested: u64,
     pub index_entries: u64,
     pub items_read: u64,
     pub units: f64,
@@ -101,6 +103,7 @@ impl ReadCost {
 
     fn merge(&mut self, other: &ReadCost) {
         self.requests += other.requests;
+        self.requested += other.requested;
         self.index_entries += other.index_entries;
         self.items_read += other.items_read;
         self.units += other.units;

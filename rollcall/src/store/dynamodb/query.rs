@@ -63,11 +63,13 @@ pub struct PageBudget {
 }
 
 impl Default for PageBudget {
-    /// About 100 read units and 2 s: a page of 100 answers with room to
-    /// spare, far inside the query function's 10 s timeout.
+    /// About 160 read units and 2 s: a page of 100 answers with room to
+    /// spare (about 55 units for the agents and their index entries, 50 for
+    /// their claims items, found or not), far inside the query function's
+    /// 10 s timeout.
     fn default() -> Self {
         Self {
-            read_units: 100.0,
+            read_units: 160.0,
             rounds: 12,
             time: Duration::from_secs(2),
         }

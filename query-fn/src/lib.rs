@@ -605,6 +605,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn token_entries_carry_scopes_and_pools() {
+        let tokens = Tokens::parse(
+            "reader-0123456789abcdef, claimer-0123456789abcdef:read+claim ,lab-0123456789abcdef:claim:lab-a+lab-b",
+        )
+        .unwrap();
+        assert_eq!(tokens.grant(b"reader-0123456789abcdef"), Some(Grant::V1));
+        let claimer = tokens.grant(b"claimer-0123456789abcdef").unwrap();
+        assert!(claimer.read && claimer.claim && claimer.pools.is_none());
+        let lab = tokens.grant(b"lab-0123456789abcdef").unwrap();
+        assert!(!lab.read && lab.claim);
+        assert!(lab.sees("lab-b") && !lab.sees("default"));
+        // The scopes are not part of the token.
+        assert_eq!(tokens.grant(b"claimer-0123456789abcdef:read+claim"), None);
+        for (text, expected) in [
+            ("reader-0123456789abcdef:write", "scopes"),
+            ("reader-0123456789abcdef:read:", "pools"),
+            ("reader-0123456789abcdef:read:a/b", "pools"),
+            ("short:read", "at least"),
+            (" , ", "no query tokens"),
+        ] {
+            let error = Tokens::parse(text).err().expect(text).to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+            assert!(!error.contains("0123456789abcdef"), "{error}");
+        }
+    }
+
+    #[test]
     fn only_what_could_be_a_token_is_worth_an_early_refresh() {
         assert!(could_be_a_token(b"0123456789abcdef"));
         assert!(!could_be_a_token(b"short"));

@@ -11,7 +11,9 @@ use rollcall_query::{QueryApi, Tokens, router};
 /// rollcall query: the capacity API a scheduler calls to pick a machine.
 ///
 /// Bearer tokens are read from the environment only (never from flags, which
-/// `ps` shows): ROLLCALL_QUERY_TOKENS="token[,token2]". Pagination cursors are
+/// `ps` shows): ROLLCALL_QUERY_TOKENS="token[,token2]". A token reads every
+/// pool; `token:read+claim` may also claim GPUs, and
+/// `token:read+claim:lab-a+lab-b` sees and claims only those pools. Pagination cursors are
 /// sealed with ROLLCALL_CURSOR_KEY if set, else with a random key of the process's
 /// own (never derived from the tokens).
 /// In AWS, set ROLLCALL_QUERY_TOKENS_SECRET_ID (and ROLLCALL_CURSOR_KEY_SECRET_ID)

@@ -521,10 +521,7 @@ mod procedure {
                         // Another claimer may take the GPUs between the read
                         // and the write: the agent is read again and tried
                         // until it has too few left.
-                        loop {
-                            let Some(gpus) = choose(&query, &agent, now_ms) else {
-                                break;
-                            };
+                        while let Some(gpus) = choose(&query, &agent, now_ms) {
                             let claim = new_claim(agent.agent_id(), gpus, request, expires_at_ms)?;
                             writes += 1;
                             if store.put_claim(&claim, now_ms).await? {

@@ -784,6 +784,15 @@ async fn show(api: &Api, agent_id: &str, json: bool) -> anyhow::Result<bool> {
                 claim.holder, claim.expires_at, claim.claim_id
             );
         }
+        for process in gpu.processes.iter().flatten() {
+            println!(
+                "       pid {:<8} {:>9} MiB  {}  {}",
+                process.pid,
+                process.used_mb,
+                process.name.as_deref().unwrap_or("-"),
+                process.user.as_deref().unwrap_or("-")
+            );
+        }
     }
     Ok(true)
 }

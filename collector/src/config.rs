@@ -67,6 +67,15 @@ pub struct Options {
     /// Where the generated agent id is kept [default: /var/lib/rollcall as root, else ~/.local/state/rollcall]
     #[arg(long, env = "ROLLCALL_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Send GPU processes as pids and memory only, without command names and users.
+    #[arg(
+        long = "no-process-names",
+        env = "ROLLCALL_NO_PROCESS_NAMES",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub no_process_names: Option<bool>,
 }
 
 impl Options {
@@ -85,6 +94,7 @@ impl Options {
             history_window_minutes: self.history_window_minutes.or(lower.history_window_minutes),
             disk_path: self.disk_path.or(lower.disk_path),
             state_dir: self.state_dir.or(lower.state_dir),
+            no_process_names: self.no_process_names.or(lower.no_process_names),
         }
     }
 }
@@ -119,6 +129,8 @@ pub struct Settings {
     /// Whether the state folder was named (flag, environment, config file
     /// or systemd), rather than guessed from who runs the collector.
     pub state_dir_named: bool,
+    /// Whether GPU processes go out with their names and users.
+    pub process_names: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +258,7 @@ impl Settings {
             state_dir_named: options.state_dir.is_some()
                 || std::env::var_os("STATE_DIRECTORY").is_some(),
             state_dir: options.state_dir.unwrap_or_else(default_state_dir),
+            process_names: !options.no_process_names.unwrap_or(false),
         })
     }
 }

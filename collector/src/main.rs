@@ -242,7 +242,7 @@ fn identity(settings: &Settings, must_keep_id: bool) -> anyhow::Result<Identity>
 fn sampler(settings: &Settings, one_shot: bool) -> Sampler {
     Sampler::new(
         settings.disk_path.clone(),
-        GpuReaders::detect(one_shot),
+        GpuReaders::detect(one_shot, settings.process_names),
         settings.gpu_timeout,
     )
 }

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use rollcall::heartbeat::{AgentState, Heartbeat};
-use rollcall::wire::EXTENSION_HISTORY;
+use rollcall::wire::{EXTENSION_HISTORY, EXTENSION_PROCESSES};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
 
@@ -38,6 +38,7 @@ pub async fn run(
     let retry_cap = RETRY_CAP.min(interval / 2);
     let mut outage = Outage::default();
     let mut history = History::new(identity.history_window_minutes);
+    let mut processes = ProcessReports::default();
     let mut next_due = Instant::now();
     let mut reported_state = AgentState::Up;
     loop {
@@ -56,6 +57,7 @@ pub async fn run(
         let mut heartbeat = sampler.sample(&identity, state, true).await;
         history.record(&heartbeat);
         heartbeat.history = history.due(heartbeat.sent_at_ms / 60_000);
+        processes.thin(&mut heartbeat);
         next_due = Instant::now() + interval.mul_f64(0.9 + 0.2 * fastrand::f64());
         let attempts = Attempts {
             sender: &sender,
@@ -63,13 +65,73 @@ pub async fn run(
             retry_cap,
         };
         if let Delivery::ShuttingDown = attempts
-            .deliver(&heartbeat, &mut outage, &mut history, &mut shutdown)
+            .deliver(
+                &heartbeat,
+                &mut outage,
+                (&mut history, &mut processes),
+                &mut shutdown,
+            )
             .await
         {
             break;
         }
     }
     send_leaving(&mut sampler, &identity, &sender, &mut history).await;
+}
+
+/// GPU processes go out when they changed since the last snapshot ingest
+/// stored, and at least every [`PROCESSES_REFRESH`]: a steady job costs the
+/// heartbeat nothing, and a snapshot lost on the way is sent again.
+#[derive(Default)]
+struct ProcessReports {
+    delivered: Option<(ProcessesSeen, Instant)>,
+}
+
+/// How long a snapshot is left unsent while nothing changed.
+const PROCESSES_REFRESH: Duration = Duration::from_secs(300);
+/// Used memory that moves by less than this is no change.
+const PROCESSES_GRAIN_MB: u64 = 256;
+
+/// What counts as a change: per GPU, the pids, names and used memory to
+/// the grain.
+type ProcessesSeen = Vec<(u32, Option<Vec<(u32, u64, Option<String>)>>)>;
+
+fn seen(heartbeat: &Heartbeat) -> ProcessesSeen {
+    heartbeat
+        .gpus
+        .iter()
+        .map(|gpu| {
+            let processes = gpu.processes.as_ref().map(|processes| {
+                processes
+                    .iter()
+                    .map(|p| (p.pid, p.used_mb / PROCESSES_GRAIN_MB, p.name.clone()))
+                    .collect()
+            });
+            (gpu.index, processes)
+        })
+        .collect()
+}
+
+impl ProcessReports {
+    /// Leaves the processes out when ingest already holds the same.
+    fn thin(&self, heartbeat: &mut Heartbeat) {
+        let unchanged = self
+            .delivered
+            .as_ref()
+            .is_some_and(|(last, at)| at.elapsed() < PROCESSES_REFRESH && *last == seen(heartbeat));
+        if unchanged {
+            for gpu in &mut heartbeat.gpus {
+                gpu.processes = None;
+            }
+        }
+    }
+
+    /// Ingest stored what `heartbeat` carried (if it carried processes).
+    fn delivered(&mut self, heartbeat: &Heartbeat) {
+        if heartbeat.gpus.iter().any(|gpu| gpu.processes.is_some()) {
+            self.delivered = Some((seen(heartbeat), Instant::now()));
+        }
+    }
 }
 
 /// Why [`Attempts::deliver`] returned.
@@ -93,7 +155,7 @@ impl Attempts<'_> {
         &self,
         heartbeat: &Heartbeat,
         outage: &mut Outage,
-        history: &mut History,
+        (history, processes): (&mut History, &mut ProcessReports),
         shutdown: &mut watch::Receiver<bool>,
     ) -> Delivery {
         let mut attempt = 0;
@@ -113,6 +175,9 @@ impl Attempts<'_> {
                             minutes = heartbeat.history.len(),
                             "ingest did not store the history this time; it goes out again"
                         );
+                    }
+                    if accepted.stored(EXTENSION_PROCESSES) {
+                        processes.delivered(heartbeat);
                     }
                     outage.recovered();
                     tracing::debug!(attempts = attempt + 1, online_until = %accepted.online_until, "heartbeat accepted");
@@ -240,4 +305,61 @@ pub fn shutdown_on_signals() -> std::io::Result<watch::Receiver<bool>> {
         let _ = notify.send(true);
     });
     Ok(receiver)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollcall::heartbeat::GpuProcess;
+
+    fn heartbeat(processes: &[(u32, u64)]) -> Heartbeat {
+        let mut heartbeat: Heartbeat = serde_json::from_value(serde_json::json!({
+            "v": 1, "agent_id": "a", "sent_at_ms": 1, "interval_s": 30,
+            "cpu": {"cores_physical": 1, "cores_logical": 1, "cores_available": 1,
+                    "load_1m": 0.0, "load_5m": 0.0, "load_15m": 0.0},
+            "memory": {"total_mb": 1, "available_mb": 1},
+            "gpus": [{"index": 0, "vendor": "nvidia", "memory_total_mb": 81920, "memory_free_mb": 1}]
+        }))
+        .unwrap();
+        heartbeat.gpus[0].processes = Some(
+            processes
+                .iter()
+                .map(|(pid, used_mb)| GpuProcess {
+                    pid: *pid,
+                    used_mb: *used_mb,
+                    name: None,
+                    user: None,
+                })
+                .collect(),
+        );
+        heartbeat
+    }
+
+    #[test]
+    fn processes_go_out_when_they_change_and_until_ingest_stored_them() {
+        let mut reports = ProcessReports::default();
+        let mut first = heartbeat(&[(10, 30_000)]);
+        reports.thin(&mut first);
+        assert!(first.gpus[0].processes.is_some(), "nothing delivered yet");
+        // Not acknowledged (a failed send, or not stored): it goes out again.
+        let mut again = heartbeat(&[(10, 30_000)]);
+        reports.thin(&mut again);
+        assert!(again.gpus[0].processes.is_some());
+        reports.delivered(&again);
+        // Unchanged, or moved by less than the grain: left out.
+        let mut same = heartbeat(&[(10, 30_100)]);
+        reports.thin(&mut same);
+        assert!(same.gpus[0].processes.is_none());
+        // A process appears, or one vanishes: it goes out.
+        for changed in [&[(10, 30_000), (11, 5)][..], &[][..], &[(10, 31_000)][..]] {
+            let mut heartbeat = heartbeat(changed);
+            reports.thin(&mut heartbeat);
+            assert!(heartbeat.gpus[0].processes.is_some(), "{changed:?}");
+        }
+        // A thinned heartbeat that is acknowledged changes nothing.
+        reports.delivered(&same);
+        let mut still = heartbeat(&[(10, 30_000)]);
+        reports.thin(&mut still);
+        assert!(still.gpus[0].processes.is_none());
+    }
 }

@@ -17,13 +17,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use rollcall::api::{self, ApiError};
-use rollcall::heartbeat::MinuteRollup;
+use rollcall::heartbeat::{GpuProcesses, MinuteRollup};
 use rollcall::history;
 use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::store::{Store, Upsert};
 use rollcall::time::{now_ms, rfc3339};
 use rollcall::verify::Rejection;
-use rollcall::wire::{Accepted, EXTENSION_HISTORY};
+use rollcall::wire::{Accepted, EXTENSION_HISTORY, EXTENSION_PROCESSES};
 
 use crate::keys::KeySource;
 
@@ -31,8 +31,9 @@ use crate::keys::KeySource;
 /// `/openapi.json`; `tests/tests/openapi.rs` holds it to the router.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-/// How long a heartbeat waits for its history before it is answered without
-/// it: well inside the function's 5 s, after the record's write.
+/// How long a heartbeat waits for its history (and, beside it, its GPU
+/// processes) before it is answered without them: well inside the
+/// function's 5 s, after the record's write.
 const HISTORY_BUDGET: Duration = Duration::from_secs(2);
 
 pub struct Ingest {
@@ -77,10 +78,13 @@ async fn heartbeat(
         .await
         .map_err(reject)?;
     let sent_at_ms = heartbeat.sent_at_ms;
-    // History is kept apart from the agent record, so the record stays small.
+    // History and GPU processes are kept apart from the agent record, so
+    // the record stays small.
     let history = std::mem::take(&mut heartbeat.history);
+    let processes = heartbeat.take_processes();
     let agent = StoredAgent::accept(heartbeat, received_at_ms, ingest.deadlines);
     let online_until_ms = agent.online_until_ms;
+    let expires_at_s = agent.expires_at_s;
     let agent_id = agent.agent_id().to_owned();
     // PROTOCOL.md §3: the record first, under the newer-only check; a stale
     // or replayed heartbeat stores nothing at all.
@@ -88,11 +92,15 @@ async fn heartbeat(
         return Err(reject(Rejection::Stale { sent_at_ms }));
     }
     let mut not_stored = Vec::new();
-    if !ingest
-        .store_history(&agent_id, history, received_at_ms)
-        .await
-    {
+    let (history_stored, processes_stored) = tokio::join!(
+        ingest.store_history(&agent_id, history, received_at_ms),
+        ingest.store_processes(&agent_id, processes.as_ref(), expires_at_s),
+    );
+    if !history_stored {
         not_stored.push(EXTENSION_HISTORY.to_owned());
+    }
+    if !processes_stored {
+        not_stored.push(EXTENSION_PROCESSES.to_owned());
     }
     tracing::debug!(agent_id, sent_at_ms, ?not_stored, "heartbeat accepted");
     let accepted = Accepted {
@@ -104,6 +112,35 @@ async fn heartbeat(
 }
 
 impl Ingest {
+    /// Stores an accepted heartbeat's GPU processes (kept as long as its
+    /// record); false when they could not be stored now. Like history, they
+    /// never fail the heartbeat.
+    async fn store_processes(
+        &self,
+        agent_id: &str,
+        processes: Option<&GpuProcesses>,
+        expires_at_s: i64,
+    ) -> bool {
+        let Some(processes) = processes else {
+            return true;
+        };
+        let write = self.store.put_processes(agent_id, processes, expires_at_s);
+        match tokio::time::timeout(HISTORY_BUDGET, write).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                tracing::warn!(agent_id, %error, "GPU processes not stored; the heartbeat was");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    agent_id,
+                    "GPU processes not stored in time; the heartbeat was"
+                );
+                false
+            }
+        }
+    }
+
     /// Stores an accepted heartbeat's history; false when it could not be
     /// stored now. History is optional: its failure never fails the heartbeat.
     async fn store_history(

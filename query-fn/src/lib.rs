@@ -463,7 +463,16 @@ async fn get_agent(
 ) -> Result<Json<AgentView>, ApiError> {
     let now = now_ms();
     let agent = visible_agent(&api, &grant, &agent_id, now).await?;
-    Ok(Json(agent.view(now)))
+    let mut view = agent.view(now);
+    // Processes are an extension: a record without them beats no record.
+    match api.store.processes(&agent_id, now).await {
+        Ok(Some(snapshot)) => view.show_processes(snapshot),
+        Ok(None) => {}
+        Err(error) => {
+            tracing::warn!(agent_id, %error, "GPU processes not read; the record is answered without them")
+        }
+    }
+    Ok(Json(view))
 }
 
 /// The agent, if it exists for this token: an agent outside a

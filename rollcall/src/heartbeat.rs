@@ -202,6 +202,58 @@ pub struct Gpu {
     pub temperature_c: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_w: Option<f64>,
+    /// The processes holding its memory, largest first (PROTOCOL.md §4 "GPU
+    /// processes"): `None` when the collector does not report them this
+    /// time (they are unchanged, or unknown), `Some([])` when there are none.
+    /// Stored apart from the record ([`GpuProcesses`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<GpuProcess>>,
+}
+
+/// Most processes one GPU reports.
+pub const MAX_GPU_PROCESSES: usize = 32;
+/// Longest process name or user name.
+pub const MAX_PROCESS_TEXT_LEN: usize = 64;
+
+/// One process on a GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// GPU memory it holds, MiB.
+    pub used_mb: u64,
+    /// Its command name, unless the collector is told to send none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Who runs it, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// What a heartbeat said of its GPUs' processes, by GPU index: kept apart
+/// from the agent record (an extension of PROTOCOL.md §3), so that a
+/// record stays one small item however many processes a host runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuProcesses {
+    /// The heartbeat's `sent_at_ms`: a snapshot replaces only an older one.
+    pub sent_at_ms: u64,
+    pub gpus: BTreeMap<u32, Vec<GpuProcess>>,
+}
+
+impl Heartbeat {
+    /// Takes the processes out of the heartbeat: `None` when it reported
+    /// none for any GPU (nothing to store).
+    pub fn take_processes(&mut self) -> Option<GpuProcesses> {
+        let mut gpus = BTreeMap::new();
+        for gpu in &mut self.gpus {
+            if let Some(processes) = gpu.processes.take() {
+                gpus.insert(gpu.index, processes);
+            }
+        }
+        (!gpus.is_empty()).then_some(GpuProcesses {
+            sent_at_ms: self.sent_at_ms,
+            gpus,
+        })
+    }
 }
 
 /// Why a body was refused: the offending field's path and what was wrong.
@@ -429,6 +481,7 @@ impl Heartbeat {
             if let Some(power) = gpu.power_w {
                 non_negative(&field("power_w"), power)?;
             }
+            validate_processes(position, gpu.processes.as_deref().unwrap_or_default())?;
             if self.gpus[..position]
                 .iter()
                 .any(|other| other.index == gpu.index)
@@ -628,6 +681,54 @@ fn null_as_default_pool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<St
     Ok(Option::<String>::deserialize(deserializer)?.unwrap_or_else(default_pool))
 }
 
+/// At most 32 processes on a GPU, distinct pids, names and users bounded
+/// and printable.
+fn validate_processes(gpu: usize, processes: &[GpuProcess]) -> Result<(), BodyError> {
+    let field = |name: String| format!("gpus[{gpu}].processes{name}");
+    if processes.len() > MAX_GPU_PROCESSES {
+        return Err(BodyError::new(
+            field(String::new()),
+            format!(
+                "at most {MAX_GPU_PROCESSES} processes per GPU (the largest), got {}",
+                processes.len()
+            ),
+        ));
+    }
+    for (position, process) in processes.iter().enumerate() {
+        if process.used_mb > MAX_SAFE_INTEGER {
+            return Err(BodyError::new(
+                field(format!("[{position}].used_mb")),
+                "is out of range (at most 2^53)",
+            ));
+        }
+        for (name, text) in [("name", &process.name), ("user", &process.user)] {
+            let bad = |text: &String| {
+                text.is_empty()
+                    || text.chars().count() > MAX_PROCESS_TEXT_LEN
+                    || text.chars().any(char::is_control)
+            };
+            if text.as_ref().is_some_and(bad) {
+                return Err(BodyError::new(
+                    field(format!("[{position}].{name}")),
+                    format!(
+                        "must be 1-{MAX_PROCESS_TEXT_LEN} characters, none of them control characters"
+                    ),
+                ));
+            }
+        }
+        if processes[..position]
+            .iter()
+            .any(|other| other.pid == process.pid)
+        {
+            return Err(BodyError::new(
+                field(format!("[{position}].pid")),
+                format!("pid {} is listed twice", process.pid),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -656,6 +757,49 @@ pub(crate) mod tests {
     fn field_of(mut value: Value, edit: impl FnOnce(&mut Value)) -> String {
         edit(&mut value);
         parse(&value).expect_err("should be refused").field
+    }
+
+    #[test]
+    fn gpu_processes_are_bounded_and_taken_out_whole() {
+        let with = |processes: Value| {
+            let mut body = example();
+            body["gpus"][0]["processes"] = processes;
+            body
+        };
+        let mut heartbeat = parse(&with(json!([
+            {"pid": 4242, "used_mb": 18000, "name": "python3", "user": "alice"},
+            {"pid": 77, "used_mb": 300}
+        ])))
+        .unwrap();
+        let taken = heartbeat.take_processes().expect("processes were sent");
+        assert_eq!(taken.sent_at_ms, heartbeat.sent_at_ms);
+        assert_eq!(taken.gpus[&0][0].name.as_deref(), Some("python3"));
+        assert!(
+            heartbeat.gpus[0].processes.is_none(),
+            "taken out of the record"
+        );
+        assert!(parse(&example()).unwrap().take_processes().is_none());
+        // An empty list is news too: no process holds memory any more.
+        let none = parse(&with(json!([]))).unwrap().take_processes().unwrap();
+        assert_eq!(none.gpus[&0], []);
+        for processes in [
+            json!(
+                (0..33)
+                    .map(|pid| json!({"pid": pid, "used_mb": 1}))
+                    .collect::<Vec<_>>()
+            ),
+            json!([{"pid": 1, "used_mb": 1, "name": "a\u{7}b"}]),
+            json!([{"pid": 1, "used_mb": 1, "name": ""}]),
+            json!([{"pid": 1, "used_mb": 1, "user": "u".repeat(65)}]),
+            json!([{"pid": 1, "used_mb": 1}, {"pid": 1, "used_mb": 2}]),
+            json!([{"pid": 1, "used_mb": 9007199254740993u64}]),
+        ] {
+            let error = parse(&with(processes.clone())).expect_err(&processes.to_string());
+            assert!(
+                error.field.starts_with("gpus[0].processes"),
+                "{processes}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -144,6 +144,7 @@ impl StoredAgent {
                     memory_free_gb: mb_to_gb(gpu.memory_free_mb),
                     utilization_percent: gpu.utilization_percent,
                     claim: self.claims.holder_of(gpu.index).map(GpuClaimView::from),
+                    processes: None,
                 })
                 .collect(),
             collector_rss_mb: heartbeat.collector.as_ref().and_then(|c| c.rss_mb),
@@ -208,6 +209,22 @@ pub struct GpuView {
     /// The live claim holding it (PROTOCOL.md §4), `null` when free.
     #[serde(default)]
     pub claim: Option<GpuClaimView>,
+    /// The processes holding its memory, largest first, as last reported
+    /// (PROTOCOL.md §4): in the record by id only, never in pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<crate::heartbeat::GpuProcess>>,
+}
+
+impl AgentView {
+    /// Shows a processes snapshot on the GPUs it names.
+    pub fn show_processes(&mut self, snapshot: crate::heartbeat::GpuProcesses) {
+        let mut by_gpu = snapshot.gpus;
+        for gpu in &mut self.gpus {
+            if let Some(processes) = by_gpu.remove(&gpu.index) {
+                gpu.processes = Some(processes);
+            }
+        }
+    }
 }
 
 /// GiB with three decimals: MiB precision, without float noise in answers.

@@ -8,6 +8,9 @@ use crate::record::AgentView;
 /// An extension of the heartbeat that is stored apart from the agent record
 /// (PROTOCOL.md §3). Its wire name is what `not_stored` lists.
 pub const EXTENSION_HISTORY: &str = "history";
+/// The GPU processes extension (PROTOCOL.md §4): a snapshot, so a collector
+/// sends the next one rather than this one again.
+pub const EXTENSION_PROCESSES: &str = "processes";
 
 /// The capacity API's answer to `GET /v1/agents`: one page of agents in
 /// answer order (PROTOCOL.md §2).

@@ -83,6 +83,9 @@ try {
     collector: tr.cells[7]?.textContent,
   })));
   const summary = await page.textContent("#summary");
+  await page.hover("tr[data-agent=alpha] .gpus");
+  await page.waitForFunction(() => document.querySelector("tr[data-agent=alpha] .gpu").title.startsWith("pid"), null, { timeout: 5000 });
+  const processesTitle = await page.$eval("tr[data-agent=alpha] .gpu", (line) => line.title);
   // An injected inline handler must not run: the policy allows the page's
   // own script by its hash and nothing else.
   const cspViolations = [];
@@ -104,7 +107,7 @@ try {
   await page.waitForFunction(() => document.querySelectorAll("#agents tbody tr").length === 4);
   await page.screenshot({ path: screenshot, fullPage: true });
   const refresh = await refreshDiscipline();
-  console.log(JSON.stringify({ rows, summary, token_kept, filtered, outside, injectedHandlerRan, cspViolations, refresh }));
+  console.log(JSON.stringify({ rows, summary, processesTitle, token_kept, filtered, outside, injectedHandlerRan, cspViolations, refresh }));
 } finally {
   await browser.close();
 }

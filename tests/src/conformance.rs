@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rollcall::capacity::{CapacityQuery, Position, answer_order};
 use rollcall::claims::{self, Claim, ClaimRequest, Refusal};
-use rollcall::heartbeat::{AgentState, Heartbeat};
+use rollcall::heartbeat::{AgentState, GpuProcess, GpuProcesses, Heartbeat};
 use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::store::{Store, Upsert};
 use serde_json::json;
@@ -917,6 +917,61 @@ pub async fn racing_claimers_never_share_a_gpu(backend: &Backend) {
     );
 }
 
+/// PROTOCOL.md §4 "GPU processes": the newest snapshot is kept apart from
+/// the record, an older one never replaces it, and it expires.
+pub async fn gpu_processes_newest_snapshot(backend: &Backend) {
+    let store = &*backend.store;
+    let now = base_ms();
+    let snapshot = |sent_at_ms: u64, pid: u32| GpuProcesses {
+        sent_at_ms,
+        gpus: [
+            (
+                0,
+                vec![GpuProcess {
+                    pid,
+                    used_mb: 30_000,
+                    name: Some("python3".into()),
+                    user: Some("alice".into()),
+                }],
+            ),
+            (1, vec![]),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let expires_at_s = now.div_euclid(1000) + 60;
+    assert_eq!(store.processes("busy", now).await.unwrap(), None);
+    store
+        .put_processes("busy", &snapshot(2_000, 7), expires_at_s)
+        .await
+        .unwrap();
+    store
+        .put_processes("busy", &snapshot(1_000, 8), expires_at_s)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.processes("busy", now).await.unwrap(),
+        Some(snapshot(2_000, 7)),
+        "{}",
+        backend.name
+    );
+    store
+        .put_processes("busy", &snapshot(3_000, 9), expires_at_s)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.processes("busy", now).await.unwrap(),
+        Some(snapshot(3_000, 9))
+    );
+    assert_eq!(
+        store.processes("busy", expires_at_s * 1000).await.unwrap(),
+        None,
+        "expired"
+    );
+    // Never an agent: the processes item is not listed.
+    assert!(ids(store, "status=all", now).await.is_empty());
+}
+
 #[macro_export]
 macro_rules! conformance_cases {
     (@each $metas:tt $backend:expr; $($case:ident),*) => {
@@ -943,7 +998,8 @@ macro_rules! conformance_cases {
             pagination_over_260_agents, retention_pruning, history_round_trip,
             claim_by_name_all_or_nothing, claim_by_filters_in_answer_order,
             claims_expire_extend_and_release, claims_refused_on_unavailable_agents,
-            claims_stay_inside_their_pools, racing_claimers_never_share_a_gpu);
+            claims_stay_inside_their_pools, racing_claimers_never_share_a_gpu,
+            gpu_processes_newest_snapshot);
     };
     ($backend:expr) => {
         $crate::conformance_cases!(@list [] $backend);

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use rollcall::capacity::{CapacityQuery, Position};
 use rollcall::claims::{AgentClaims, Claim, ClaimId};
 use rollcall::fleet::FleetTotals;
-use rollcall::heartbeat::MinuteRollup;
+use rollcall::heartbeat::{GpuProcesses, MinuteRollup};
 use rollcall::record::StoredAgent;
 use rollcall::store::{Page, Store, StoreError, Upsert};
 
@@ -89,6 +89,28 @@ impl Store for HistoryOutage {
 
     async fn release_claim(&self, claim_id: &ClaimId, now_ms: i64) -> Result<(), StoreError> {
         self.inner.release_claim(claim_id, now_ms).await
+    }
+
+    async fn put_processes(
+        &self,
+        agent_id: &str,
+        processes: &GpuProcesses,
+        expires_at_s: i64,
+    ) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected extension outage".into()));
+        }
+        self.inner
+            .put_processes(agent_id, processes, expires_at_s)
+            .await
+    }
+
+    async fn processes(
+        &self,
+        agent_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<GpuProcesses>, StoreError> {
+        self.inner.processes(agent_id, now_ms).await
     }
 
     async fn put_history(

@@ -663,27 +663,6 @@ def test_leaving_takes_the_agent_offline_at_once(stack):
     assert status == 200 and agent["status"] == "offline", agent
 
 
-def test_a_rotated_fleet_secret_is_picked_up_without_a_redeploy(stack):
-    secrets = client("secretsmanager")
-    second = os.urandom(32).hex()
-    secrets.put_secret_value(SecretId=stack["names"]["fleet"], SecretString=f"k1={stack['secret']},k2={second}")
-    key2 = agent_key_for(second, "rotated-agent")
-    started = time.monotonic()
-    wait_for("a collector keyed with the new key id is accepted",
-             lambda: collector(stack, "rotated-agent", "once", "--skip-cpu-usage", agent_key=key2, key_id="k2").returncode == 0,
-             SECRET_MAX_AGE_S + 15)
-    print(f"new key id accepted after {time.monotonic() - started:.1f} s")
-
-    secrets.put_secret_value(SecretId=stack["names"]["fleet"], SecretString=f"k2={second}")
-    started = time.monotonic()
-    refused = wait_for("the retired key id is refused",
-                       lambda: (r := collector(stack, "old-agent", "once", "--skip-cpu-usage")).returncode != 0 and r,
-                       SECRET_MAX_AGE_S + 15)
-    assert 'unknown key id \\"k1\\"' in refused.stderr or "unknown key id" in refused.stderr, refused.stderr
-    print(f"retired key id refused after {time.monotonic() - started:.1f} s")
-    assert collector(stack, "rotated-agent", "once", "--skip-cpu-usage", agent_key=key2, key_id="k2").returncode == 0
-
-
 def test_racing_claimers_through_the_deployed_stack_never_share_a_gpu(stack):
     """32 schedulers claim at once through the function URL against exactly
     7 unclaimed matching GPUs (PROTOCOL.md §4 "Claims"): 7 claims, no GPU
@@ -748,3 +727,53 @@ def test_scoped_tokens_and_claims_through_the_deployed_stack(stack):
     assert http("GET", path, read)[0] == 404
     status, shown = http("GET", f"{stack['query']}/v1/agents/scope-farm", read)
     assert shown["gpus"][0]["claim"] is None, shown
+
+
+def test_gpu_processes_through_the_deployed_stack(stack):
+    """PROTOCOL.md §4 "GPU processes": a heartbeat's processes are stored
+    apart from the record and shown on the record by id, not in lists."""
+    body = gpu_host("procs-agent", "default", (40_000, 80_000))
+    body["gpus"][0]["processes"] = [
+        {"pid": 4242, "used_mb": 38_000, "name": "python3", "user": "alice"},
+        {"pid": 77, "used_mb": 900},
+    ]
+    body["gpus"][1]["processes"] = []
+    post_signed(stack, body)
+    auth = {"Authorization": f"Bearer {stack['token']}"}
+    status, record = http("GET", f"{stack['query']}/v1/agents/procs-agent", auth)
+    assert status == 200, record
+    assert record["gpus"][0]["processes"] == body["gpus"][0]["processes"], record
+    assert record["gpus"][1]["processes"] == [], record
+    status, page = http("GET", f"{stack['query']}/v1/agents?status=all&limit=1000", auth)
+    listed = [agent for agent in page["agents"] if agent["agent_id"] == "procs-agent"]
+    assert listed and "processes" not in listed[0]["gpus"][0], listed
+    # A later heartbeat that leaves them out (unchanged) keeps them.
+    body["sent_at_ms"] += 1000
+    for gpu in body["gpus"]:
+        del gpu["processes"]
+    post_signed(stack, body)
+    status, record = http("GET", f"{stack['query']}/v1/agents/procs-agent", auth)
+    assert record["gpus"][0]["processes"][0]["name"] == "python3", record
+
+
+# Last, because it retires key id k1, which every test above signs with
+# (pytest runs a module's tests in file order).
+def test_a_rotated_fleet_secret_is_picked_up_without_a_redeploy(stack):
+    secrets = client("secretsmanager")
+    second = os.urandom(32).hex()
+    secrets.put_secret_value(SecretId=stack["names"]["fleet"], SecretString=f"k1={stack['secret']},k2={second}")
+    key2 = agent_key_for(second, "rotated-agent")
+    started = time.monotonic()
+    wait_for("a collector keyed with the new key id is accepted",
+             lambda: collector(stack, "rotated-agent", "once", "--skip-cpu-usage", agent_key=key2, key_id="k2").returncode == 0,
+             SECRET_MAX_AGE_S + 15)
+    print(f"new key id accepted after {time.monotonic() - started:.1f} s")
+
+    secrets.put_secret_value(SecretId=stack["names"]["fleet"], SecretString=f"k2={second}")
+    started = time.monotonic()
+    refused = wait_for("the retired key id is refused",
+                       lambda: (r := collector(stack, "old-agent", "once", "--skip-cpu-usage")).returncode != 0 and r,
+                       SECRET_MAX_AGE_S + 15)
+    assert 'unknown key id \\"k1\\"' in refused.stderr or "unknown key id" in refused.stderr, refused.stderr
+    print(f"retired key id refused after {time.monotonic() - started:.1f} s")
+    assert collector(stack, "rotated-agent", "once", "--skip-cpu-usage", agent_key=key2, key_id="k2").returncode == 0

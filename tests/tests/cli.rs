@@ -400,3 +400,30 @@ fn wait_claim_holds_the_gpu_once_it_is_free() {
         "{stdout}"
     );
 }
+
+/// `rollcall agent` lists each GPU's processes, largest first.
+#[test]
+fn agent_shows_the_processes_on_each_gpu() {
+    let stack = Stack::start();
+    let mut body = heartbeat("busy-gpu", now_ms());
+    body["gpus"] = json!([{"index": 0, "vendor": "nvidia", "memory_total_mb": 81_920, "memory_free_mb": 40_000,
+        "processes": [{"pid": 4242, "used_mb": 38_000, "name": "python3", "user": "alice"},
+                      {"pid": 77, "used_mb": 900}]}]);
+    assert_eq!(stack.post_heartbeat(&body).status, 202);
+    let output = cli(&stack, &["agent", "busy-gpu"]);
+    assert_eq!(output.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = text.lines().filter(|line| line.contains("pid ")).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("4242")
+            && lines[0].contains("38000 MiB")
+            && lines[0].contains("python3")
+            && lines[0].contains("alice"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("77") && lines[1].contains("-  -"),
+        "{text}"
+    );
+}

@@ -272,6 +272,64 @@ fn simulated_gpus_reach_the_capacity_filter() {
     assert_eq!(count("min_gpu_vram_gb=5&min_gpus=2"), 0);
 }
 
+/// PROTOCOL.md §4 "GPU processes": a real process's pid is named from
+/// /proc (its command and user), one that exited is left out, the largest
+/// comes first, and the record by id shows them; `--no-process-names`
+/// sends pids and memory only. Lists never carry them.
+#[test]
+fn gpu_processes_are_named_from_proc_and_shown_on_the_record() {
+    let stack = Stack::start();
+    let mut sleeper = Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("start sleep");
+    let pid = sleeper.id();
+    // 4194304 is above Linux's largest pid: a process that is gone.
+    let processes = format!("0:{pid}:2048,0:4194304:9999,1:{pid}:100");
+    let report = |agent: &str, extra: &[&str]| {
+        let (ok, _, stderr) = run(stack
+            .collector(agent)
+            .env(
+                "ROLLCALL_FAKE_GPUS",
+                "nvidia:81920:40000,nvidia:81920:80000",
+            )
+            .env("ROLLCALL_FAKE_GPU_PROCESSES", &processes)
+            .args(["once", "--skip-cpu-usage"])
+            .args(extra));
+        assert!(ok, "{stderr}");
+        stack.agent(agent).expect("the record")
+    };
+    let named = report("procs", &[]);
+    let first = &named["gpus"][0]["processes"];
+    assert_eq!(first.as_array().map(Vec::len), Some(1), "{named}");
+    assert_eq!(first[0]["pid"], pid);
+    assert_eq!(first[0]["used_mb"], 2048);
+    assert_eq!(first[0]["name"], "sleep");
+    assert!(
+        first[0]["user"]
+            .as_str()
+            .is_some_and(|user| !user.is_empty()),
+        "{first}"
+    );
+    assert_eq!(named["gpus"][1]["processes"][0]["used_mb"], 100);
+
+    let bare = report("procs-bare", &["--no-process-names"]);
+    let process = &bare["gpus"][0]["processes"][0];
+    assert_eq!(process["pid"], pid);
+    assert!(
+        process.get("name").is_none() && process.get("user").is_none(),
+        "{process}"
+    );
+
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let listed = stack.get("/v1/agents?status=all").json();
+    assert!(
+        listed["agents"][0]["gpus"][0].get("processes").is_none(),
+        "{listed}"
+    );
+}
+
 #[test]
 fn once_fails_with_a_one_line_reason_when_refused() {
     let stack = Stack::start();

@@ -17,7 +17,8 @@ fn seed(stack: &Stack) {
     let minute = now / 60_000;
     let mut alpha = heartbeat("alpha", now);
     alpha["gpus"] = json!([
-        {"index": 0, "vendor": "nvidia", "name": "A100", "memory_total_mb": 81_920, "memory_free_mb": 40_960},
+        {"index": 0, "vendor": "nvidia", "name": "A100", "memory_total_mb": 81_920, "memory_free_mb": 40_960,
+         "processes": [{"pid": 4242, "used_mb": 38_912, "name": "python3", "user": "alice"}]},
         {"index": 1, "vendor": "nvidia", "name": "A100", "memory_total_mb": 81_920, "memory_free_mb": 8_192}
     ]);
     alpha["history"] =
@@ -103,6 +104,11 @@ fn the_fleet_page_shows_agents_gpus_history_and_who_is_offline() {
     // The claimed GPU carries its holder, as text.
     assert_eq!(row("alpha")["holders"], json!(["held by job <b>7</b>"]));
     assert_eq!(row("beta")["holders"], json!([]));
+    // Hovering alpha's GPUs shows who holds their memory.
+    assert_eq!(
+        seen["processesTitle"], "pid 4242 python3 (alice): 38.0 GB",
+        "{seen}"
+    );
     assert!(
         row("alpha")["sparkPoints"].as_u64().unwrap() >= 2,
         "alpha has history: {seen}"

@@ -310,6 +310,51 @@ fn cases(stack: &Stack) -> Vec<Case> {
             "history",
             serde_json::json!([{"minute": future_minute, "load_1m": spread, "memory_available_mb": spread}]),
         ),
+        (
+            "33 processes on one GPU",
+            "gpus",
+            gpu_with_processes(
+                (0..33)
+                    .map(|pid| serde_json::json!({"pid": pid, "used_mb": 1}))
+                    .collect(),
+            ),
+        ),
+        (
+            "1,000 processes on one GPU",
+            "gpus",
+            gpu_with_processes(
+                (0..1000)
+                    .map(|pid| serde_json::json!({"pid": pid, "used_mb": 1}))
+                    .collect(),
+            ),
+        ),
+        (
+            "a process name with control characters",
+            "gpus",
+            gpu_with_processes(vec![
+                serde_json::json!({"pid": 1, "used_mb": 1, "name": "py\u{1b}[2Jthon"}),
+            ]),
+        ),
+        (
+            "a process user of 65 characters",
+            "gpus",
+            gpu_with_processes(vec![
+                serde_json::json!({"pid": 1, "used_mb": 1, "user": "u".repeat(65)}),
+            ]),
+        ),
+        (
+            "the same pid twice on one GPU",
+            "gpus",
+            gpu_with_processes(vec![
+                serde_json::json!({"pid": 7, "used_mb": 1}),
+                serde_json::json!({"pid": 7, "used_mb": 2}),
+            ]),
+        ),
+        (
+            "a negative pid",
+            "gpus",
+            gpu_with_processes(vec![serde_json::json!({"pid": -1, "used_mb": 1})]),
+        ),
     ] {
         let mut body = heartbeat("victim", now_ms() + 60_000);
         body[field] = value;
@@ -321,6 +366,12 @@ fn cases(stack: &Stack) -> Vec<Case> {
         );
     }
     cases
+}
+
+/// The test heartbeat's one GPU, carrying `processes`.
+fn gpu_with_processes(processes: Vec<serde_json::Value>) -> serde_json::Value {
+    serde_json::json!([{"index": 0, "vendor": "nvidia", "memory_total_mb": 24564,
+                        "memory_free_mb": 20110, "processes": processes}])
 }
 
 fn run_all(stack: &Stack) {

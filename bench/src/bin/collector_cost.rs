@@ -41,7 +41,7 @@ fn main() {
     };
     let mut sampler = Sampler::new(
         PathBuf::from("/"),
-        GpuReaders::detect(false),
+        GpuReaders::detect(false, true),
         Duration::from_secs(5),
     );
     let mut bytes = 0;

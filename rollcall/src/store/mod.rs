@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use crate::capacity::{CapacityQuery, Position};
 use crate::claims::{AgentClaims, Claim, ClaimId};
 use crate::fleet::FleetTotals;
-use crate::heartbeat::MinuteRollup;
+use crate::heartbeat::{GpuProcesses, MinuteRollup};
 use crate::record::StoredAgent;
 
 use std::path::PathBuf;
@@ -161,6 +161,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Frees the GPUs `claim_id` still holds; nothing when it holds none.
     async fn release_claim(&self, claim_id: &ClaimId, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Keeps the processes a heartbeat reported on the agent's GPUs until
+    /// `expires_at_s`, unless a snapshot as new or newer is stored.
+    async fn put_processes(
+        &self,
+        agent_id: &str,
+        processes: &GpuProcesses,
+        expires_at_s: i64,
+    ) -> Result<(), StoreError>;
+
+    /// The newest processes snapshot of an agent, unexpired.
+    async fn processes(
+        &self,
+        agent_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<GpuProcesses>, StoreError>;
 
     /// The agent's roll-ups from `since_minute` on, oldest first, unexpired.
     async fn history(

@@ -19,7 +19,7 @@ use super::{Page, PageFill, Store, StoreError, Upsert};
 use crate::capacity::{CapacityQuery, Position, StatusFilter};
 use crate::claims::{AgentClaims, Claim, ClaimId, GpuClaim};
 use crate::fleet::FleetTotals;
-use crate::heartbeat::MinuteRollup;
+use crate::heartbeat::{GpuProcesses, MinuteRollup};
 use crate::record::StoredAgent;
 
 /// Most heartbeats committed in one transaction.
@@ -72,6 +72,12 @@ CREATE TABLE IF NOT EXISTS gpu_claims (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS claims_by_id ON gpu_claims (claim_id);
 CREATE INDEX IF NOT EXISTS claims_by_expiry ON gpu_claims (expires_at_ms);
+CREATE TABLE IF NOT EXISTS gpu_processes (
+    agent_id TEXT PRIMARY KEY NOT NULL,
+    sent_at_ms INTEGER NOT NULL,
+    expires_at_s INTEGER NOT NULL,
+    processes TEXT NOT NULL
+) WITHOUT ROWID;
 ";
 
 const UPSERT: &str = "
@@ -109,6 +115,14 @@ enum Command {
     History(HistoryWrite, oneshot::Sender<Result<u64, StoreError>>),
     /// The slots it wrote, changed or freed.
     Claim(ClaimWrite, oneshot::Sender<Result<u64, StoreError>>),
+    Processes(ProcessesWrite, oneshot::Sender<Result<u64, StoreError>>),
+}
+
+struct ProcessesWrite {
+    agent_id: String,
+    sent_at_ms: i64,
+    expires_at_s: i64,
+    json: String,
 }
 
 /// Claims are written by the one writer thread, so that checking a GPU's
@@ -145,6 +159,12 @@ const PUT_SLOT: &str = "INSERT OR REPLACE INTO gpu_claims (agent_id, gpu_index, 
 const EXTEND_CLAIM: &str =
     "UPDATE gpu_claims SET expires_at_ms = ?1 WHERE claim_id = ?2 AND expires_at_ms > ?3";
 const RELEASE_CLAIM: &str = "DELETE FROM gpu_claims WHERE claim_id = ?1";
+const PUT_PROCESSES: &str = "
+INSERT INTO gpu_processes (agent_id, sent_at_ms, expires_at_s, processes) VALUES (?1, ?2, ?3, ?4)
+ON CONFLICT (agent_id) DO UPDATE SET
+    sent_at_ms = excluded.sent_at_ms, expires_at_s = excluded.expires_at_s, processes = excluded.processes
+WHERE excluded.sent_at_ms > gpu_processes.sent_at_ms";
+const PRUNE_PROCESSES: &str = "DELETE FROM gpu_processes WHERE expires_at_s <= ?1";
 const PUT_HISTORY: &str = "INSERT OR REPLACE INTO agent_history (agent_id, minute, expires_at_s, rollup) VALUES (?1, ?2, ?3, ?4)";
 
 pub struct SqliteStore {
@@ -367,6 +387,51 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn put_processes(
+        &self,
+        agent_id: &str,
+        processes: &GpuProcesses,
+        expires_at_s: i64,
+    ) -> Result<(), StoreError> {
+        let write = ProcessesWrite {
+            agent_id: agent_id.to_owned(),
+            sent_at_ms: i64::try_from(processes.sent_at_ms)
+                .map_err(|_| StoreError::Unavailable("sent_at_ms out of range".into()))?,
+            expires_at_s,
+            json: serde_json::to_string(processes)
+                .map_err(|e| StoreError::Unavailable(format!("cannot encode processes: {e}")))?,
+        };
+        self.send(|reply| Command::Processes(write, reply))
+            .await
+            .map(|_| ())
+    }
+
+    async fn processes(
+        &self,
+        agent_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<GpuProcesses>, StoreError> {
+        let agent_id = agent_id.to_owned();
+        self.read(move |connection| {
+            let text: Option<String> = connection
+                .prepare_cached(
+                    "SELECT processes FROM gpu_processes WHERE agent_id = ?1 AND expires_at_s > ?2",
+                )
+                .and_then(|mut statement| {
+                    statement
+                        .query_row(params![agent_id, now_ms.div_euclid(1000)], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(unavailable)?;
+            text.map(|text| {
+                serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Corrupt(format!("unreadable processes: {e}")))
+            })
+            .transpose()
+        })
+        .await
+    }
+
     async fn put_history(
         &self,
         agent_id: &str,
@@ -551,6 +616,14 @@ fn run_command(
             Ok(Ok(write.minutes.len() as u64))
         }
         Command::Claim(write, _) => Ok(Ok(write_claim(transaction, write)?)),
+        Command::Processes(write, _) => Ok(Ok(transaction.prepare_cached(PUT_PROCESSES)?.execute(
+            params![
+                write.agent_id,
+                write.sent_at_ms,
+                write.expires_at_s,
+                write.json
+            ],
+        )? as u64)),
     }
 }
 
@@ -640,7 +713,10 @@ fn reply(batch: Vec<Command>, committed: rusqlite::Result<()>, outcomes: Vec<Res
                 };
                 let _ = reply.send(outcome.map(written).map_err(StoreError::Unavailable));
             }
-            Command::Prune(_, reply) | Command::History(_, reply) | Command::Claim(_, reply) => {
+            Command::Prune(_, reply)
+            | Command::History(_, reply)
+            | Command::Claim(_, reply)
+            | Command::Processes(_, reply) => {
                 let _ = reply.send(outcome.map_err(StoreError::Unavailable));
             }
         }
@@ -661,6 +737,7 @@ fn delete_expired(connection: &Connection, now_ms: i64) -> rusqlite::Result<u64>
     let agents = connection.execute(PRUNE, params![now_s])?;
     connection.execute(PRUNE_HISTORY, params![now_s])?;
     connection.execute(PRUNE_CLAIMS, params![now_ms])?;
+    connection.execute(PRUNE_PROCESSES, params![now_s])?;
     Ok(agents as u64)
 }
 

@@ -65,6 +65,11 @@ impl GpuSource for SysfsSource {
                         .map(|percent| percent.clamp(0.0, 100.0)),
                     temperature_c: None,
                     power_w: None,
+                    // amdgpu shows a process's VRAM only in each of its DRM
+                    // file descriptors' fdinfo: finding them means reading
+                    // every process's fd folder each heartbeat, so AMD GPUs
+                    // report processes as unknown (docs: README "GPU processes").
+                    processes: None,
                 }),
                 Err(error) => {
                     tracing::warn!(device = %device.display(), %error, "cannot read AMD GPU; sending without it")

@@ -5,10 +5,12 @@
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 use rollcall::heartbeat::{Gpu, Vendor};
 
 use super::GpuSource;
+use super::processes::ProcessNames;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -22,15 +24,18 @@ enum State {
 pub struct NvmlSource {
     state: State,
     one_shot: bool,
+    processes: ProcessNames,
 }
 
 impl NvmlSource {
     /// `one_shot`: a cron run, where "no NVIDIA driver" is expected news
-    /// every minute and is logged at debug only.
-    pub fn new(one_shot: bool) -> Self {
+    /// every minute and is logged at debug only. `process_names`: whether
+    /// GPU processes go out with their names and users.
+    pub fn new(one_shot: bool, process_names: bool) -> Self {
         Self {
             state: State::Uninitialised,
             one_shot,
+            processes: ProcessNames::new(process_names),
         }
     }
 
@@ -69,7 +74,8 @@ impl GpuSource for NvmlSource {
     }
 
     fn read(&mut self) -> Result<Vec<Gpu>, String> {
-        let Some(nvml) = self.nvml()? else {
+        self.nvml()?;
+        let State::Ready(nvml) = &self.state else {
             return Ok(Vec::new());
         };
         let count = nvml
@@ -77,7 +83,7 @@ impl GpuSource for NvmlSource {
             .map_err(|e| format!("NVML device count: {e}"))?;
         let mut gpus = Vec::new();
         for index in 0..count {
-            match read_device(nvml, index) {
+            match read_device(nvml, index, &mut self.processes) {
                 Ok(gpu) => gpus.push(gpu),
                 Err(error) => {
                     tracing::warn!(index, %error, "cannot read NVIDIA GPU; sending without it")
@@ -88,9 +94,33 @@ impl GpuSource for NvmlSource {
     }
 }
 
-fn read_device(nvml: &Nvml, index: u32) -> Result<Gpu, NvmlError> {
+fn read_device(nvml: &Nvml, index: u32, names: &mut ProcessNames) -> Result<Gpu, NvmlError> {
     let device = nvml.device_by_index(index)?;
     let memory = device.memory_info()?;
+    // Compute (CUDA) and graphics contexts are listed apart. A GPU whose
+    // lists cannot be read (old drivers, MIG without privileges) reports
+    // them as unknown, not as none.
+    let compute = device.running_compute_processes();
+    let graphics = device.running_graphics_processes();
+    let processes = match (compute, graphics) {
+        (Err(error), Err(_)) => {
+            tracing::debug!(index, %error, "GPU processes not readable");
+            None
+        }
+        (compute, graphics) => {
+            let listed = compute
+                .unwrap_or_default()
+                .into_iter()
+                .chain(graphics.unwrap_or_default());
+            Some(names.describe(listed.map(|process| {
+                let used = match process.used_gpu_memory {
+                    UsedGpuMemory::Used(bytes) => bytes / MIB,
+                    UsedGpuMemory::Unavailable => 0,
+                };
+                (process.pid, used)
+            })))
+        }
+    };
     // The remaining figures are for diagnosis; a GPU that lacks one still counts.
     Ok(Gpu {
         index,
@@ -111,6 +141,7 @@ fn read_device(nvml: &Nvml, index: u32) -> Result<Gpu, NvmlError> {
             .power_usage()
             .ok()
             .map(|milliwatts| f64::from(milliwatts) / 1000.0),
+        processes,
     })
 }
 
@@ -132,7 +163,7 @@ mod tests {
     /// on a GPU host it reads real devices. Either way it must not error.
     #[test]
     fn reads_without_error_whether_or_not_a_driver_is_present() {
-        let mut source = NvmlSource::new(false);
+        let mut source = NvmlSource::new(false, true);
         let gpus = source.read().expect("NVML absence is not an error");
         for gpu in &gpus {
             assert!(gpu.memory_free_mb <= gpu.memory_total_mb);

@@ -4,6 +4,7 @@
 //! - [`query`]: capacity queries, candidates from the index and answers from the table.
 //! - [`history`]: per-minute history, one item per five-minute window.
 //! - [`claims`]: claims on GPUs, one item per claimed agent.
+//! - [`processes`]: the newest snapshot of an agent's GPU processes.
 //! - [`fleet`]: the fleet's sums for `/metrics`, kept from the table's stream.
 //! - [`units`]: DynamoDB's capacity units, computed from AWS's rules.
 //!
@@ -16,6 +17,7 @@ mod claims;
 pub mod fleet;
 mod history;
 mod item;
+mod processes;
 mod query;
 pub use query::PageBudget;
 pub mod units;
@@ -34,7 +36,7 @@ use super::{Page, Store, StoreError, Upsert};
 use crate::capacity::{CapacityQuery, Position};
 use crate::claims::{AgentClaims, Claim, ClaimId};
 use crate::fleet::FleetTotals;
-use crate::heartbeat::MinuteRollup;
+use crate::heartbeat::{GpuProcesses, MinuteRollup};
 use crate::record::StoredAgent;
 
 pub use history::{encode_history, history_key};
@@ -497,6 +499,24 @@ impl Store for DynamoStore {
 
     async fn release_claim(&self, claim_id: &ClaimId, _now_ms: i64) -> Result<(), StoreError> {
         self.release(claim_id).await
+    }
+
+    async fn put_processes(
+        &self,
+        agent_id: &str,
+        processes: &GpuProcesses,
+        expires_at_s: i64,
+    ) -> Result<(), StoreError> {
+        self.write_processes(agent_id, processes, expires_at_s)
+            .await
+    }
+
+    async fn processes(
+        &self,
+        agent_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<GpuProcesses>, StoreError> {
+        self.read_processes(agent_id, now_ms).await
     }
 
     async fn put_history(

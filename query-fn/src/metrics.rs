@@ -45,6 +45,18 @@ struct GpuLabels {
     vendor: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProcessLabels {
+    agent_id: String,
+    gpu: String,
+    /// A command name; `other` for the rest of a GPU's processes.
+    process: String,
+}
+
+/// Process names per GPU with series of their own; the rest are summed as
+/// `other`, so that a GPU shows at most this many plus one.
+const PROCESS_SERIES_PER_GPU: usize = 3;
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -130,9 +142,46 @@ struct PerAgent {
     gpu_busy: Family<GpuLabels, FloatGauge>,
     collector_memory: Family<AgentLabels, FloatGauge>,
     collector_cpu: Family<AgentLabels, FloatGauge>,
+    gpu_claimed: Family<GpuLabels, Gauge>,
+    process_memory: Family<ProcessLabels, FloatGauge>,
 }
 
 impl PerAgent {
+    /// GPU memory held by process name: the largest names each, the rest
+    /// as `other` (unnamed processes count as `other` too).
+    fn add_processes(&self, agent_id: &str, snapshot: &rollcall::heartbeat::GpuProcesses) {
+        for (gpu, processes) in &snapshot.gpus {
+            let mut by_name: std::collections::BTreeMap<&str, u64> = Default::default();
+            let mut other = 0;
+            for process in processes {
+                match &process.name {
+                    Some(name) => *by_name.entry(name).or_default() += process.used_mb,
+                    None => other += process.used_mb,
+                }
+            }
+            let mut named: Vec<(&str, u64)> = by_name.into_iter().collect();
+            named.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+            other += named
+                .iter()
+                .skip(PROCESS_SERIES_PER_GPU)
+                .map(|(_, used)| used)
+                .sum::<u64>();
+            named.truncate(PROCESS_SERIES_PER_GPU);
+            let series = named
+                .into_iter()
+                .chain((other > 0).then_some(("other", other)));
+            for (name, used_mb) in series {
+                self.process_memory
+                    .get_or_create(&ProcessLabels {
+                        agent_id: agent_id.to_owned(),
+                        gpu: gpu.to_string(),
+                        process: name.to_owned(),
+                    })
+                    .set(used_mb as f64 * MIB);
+            }
+        }
+    }
+
     fn add(&self, agent: &StoredAgent, now_ms: i64) {
         let heartbeat = &agent.heartbeat;
         let labels = AgentLabels {
@@ -178,6 +227,9 @@ impl PerAgent {
                     .get_or_create(&gpu_labels)
                     .set(percent / 100.0);
             }
+            self.gpu_claimed
+                .get_or_create(&gpu_labels)
+                .set(i64::from(agent.claims.holder_of(gpu.index).is_some()));
         }
     }
 
@@ -227,6 +279,17 @@ impl PerAgent {
             Unit::Bytes,
             self.collector_memory,
         );
+        registry.register(
+            "gpu_claimed",
+            "1 while a live claim holds the GPU (PROTOCOL.md §4), else 0",
+            self.gpu_claimed,
+        );
+        registry.register_with_unit(
+            "gpu_process_memory_used",
+            "GPU memory held by processes of one name: the largest few per GPU, the rest as process=\"other\"",
+            Unit::Bytes,
+            self.process_memory,
+        );
         registry.register_with_unit(
             "collector_cpu",
             "CPU time the collector has used since it started",
@@ -259,6 +322,18 @@ pub async fn render(
         page.agents
             .iter()
             .for_each(|agent| per_agent.add(agent, now_ms));
+        let ids: Vec<String> = page
+            .agents
+            .iter()
+            .map(|agent| agent.agent_id().to_owned())
+            .collect();
+        // Processes are an extension: series without them beat no scrape.
+        match store.processes_of(&ids, now_ms).await {
+            Ok(snapshots) => snapshots
+                .iter()
+                .for_each(|(agent_id, snapshot)| per_agent.add_processes(agent_id, snapshot)),
+            Err(error) => tracing::warn!(%error, "GPU processes not read for /metrics"),
+        }
         per_agent.register(&mut registry);
     }
     let mut text = String::new();

@@ -178,6 +178,22 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Option<GpuProcesses>, StoreError>;
 
+    /// The newest processes snapshots of several agents (those that have
+    /// one), for `/metrics` selections.
+    async fn processes_of(
+        &self,
+        agent_ids: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<(String, GpuProcesses)>, StoreError> {
+        let mut found = Vec::new();
+        for agent_id in agent_ids {
+            if let Some(snapshot) = self.processes(agent_id, now_ms).await? {
+                found.push((agent_id.clone(), snapshot));
+            }
+        }
+        Ok(found)
+    }
+
     /// The agent's roll-ups from `since_minute` on, oldest first, unexpired.
     async fn history(
         &self,

@@ -267,3 +267,60 @@ fn scopes_and_pools_bound_every_token() {
     assert_eq!(stack.call("DELETE", &path, LAB_TOKEN, None).status, 404);
     assert_eq!(stack.call("GET", &path, CLAIM_TOKEN, None).status, 200);
 }
+
+/// A `/metrics` selection shows which GPUs are claimed, and the memory
+/// each GPU's processes hold by name: the three largest names, the rest
+/// (and unnamed ones) as `other`.
+#[test]
+fn metrics_show_claims_and_process_memory() {
+    let stack = seeded();
+    let mut body = heartbeat("busy", now_ms());
+    let process = |pid: u32, used_mb: u64, name: Option<&str>| {
+        let mut process = json!({"pid": pid, "used_mb": used_mb});
+        if let Some(name) = name {
+            process["name"] = json!(name);
+        }
+        process
+    };
+    body["gpus"] = json!([{"index": 0, "vendor": "nvidia", "memory_total_mb": 81920, "memory_free_mb": 10_000,
+        "processes": [process(1, 30_000, Some("python3")), process(2, 20_000, Some("python3")),
+                      process(3, 10_000, Some("blender")), process(4, 5_000, Some("Xorg")),
+                      process(5, 1_000, Some("cupy-bench")), process(6, 24, None)]}]);
+    assert_eq!(stack.post_heartbeat(&body).status, 202);
+    let made = stack.call(
+        "POST",
+        "/v1/claims",
+        CLAIM_TOKEN,
+        Some(&json!({"agent_id": "big", "gpus": [1], "ttl_s": 60, "holder": "job"})),
+    );
+    assert_eq!(made.status, 201);
+    let text = stack.get("/metrics?status=all&limit=1000").text();
+    let has = |line: &str| text.lines().any(|l| l == line);
+    const MIB: u64 = 1 << 20;
+    for line in [
+        "rollcall_gpu_claimed{agent_id=\"big\",gpu=\"0\",vendor=\"nvidia\"} 0".to_owned(),
+        "rollcall_gpu_claimed{agent_id=\"big\",gpu=\"1\",vendor=\"nvidia\"} 1".to_owned(),
+        format!(
+            "rollcall_gpu_process_memory_used_bytes{{agent_id=\"busy\",gpu=\"0\",process=\"python3\"}} {}.0",
+            50_000 * MIB
+        ),
+        format!(
+            "rollcall_gpu_process_memory_used_bytes{{agent_id=\"busy\",gpu=\"0\",process=\"blender\"}} {}.0",
+            10_000 * MIB
+        ),
+        format!(
+            "rollcall_gpu_process_memory_used_bytes{{agent_id=\"busy\",gpu=\"0\",process=\"Xorg\"}} {}.0",
+            5_000 * MIB
+        ),
+        format!(
+            "rollcall_gpu_process_memory_used_bytes{{agent_id=\"busy\",gpu=\"0\",process=\"other\"}} {}.0",
+            1_024 * MIB
+        ),
+    ] {
+        assert!(has(&line), "missing {line:?} in\n{text}");
+    }
+    assert!(
+        !text.contains("cupy-bench"),
+        "beyond the three largest names: {text}"
+    );
+}

@@ -519,6 +519,14 @@ impl Store for DynamoStore {
         self.read_processes(agent_id, now_ms).await
     }
 
+    async fn processes_of(
+        &self,
+        agent_ids: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<(String, GpuProcesses)>, StoreError> {
+        self.read_processes_of(agent_ids, now_ms).await
+    }
+
     async fn put_history(
         &self,
         agent_id: &str,

@@ -82,6 +82,38 @@ impl DynamoStore {
         }
     }
 
+    /// Several agents' snapshots: `BatchGetItem`s of 100 keys at once.
+    pub(super) async fn read_processes_of(
+        &self,
+        agent_ids: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<(String, GpuProcesses)>, StoreError> {
+        let mut batches = tokio::task::JoinSet::new();
+        for chunk in agent_ids.chunks(super::query::TABLE_BATCH) {
+            let store = self.clone();
+            let keys: Vec<String> = chunk.iter().map(|id| processes_key(id)).collect();
+            batches.spawn(async move { store.read_batch(keys).await });
+        }
+        let mut found = Vec::new();
+        while let Some(joined) = batches.join_next().await {
+            let (items, _) = joined
+                .map_err(|e| StoreError::Unavailable(format!("processes read failed: {e}")))??;
+            for item in items {
+                let agent_id = item
+                    .get(A_AGENT)
+                    .and_then(|key| key.as_s().ok())
+                    .and_then(|key| key.strip_suffix("#p"))
+                    .map(str::to_owned);
+                if let (Some(agent_id), Some(snapshot)) =
+                    (agent_id, decode_processes(&item, now_ms)?)
+                {
+                    found.push((agent_id, snapshot));
+                }
+            }
+        }
+        Ok(found)
+    }
+
     pub(super) async fn read_processes(
         &self,
         agent_id: &str,
@@ -95,29 +127,33 @@ impl DynamoStore {
             .send()
             .await
             .map_err(unavailable)?;
-        let Some(item) = output.item() else {
-            return Ok(None);
-        };
-        let expired = item
-            .get(TTL_ATTRIBUTE)
-            .and_then(|v| v.as_n().ok())
-            .and_then(|n| n.parse::<i64>().ok())
-            .is_none_or(|at| at <= now_ms.div_euclid(1000));
-        if expired {
-            return Ok(None);
+        match output.item() {
+            Some(item) => decode_processes(item, now_ms),
+            None => Ok(None),
         }
-        let corrupt = |why: String| StoreError::Corrupt(format!("processes item: {why}"));
-        let deflated = item
-            .get(A_PROCESSES)
-            .and_then(|v| v.as_b().ok())
-            .ok_or_else(|| corrupt("no pz".into()))?;
-        let json =
-            miniz_oxide::inflate::decompress_to_vec_with_limit(deflated.as_ref(), MAX_INFLATED)
-                .map_err(|e| corrupt(format!("cannot inflate: {e:?}")))?;
-        serde_json::from_slice(&json)
-            .map(Some)
-            .map_err(|e| corrupt(e.to_string()))
     }
+}
+
+/// A snapshot item's contents; `None` once expired.
+fn decode_processes(item: &Item, now_ms: i64) -> Result<Option<GpuProcesses>, StoreError> {
+    let expired = item
+        .get(TTL_ATTRIBUTE)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|n| n.parse::<i64>().ok())
+        .is_none_or(|at| at <= now_ms.div_euclid(1000));
+    if expired {
+        return Ok(None);
+    }
+    let corrupt = |why: String| StoreError::Corrupt(format!("processes item: {why}"));
+    let deflated = item
+        .get(A_PROCESSES)
+        .and_then(|v| v.as_b().ok())
+        .ok_or_else(|| corrupt("no pz".into()))?;
+    let json = miniz_oxide::inflate::decompress_to_vec_with_limit(deflated.as_ref(), MAX_INFLATED)
+        .map_err(|e| corrupt(format!("cannot inflate: {e:?}")))?;
+    serde_json::from_slice(&json)
+        .map(Some)
+        .map_err(|e| corrupt(e.to_string()))
 }
 
 #[cfg(test)]

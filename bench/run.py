@@ -122,18 +122,66 @@ def collector_env(stack, agent):
             "ROLLCALL_AGENT_ID": agent, "ROLLCALL_CONFIG": "/dev/null", "ROLLCALL_STATE_DIR": stack.dir}
 
 
+def default_base():
+    """The newest release tag before HEAD, else the commit whose collector
+    the footprint issue named (2026-11-26)."""
+    tag = subprocess.run(["git", "describe", "--tags", "--abbrev=0", "HEAD^"], cwd=ROOT,
+                         capture_output=True, text=True)
+    return tag.stdout.strip() if tag.returncode == 0 else "021de87"
+
+
+def build_base_collector(ref):
+    """Builds `ref`'s collector for size in a worktree of its own, with a
+    target folder of its own, so that today's build is untouched."""
+    sha = subprocess.run(["git", "rev-parse", "--short", f"{ref}^{{commit}}"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    work = ROOT / "target" / "base" / sha
+    if not (work / "Cargo.toml").exists():
+        work.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--force", "--detach", str(work), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    target = ROOT / "target" / "base-target"
+    log(f"building the base collector ({ref} = {sha}) for size")
+    subprocess.run(["cargo", "build", "--locked", "--profile", "collector", "-p", "rollcall-collector"], cwd=work,
+                   env={**os.environ, "CARGO_TARGET_DIR": str(target)}, check=True)
+    return target / "collector" / "rollcall-collector", sha
+
+
+def service_rss(binaries, stack, seconds):
+    """Starts the collectors interleaved, so that each sees the same
+    machine; resident memory of each after `seconds`."""
+    services = [(label, subprocess.Popen([binary, "run", "--interval", "1"],
+                                         env=collector_env(stack, f"svc-{label}-{n}"), stderr=subprocess.DEVNULL))
+                for n, (label, binary) in enumerate(binaries)]
+    time.sleep(seconds)
+    rss = [(label, rss_kb(service.pid)) for label, service in services]
+    for _, service in services:
+        service.send_signal(signal.SIGTERM)
+        service.wait()
+    return rss
+
+
 def bench_collector(results, args):
     stack = Stack()
     try:
-        log(f"collector in service mode: {args.heartbeats} heartbeats at a 1 s interval, {args.repeats} collectors at once")
-        services = [subprocess.Popen([COLLECTOR / "rollcall-collector", "run", "--interval", "1"],
-                                     env=collector_env(stack, f"svc-{n}"), stderr=subprocess.DEVNULL)
-                    for n in range(args.repeats)]
-        time.sleep(args.heartbeats)
-        results["collector_rss_kb"] = median([rss_kb(s.pid) for s in services])
-        for service in services:
-            service.send_signal(signal.SIGTERM)
-            service.wait()
+        if args.base:
+            base_binary, sha = build_base_collector(args.base)
+            log(f"collector in service mode: {args.heartbeats} heartbeats at a 1 s interval, {args.repeats} of today's "
+                f"and {args.repeats} of {args.base}'s at once")
+            pairs = [("today", COLLECTOR / "rollcall-collector"), ("base", base_binary)] * args.repeats
+        else:
+            log(f"collector in service mode: {args.heartbeats} heartbeats at a 1 s interval, {args.repeats} collectors at once")
+            pairs = [("today", COLLECTOR / "rollcall-collector")] * args.repeats
+        rss = service_rss(pairs, stack, args.heartbeats)
+        today = [kb for label, kb in rss if label == "today"]
+        results["collector_rss_kb"] = median(today)
+        if args.base:
+            base = [kb for label, kb in rss if label == "base"]
+            results["base"] = {
+                "ref": args.base, "commit": sha,
+                "rss_kb": base, "binary_bytes": base_binary.stat().st_size,
+                "today_rss_kb": today,
+            }
 
         log("collector CPU per heartbeat (collect + serialise + sign)")
         costs = [json.loads(subprocess.run([COLLECTOR / "collector-cost", "1000"], capture_output=True, text=True,
@@ -366,6 +414,30 @@ def kept_section(title):
     return text[start:] if end < 0 else text[start:end + 1]
 
 
+def base_section(r):
+    """The collector beside a base commit's, both measured in this run
+    (`--base`), or the section as it was when the run had none."""
+    base = r.get("base")
+    if not base:
+        return kept_section("The collector against a base commit")
+    today, then = r["base"]["today_rss_kb"], base["rss_kb"]
+    change = 100 * (median(today) - median(then)) / median(then)
+    size_change = 100 * (r["collector_binary_bytes"] - base["binary_bytes"]) / base["binary_bytes"]
+    return f"""## The collector against a base commit
+
+Measured by `bench/run` (`--base {base['ref']}`, commit `{base['commit']}`): both built for size, the base in a
+worktree of its own, {len(then)} of each in service mode at a 1 s interval against one local ingest, started
+interleaved, resident memory after the same time.
+
+| collector | resident memory (each run) | median | stripped binary |
+| --- | --- | --- | --- |
+| base `{base['commit']}` | {", ".join(f"{kb:,} kB" for kb in then)} | {median(then):,.0f} kB | {base['binary_bytes']:,} bytes |
+| today | {", ".join(f"{kb:,} kB" for kb in today)} | {median(today):,.0f} kB | {r['collector_binary_bytes']:,} bytes |
+| change | | {change:+.1f} % | {size_change:+.1f} % |
+
+"""
+
+
 def write_report(results, args):
     r = results
     ratio = lambda a, b: f"{a / b:.1f}×" if a and b else "n/a"
@@ -476,7 +548,7 @@ Latency is the emulator's on this machine, not DynamoDB's:
 {chr(10).join(r.get('ddb_emulator', ['(not run: no emulator)']))}
 ```
 
-{partitions(r)}{kept_section("Faults on a real network")}## Where a target is missed, and why
+{partitions(r)}{kept_section("`/metrics` at fleet scale")}{kept_section("Claims")}{kept_section("GPU processes")}{base_section(r)}{kept_section("Faults on a real network")}## Where a target is missed, and why
 
 - **Cost per agent-month: the target is $0.08** (the table above). Writes at the floor and Lambda's per-request
   price are most of it; no read precedes a write, so history and one DynamoDB round trip of duration are the rest.
@@ -501,6 +573,11 @@ Latency is the emulator's on this machine, not DynamoDB's:
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter loads (fleet 60 s, 20 heartbeats, 3 repeats)")
+    parser.add_argument("--base", default=default_base(),
+                        help="a tag or commit whose collector runs beside today's, so that growth shows "
+                             "(default: the newest release tag, else 021de87); --base '' skips it")
+    parser.add_argument("--collector-only", action="store_true",
+                        help="measure the collector (and the base beside it) only, print the figures, write nothing")
     args = parser.parse_args()
     args.repeats = 3 if args.quick else 5
     args.heartbeats = 20 if args.quick else 100
@@ -508,6 +585,10 @@ def main():
     args.fleet_seconds = 60 if args.quick else 300
     args.connections = 32
     results = {}
+    if args.collector_only:
+        bench_collector(results, args)
+        print(base_section(results) or json.dumps(results, indent=2))
+        return
     bench_collector(results, args)
     bench_peers(results, args)
     bench_ingest(results, args)

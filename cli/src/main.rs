@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use rollcall::capacity::{CapacityQuery, MAX_LIMIT};
 use rollcall::claims::ClaimView;
 use rollcall::heartbeat::AgentState;
 use rollcall::record::AgentView;
@@ -477,44 +478,51 @@ async fn release(api: &Api, claim_id: &str) -> anyhow::Result<bool> {
     }
 }
 
-fn query_string(filters: &Filters) -> String {
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    let mut add = |name: &str, value: String| pairs.push((name.to_owned(), value));
+/// The filters as the API's query, checked with the API's own rules
+/// (`rollcall::capacity`), so that a mistyped value fails here, naming its
+/// parameter, before any request.
+fn capacity_query(filters: &Filters) -> anyhow::Result<CapacityQuery> {
+    let mut query = CapacityQuery::default();
     let capacity = &filters.capacity;
+    let mut settings: Vec<(&str, String)> = Vec::new();
     if let Some(gb) = capacity.min_gpu_vram {
-        add("min_gpu_vram_gb", gb.to_string());
+        settings.push(("min_gpu_vram_gb", gb.to_string()));
     }
     if let Some(count) = capacity.min_gpus {
-        add("min_gpus", count.to_string());
+        settings.push(("min_gpus", count.to_string()));
     }
     if let Some(cores) = capacity.min_cores {
-        add("min_cpu_cores", cores.to_string());
+        settings.push(("min_cpu_cores", cores.to_string()));
     }
     if let Some(gb) = capacity.min_memory {
-        add("min_memory_gb", gb.to_string());
+        settings.push(("min_memory_gb", gb.to_string()));
     }
     if let Some(vendor) = &capacity.gpu_vendor {
-        add("gpu_vendor", vendor.clone());
+        settings.push(("gpu_vendor", vendor.clone()));
     }
     if let Some(pool) = &capacity.pool {
-        add("pool", pool.clone());
+        settings.push(("pool", pool.clone()));
     }
     for label in &capacity.labels {
-        add("label", label.clone());
+        settings.push(("label", label.clone()));
     }
-    add("status", filters.status.clone());
-    if filters.include_draining {
-        add("include_draining", "true".to_owned());
+    settings.push(("status", filters.status.clone()));
+    settings.push((
+        "limit",
+        filters
+            .limit
+            .unwrap_or(MAX_LIMIT)
+            .clamp(1, MAX_LIMIT)
+            .to_string(),
+    ));
+    for (name, value) in settings {
+        query
+            .set(name, &value)
+            .map_err(|error| anyhow::anyhow!("parameter {error}"))?;
     }
-    if filters.include_claimed {
-        add("include_claimed", "true".to_owned());
-    }
-    add("limit", filters.limit.unwrap_or(1000).min(1000).to_string());
-    pairs
-        .iter()
-        .map(|(name, value)| format!("{name}={}", encode(value)))
-        .collect::<Vec<_>>()
-        .join("&")
+    query.include_draining = filters.include_draining;
+    query.include_claimed = filters.include_claimed;
+    Ok(query)
 }
 
 /// Percent-encodes a query value (RFC 3986 unreserved characters pass).
@@ -532,16 +540,14 @@ fn encode(value: &str) -> String {
 
 /// Every match, following pages up to `--limit`, and the answer's `as_of`.
 async fn fetch(api: &Api, filters: &Filters) -> anyhow::Result<(Vec<AgentView>, String)> {
-    let query = query_string(filters);
+    let mut query = capacity_query(filters)?;
     let wanted = filters.limit.unwrap_or(usize::MAX);
     let mut agents = Vec::new();
     let mut cursor: Option<String> = None;
     let mut as_of;
     loop {
-        let path = match &cursor {
-            Some(cursor) => format!("/v1/agents?{query}&cursor={}", encode(cursor)),
-            None => format!("/v1/agents?{query}"),
-        };
+        query.cursor = cursor.take();
+        let path = format!("/v1/agents?{}", query.to_query_string());
         let page: AgentPage = serde_json::from_value(api.get(&path).await?.unwrap_or_default())
             .context("the API answered something that is not a page of agents")?;
         as_of = page.as_of;

@@ -160,6 +160,51 @@ impl CapacityQuery {
         Ok(())
     }
 
+    /// The query as `GET /v1/agents` parameters: what
+    /// [`CapacityQuery::from_query_string`] reads back as this query (the
+    /// caller's pools, which are no parameter, aside). Clients build a
+    /// query with [`CapacityQuery::set`] and send this, so that no client
+    /// re-types the parameters' names or their encoding.
+    pub fn to_query_string(&self) -> String {
+        let mut out = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in [
+            ("min_gpu_vram_gb", self.min_gpu_vram_gb),
+            ("min_gpus", self.min_gpus.map(f64::from)),
+            ("min_cpu_cores", self.min_cpu_cores),
+            ("min_memory_gb", self.min_memory_gb),
+        ] {
+            if let Some(value) = value {
+                out.append_pair(name, &value.to_string());
+            }
+        }
+        if let Some(vendor) = self.gpu_vendor {
+            out.append_pair("gpu_vendor", vendor.as_str());
+        }
+        if let Some(pool) = &self.pool {
+            out.append_pair("pool", pool);
+        }
+        for (key, value) in &self.labels {
+            out.append_pair("label", &format!("{key}={value}"));
+        }
+        let status = match self.status {
+            StatusFilter::Online => "online",
+            StatusFilter::Offline => "offline",
+            StatusFilter::All => "all",
+        };
+        out.append_pair("status", status);
+        if self.include_draining {
+            out.append_pair("include_draining", "true");
+        }
+        if self.include_claimed {
+            out.append_pair("include_claimed", "true");
+        }
+        out.append_pair("limit", &self.limit.to_string());
+        if let Some(cursor) = &self.cursor {
+            out.append_pair("cursor", cursor);
+        }
+        out.finish()
+    }
+
     /// Every filter, canonically (labels sorted), without `limit` and
     /// `cursor`: what a cursor is bound to. Prefixed by its length so that it
     /// cannot run into the payload that follows it in the MAC.
@@ -618,6 +663,20 @@ mod tests {
         ] {
             let error = CapacityQuery::from_query_string(text).expect_err(text);
             assert_eq!(error.param, param, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_query_string_reads_back_as_the_same_query() {
+        for text in [
+            "",
+            "min_gpu_vram_gb=40.5&min_gpus=2&min_cpu_cores=8&min_memory_gb=100&gpu_vendor=amd",
+            "pool=render&label=site%3Db2&label=note=a%20b%26c%3D&status=all&include_draining=true&include_claimed=true&limit=7",
+            "status=offline&cursor=00ff",
+        ] {
+            let query = CapacityQuery::from_query_string(text).unwrap();
+            let again = CapacityQuery::from_query_string(&query.to_query_string()).unwrap();
+            assert_eq!(again, query, "{text} -> {}", query.to_query_string());
         }
     }
 

@@ -85,7 +85,9 @@ fn one_agent_and_errors() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
-        stderr.starts_with("rollcall: the API answered 400: parameter gpu_vendor"),
+        stderr.starts_with(
+            "rollcall: parameter gpu_vendor: must be one of nvidia, amd, intel, other"
+        ),
         "{stderr}"
     );
 

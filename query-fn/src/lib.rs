@@ -524,7 +524,7 @@ fn refused(refusal: Refusal) -> ApiError {
         Refusal::Claimed { .. } => {
             ApiError::new(StatusCode::CONFLICT, message).with_code(code::CLAIMED)
         }
-        Refusal::NoCapacity => {
+        Refusal::NoCapacity { .. } => {
             ApiError::new(StatusCode::CONFLICT, message).with_code(code::NO_CAPACITY)
         }
         Refusal::NotAvailable { .. } => {

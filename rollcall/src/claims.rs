@@ -430,16 +430,24 @@ mod procedure {
     /// `claimed`: each lost write means another claim won a GPU, so this
     /// bounds the work of one request, not the claims the fleet can take.
     pub const MAX_CLAIM_WRITES: usize = 64;
-    /// Pages of candidates a claim by filters reads before it gives up.
-    pub const MAX_CANDIDATE_PAGES: usize = 20;
+    /// Candidates a claim by filters reads per page: most claims take the
+    /// first, so a page of 100 would mostly be read for nothing.
+    pub const CANDIDATE_PAGE: usize = 25;
+    /// Pages of candidates a claim by filters reads before it gives up:
+    /// 1,000 matching agents, each with too few unclaimed GPUs.
+    pub const MAX_CANDIDATE_PAGES: usize = 40;
 
     /// Why a claim was not made (PROTOCOL.md §4's answers).
     #[derive(Debug, thiserror::Error)]
     pub enum Refusal {
         #[error("GPU {index} of agent {agent_id:?} is held by another claim")]
         Claimed { agent_id: String, index: u32 },
-        #[error("no agent matching the filters has enough unclaimed GPUs")]
-        NoCapacity,
+        #[error("no agent matching the filters has enough unclaimed GPUs{}", if *.searched_all { "" } else { " among the first matches searched; narrow the filters" })]
+        NoCapacity {
+            /// Whether every matching agent was tried, rather than the
+            /// bounded first part.
+            searched_all: bool,
+        },
         #[error("agent {agent_id:?} is {why}: it takes no new claims")]
         NotAvailable { agent_id: String, why: &'static str },
         #[error("unknown agent {0:?}")]
@@ -513,6 +521,7 @@ mod procedure {
                 let mut query = (**filters).clone();
                 query.pools = pools.map(<[String]>::to_vec);
                 query.include_claimed = false;
+                query.limit = CANDIDATE_PAGE;
                 let mut after: Option<Position> = None;
                 let mut writes = 0;
                 for _ in 0..MAX_CANDIDATE_PAGES {
@@ -528,17 +537,21 @@ mod procedure {
                                 return Ok(claim);
                             }
                             if writes >= MAX_CLAIM_WRITES {
-                                return Err(Refusal::NoCapacity);
+                                return Err(Refusal::NoCapacity {
+                                    searched_all: false,
+                                });
                             }
                             agent.claims = store.claims(agent.agent_id(), now_ms).await?;
                         }
                     }
                     match page.next {
                         Some(next) => after = Some(next),
-                        None => break,
+                        None => return Err(Refusal::NoCapacity { searched_all: true }),
                     }
                 }
-                Err(Refusal::NoCapacity)
+                Err(Refusal::NoCapacity {
+                    searched_all: false,
+                })
             }
         }
     }

@@ -635,7 +635,7 @@ pub async fn claim_by_filters_in_answer_order(backend: &Backend) {
         ("medium", vec![0])
     );
     match claims::claim(store, &by_filters(filters, 60), None, now).await {
-        Err(Refusal::NoCapacity) => {}
+        Err(Refusal::NoCapacity { searched_all: true }) => {}
         other => panic!(
             "{}: every matching GPU is held, got {other:?}",
             backend.name
@@ -649,7 +649,10 @@ pub async fn claim_by_filters_in_answer_order(backend: &Backend) {
     // Without GPU filters nothing is left out: a claim holds GPUs, not hosts.
     assert_eq!(ids(store, "", now).await, ["large", "medium", "small"]);
     let two = claims::claim(store, &by_filters(json!({"min_gpus": 2}), 60), None, now).await;
-    assert!(matches!(two, Err(Refusal::NoCapacity)), "{two:?}");
+    assert!(
+        matches!(two, Err(Refusal::NoCapacity { searched_all: true })),
+        "{two:?}"
+    );
 }
 
 /// Claims expire at their TTL with nothing left that blocks a GPU; an
@@ -899,7 +902,7 @@ pub async fn racing_claimers_never_share_a_gpu(backend: &Backend) {
                     );
                 }
             }
-            Err(Refusal::NoCapacity) => refused += 1,
+            Err(Refusal::NoCapacity { .. }) => refused += 1,
             Err(other) => panic!("{}: {other:?}", backend.name),
         }
     }

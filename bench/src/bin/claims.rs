@@ -147,6 +147,18 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    if let Some(dynamo) = &dynamo {
+        let mut candidates = CapacityQuery::from_query_string("min_gpu_vram_gb=30&min_gpus=2")?;
+        candidates.limit = claims::CANDIDATE_PAGE;
+        let (page, cost) = dynamo.query_measured(&candidates, None, now_ms()).await?;
+        println!(
+            "a claim by filters' candidate page ({}) before claims: {} candidates, {:.1} read units",
+            claims::CANDIDATE_PAGE,
+            page.agents.len(),
+            cost.units
+        );
+    }
+
     // By name, one at a time: each agent's GPU 0, then released.
     let mut made = Vec::new();
     let mut by_name = Vec::new();
@@ -192,6 +204,15 @@ async fn main() -> anyhow::Result<()> {
     percentiles("claim by filters (2 GPUs)", by_filters);
 
     if let Some(dynamo) = &dynamo {
+        let mut candidates = CapacityQuery::from_query_string("min_gpu_vram_gb=30&min_gpus=2")?;
+        candidates.limit = claims::CANDIDATE_PAGE;
+        let (page, cost) = dynamo.query_measured(&candidates, None, now_ms()).await?;
+        println!(
+            "a claim by filters' first candidate page ({}): {} candidates, {:.1} read units",
+            claims::CANDIDATE_PAGE,
+            page.agents.len(),
+            cost.units
+        );
         let (page, cost) = dynamo.query_measured(&query, None, now_ms()).await?;
         println!(
             "query of 100 with {} claims held: {} answers, {:.1} read units ({} items read)",

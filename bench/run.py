@@ -515,7 +515,7 @@ of CloudWatch log ingestion.
 | item | per agent per month | how |
 | --- | --- | --- |
 | DynamoDB heartbeat writes | ${cost['writes']:.4f} | {r.get('ddb_write_units', float('nan')):.4f} units each, from the unit model over the churn model's run (below) |
-| DynamoDB history writes | ${cost['history']:.4f} | one `UpdateItem` of about {r.get('ddb_history_window_bytes', '?')} bytes (1 unit) per five-minute window |
+| DynamoDB history writes | ${cost['history']:.4f} | one `UpdateItem` (1 unit) per five-minute window: 474–949 bytes with 0–16 GPUs (`history.rs`, `a_window_of_real_figures_fits_one_unit_up_to_16_gpus`) |
 | fleet sums (`/metrics`) | ${cost['fleet_sums']:.4f} | the fleet function's transactional bucket writes, {r.get('ddb_fleet_sums_units', float('nan')):.4f} units per heartbeat at the churn model's 1,000 agents (one stream shard); far less per agent on larger fleets (docs/dynamodb.md, "Fleet sums") |
 | Lambda requests | ${cost['requests']:.4f} | one per heartbeat; history rides along |
 | Lambda duration | ${cost['compute']:.5f} | 128 MB for {billed_ms} ms: the measured warm heartbeat ({r['lambda_warm_heartbeat_ms']:.2f} ms) plus one {DYNAMODB_ROUND_TRIP_MS} ms DynamoDB round trip ({100 * fallback:.2f} % of heartbeats take a second), rounded up to the 1 ms billing step |

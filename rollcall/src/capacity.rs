@@ -424,11 +424,6 @@ impl Position {
             agent_id: agent.agent_id().to_owned(),
         }
     }
-
-    /// True if `agent` comes after this position in answer order.
-    pub fn is_before(&self, agent: &StoredAgent) -> bool {
-        answer_order(&Position::of(agent), self) == Ordering::Greater
-    }
 }
 
 /// Answer order over positions.

@@ -233,13 +233,6 @@ pub struct SecretsFromEnv {
 }
 
 impl SecretsFromEnv {
-    /// A source whose Secrets Manager client is given (tests record its calls).
-    pub fn with_client(client: Client) -> Self {
-        Self {
-            client: tokio::sync::OnceCell::new_with(Some(client)),
-        }
-    }
-
     /// `None` when neither variable is set.
     pub async fn load<T: Send + Sync + 'static>(
         &self,

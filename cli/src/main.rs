@@ -13,9 +13,8 @@ use clap::{Args, Parser, Subcommand};
 use rollcall::capacity::{CapacityQuery, MAX_LIMIT};
 use rollcall::claims::ClaimView;
 use rollcall::heartbeat::AgentState;
-use rollcall::record::AgentView;
 use rollcall::time::parse_rfc3339;
-use rollcall::wire::{AgentPage, ErrorBody};
+use rollcall::wire::{AgentPage, AgentView, ErrorBody};
 use serde::Deserialize;
 
 /// Ask rollcall which machines are online and what they have free.

@@ -22,13 +22,11 @@ use axum::{Json, Router};
 use rollcall::api::{self, ApiError};
 use rollcall::capacity::{CapacityQuery, CursorSealer};
 use rollcall::claims::{self, ClaimId, ClaimRequest, ClaimView, Refusal};
-use rollcall::record::AgentView;
 use rollcall::secrets::Secret;
 use rollcall::signing::{AGENT_ID_RULE, is_valid_agent_id};
 use rollcall::store::Store;
 use rollcall::time::{now_ms, rfc3339};
-use rollcall::wire::{AgentPage, code};
-use serde::Serialize;
+use rollcall::wire::{AgentPage, AgentView, History, code};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -333,13 +331,6 @@ async fn list_agents(
 
 /// Most history one call returns: the default retention, 24 h.
 const MAX_HISTORY_MINUTES: u64 = 1440;
-
-#[derive(Serialize)]
-struct History {
-    agent_id: String,
-    minutes: Vec<rollcall::heartbeat::MinuteRollup>,
-    as_of: String,
-}
 
 /// `GET /v1/agents/{id}/history?minutes=N`: the agent's per-minute roll-ups
 /// for the last N minutes (default 60, at most 1440), oldest first.

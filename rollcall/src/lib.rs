@@ -7,11 +7,12 @@
 //! - [`heartbeat`]: the v1 heartbeat body and its range checks.
 //! - [`history`]: per-minute history's five-minute windows and its bounds.
 //! - [`verify`]: ingest's request checks, in the protocol's order.
-//! - [`record`]: what is stored per agent, its deadlines, and the API's agent record.
+//! - [`record`]: what is stored per agent, its deadlines, and how it becomes the API's agent record.
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
 //! - [`claims`]: claims on GPUs, their ids and bodies, and (feature `server`)
 //!   the one claiming procedure both stores serve.
-//! - [`wire`]: answers both ends of the wire share (ingest's 202, a page of agents).
+//! - [`wire`]: answers both ends of the wire share (ingest's 202, the agent record, a page of
+//!   agents, an agent's history, the error body).
 //! - [`fleet`]: what one agent adds to the fleet's figures, and their sums by pool.
 //! - [`transport`]: where a heartbeat or a token may be sent (https, or
 //!   plain http to loopback unless the operator accepts the risk).

@@ -1,11 +1,13 @@
-//! What the store keeps for an agent, and the record the capacity API shows
-//! (PROTOCOL.md §1 "Online and offline", §2 "An agent record").
+//! What the store keeps for an agent, and how it becomes the record the
+//! capacity API shows (PROTOCOL.md §1 "Online and offline", §2 "An agent
+//! record"; the record's type is `wire::AgentView`).
 
 use crate::time::rfc3339;
 use serde::{Deserialize, Serialize};
 
 use crate::claims::{AgentClaims, GpuClaimView};
 use crate::heartbeat::{AgentState, Heartbeat};
+use crate::wire::{AgentView, GpuView, Status};
 
 /// Bounds on the interval used for the deadline, so that a collector cannot
 /// stay online for days with one heartbeat or flap with sub-second intervals.
@@ -149,80 +151,6 @@ impl StoredAgent {
                 .collect(),
             collector_rss_mb: heartbeat.collector.as_ref().and_then(|c| c.rss_mb),
             collector_cpu_s: heartbeat.collector.as_ref().and_then(|c| c.cpu_s),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Online,
-    Offline,
-}
-
-/// The agent record of PROTOCOL.md §2.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentView {
-    pub agent_id: String,
-    pub status: Status,
-    pub state: AgentState,
-    pub pool: String,
-    pub labels: std::collections::BTreeMap<String, String>,
-    pub hostname: Option<String>,
-    pub last_heartbeat_at: String,
-    pub online_until: String,
-    pub sent_at_ms: u64,
-    pub interval_s: u32,
-    pub cpu_cores_physical: u32,
-    pub cpu_cores_logical: u32,
-    pub cpu_cores_available: u32,
-    pub cpu_load_1min: f64,
-    pub cpu_load_5min: f64,
-    pub cpu_load_15min: f64,
-    pub cpu_usage_percent: Option<f64>,
-    pub memory_total_gb: f64,
-    pub memory_available_gb: f64,
-    pub memory_percent: f64,
-    pub gpu_type: String,
-    pub gpu_count: usize,
-    pub gpu_vram_total_gb: f64,
-    pub gpu_vram_available_gb: f64,
-    pub gpu_vram_available_max_gb: f64,
-    pub gpus: Vec<GpuView>,
-    /// The collector's own resident memory (MiB) and CPU time (s), where it
-    /// reports them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub collector_rss_mb: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub collector_cpu_s: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuView {
-    pub index: u32,
-    pub vendor: crate::heartbeat::Vendor,
-    pub name: Option<String>,
-    pub uuid: Option<String>,
-    pub memory_total_gb: f64,
-    pub memory_free_gb: f64,
-    pub utilization_percent: Option<f64>,
-    /// The live claim holding it (PROTOCOL.md §4), `null` when free.
-    #[serde(default)]
-    pub claim: Option<GpuClaimView>,
-    /// The processes holding its memory, largest first, as last reported
-    /// (PROTOCOL.md §4): in the record by id only, never in pages.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub processes: Option<Vec<crate::heartbeat::GpuProcess>>,
-}
-
-impl AgentView {
-    /// Shows a processes snapshot on the GPUs it names.
-    pub fn show_processes(&mut self, snapshot: crate::heartbeat::GpuProcesses) {
-        let mut by_gpu = snapshot.gpus;
-        for gpu in &mut self.gpus {
-            if let Some(processes) = by_gpu.remove(&gpu.index) {
-                gpu.processes = Some(processes);
-            }
         }
     }
 }

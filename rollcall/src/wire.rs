@@ -1,9 +1,11 @@
 //! Answers that cross the wire, shared by the side that writes them and the
-//! side that reads them, so that the two cannot drift apart.
+//! side that reads them, so that the two cannot drift apart: ingest's 202,
+//! the agent record and a page of them, an agent's history, and the error
+//! body. (A claim's answer, `claims::ClaimView`, lives with the claims.)
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::AgentView;
+use crate::heartbeat::AgentState;
 
 /// An extension of the heartbeat that is stored apart from the agent record
 /// (PROTOCOL.md §3). Its wire name is what `not_stored` lists.
@@ -77,6 +79,90 @@ pub mod code {
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
     pub const STORE_UNAVAILABLE: &str = "store_unavailable";
     pub const INTERNAL: &str = "internal";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Online,
+    Offline,
+}
+
+/// The agent record of PROTOCOL.md §2.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub agent_id: String,
+    pub status: Status,
+    pub state: AgentState,
+    pub pool: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub hostname: Option<String>,
+    pub last_heartbeat_at: String,
+    pub online_until: String,
+    pub sent_at_ms: u64,
+    pub interval_s: u32,
+    pub cpu_cores_physical: u32,
+    pub cpu_cores_logical: u32,
+    pub cpu_cores_available: u32,
+    pub cpu_load_1min: f64,
+    pub cpu_load_5min: f64,
+    pub cpu_load_15min: f64,
+    pub cpu_usage_percent: Option<f64>,
+    pub memory_total_gb: f64,
+    pub memory_available_gb: f64,
+    pub memory_percent: f64,
+    pub gpu_type: String,
+    pub gpu_count: usize,
+    pub gpu_vram_total_gb: f64,
+    pub gpu_vram_available_gb: f64,
+    pub gpu_vram_available_max_gb: f64,
+    pub gpus: Vec<GpuView>,
+    /// The collector's own resident memory (MiB) and CPU time (s), where it
+    /// reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector_rss_mb: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector_cpu_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuView {
+    pub index: u32,
+    pub vendor: crate::heartbeat::Vendor,
+    pub name: Option<String>,
+    pub uuid: Option<String>,
+    pub memory_total_gb: f64,
+    pub memory_free_gb: f64,
+    pub utilization_percent: Option<f64>,
+    /// The live claim holding it (PROTOCOL.md §4), `null` when free.
+    #[serde(default)]
+    pub claim: Option<crate::claims::GpuClaimView>,
+    /// The processes holding its memory, largest first, as last reported
+    /// (PROTOCOL.md §4): in the record by id only, never in pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<crate::heartbeat::GpuProcess>>,
+}
+
+impl AgentView {
+    /// Shows a processes snapshot on the GPUs it names.
+    pub fn show_processes(&mut self, snapshot: crate::heartbeat::GpuProcesses) {
+        let mut by_gpu = snapshot.gpus;
+        for gpu in &mut self.gpus {
+            if let Some(processes) = by_gpu.remove(&gpu.index) {
+                gpu.processes = Some(processes);
+            }
+        }
+    }
+}
+
+/// The answer to `GET /v1/agents/{agent_id}/history`: the agent's
+/// per-minute roll-ups, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    pub agent_id: String,
+    pub minutes: Vec<crate::heartbeat::MinuteRollup>,
+    /// RFC 3339: when the answer was read.
+    pub as_of: String,
 }
 
 #[cfg(test)]

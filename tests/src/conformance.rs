@@ -157,7 +157,7 @@ pub async fn status_at_the_deadline(backend: &Backend) {
         .unwrap()
         .unwrap()
         .view(deadline);
-    assert_eq!(view.status, rollcall::record::Status::Offline);
+    assert_eq!(view.status, rollcall::wire::Status::Offline);
 }
 
 pub async fn leaving_is_offline_at_once(backend: &Backend) {

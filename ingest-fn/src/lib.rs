@@ -31,10 +31,35 @@ use crate::keys::KeySource;
 /// `/openapi.json`; `tests/tests/openapi.rs` holds it to the router.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-/// How long a heartbeat waits for its history (and, beside it, its GPU
-/// processes) before it is answered without them: well inside the
+/// How long a heartbeat waits for its extensions (history and, beside it,
+/// GPU processes) before it is answered without them: well inside the
 /// function's 5 s, after the record's write.
-const HISTORY_BUDGET: Duration = Duration::from_secs(2);
+const EXTENSION_BUDGET: Duration = Duration::from_secs(2);
+
+/// One extension's write within [`EXTENSION_BUDGET`]; false when it could
+/// not be stored now. An extension never fails the heartbeat (PROTOCOL.md
+/// §3): the collector sends it again, and `not_stored` says so.
+async fn within_budget(
+    extension: &str,
+    agent_id: &str,
+    write: impl std::future::Future<Output = Result<(), rollcall::store::StoreError>>,
+) -> bool {
+    match tokio::time::timeout(EXTENSION_BUDGET, write).await {
+        Ok(Ok(())) => true,
+        Ok(Err(error)) => {
+            tracing::warn!(agent_id, %error, "{extension} not stored; the heartbeat was, and the collector will send it again");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                agent_id,
+                budget_ms = EXTENSION_BUDGET.as_millis() as u64,
+                "{extension} not stored in time; the heartbeat was, and the collector will send it again"
+            );
+            false
+        }
+    }
+}
 
 pub struct Ingest {
     /// The fleet secrets: fixed locally, fetched and refreshed in AWS.
@@ -125,20 +150,7 @@ impl Ingest {
             return true;
         };
         let write = self.store.put_processes(agent_id, processes, expires_at_s);
-        match tokio::time::timeout(HISTORY_BUDGET, write).await {
-            Ok(Ok(())) => true,
-            Ok(Err(error)) => {
-                tracing::warn!(agent_id, %error, "GPU processes not stored; the heartbeat was");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(
-                    agent_id,
-                    "GPU processes not stored in time; the heartbeat was"
-                );
-                false
-            }
-        }
+        within_budget("GPU processes", agent_id, write).await
     }
 
     /// Stores an accepted heartbeat's history; false when it could not be
@@ -166,21 +178,7 @@ impl Ingest {
         }
         let expires_at_s = received_at_ms.div_euclid(1000) + self.history_retention_s;
         let write = self.store.put_history(agent_id, minutes, expires_at_s);
-        match tokio::time::timeout(HISTORY_BUDGET, write).await {
-            Ok(Ok(())) => !cut,
-            Ok(Err(error)) => {
-                tracing::warn!(agent_id, %error, "history not stored; the heartbeat was, and the collector will send the history again");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(
-                    agent_id,
-                    budget_ms = HISTORY_BUDGET.as_millis() as u64,
-                    "history not stored in time; the heartbeat was, and the collector will send the history again"
-                );
-                false
-            }
-        }
+        within_budget("history", agent_id, write).await && !cut
     }
 }
 

@@ -134,9 +134,7 @@ impl Grant {
     };
 
     pub fn sees(&self, pool: &str) -> bool {
-        self.pools
-            .as_ref()
-            .is_none_or(|pools| pools.iter().any(|p| p == pool))
+        rollcall::capacity::pool_visible(self.pools.as_deref(), pool)
     }
 
     fn parse(scopes: Option<&str>, pools: Option<&str>) -> Result<Self, TokenError> {

@@ -258,9 +258,7 @@ impl CapacityQuery {
 
     /// Whether `pool` is one the caller may see.
     pub fn sees_pool(&self, pool: &str) -> bool {
-        self.pools
-            .as_ref()
-            .is_none_or(|pools| pools.iter().any(|p| p == pool))
+        pool_visible(self.pools.as_deref(), pool)
     }
 
     /// The one definition of a match. Claims count as the store read them
@@ -334,6 +332,13 @@ impl CapacityQuery {
         };
         qualifying >= self.required_gpus() as usize
     }
+}
+
+/// Whether a caller limited to `pools` (`None`: no limit) may see an agent
+/// of `pool` (PROTOCOL.md §4 "Scoped tokens"): the one rule for queries,
+/// claims and tokens.
+pub fn pool_visible(pools: Option<&[String]>, pool: &str) -> bool {
+    pools.is_none_or(|pools| pools.iter().any(|p| p == pool))
 }
 
 /// The most a numeric parameter may ask for: more than any machine has, and

@@ -421,7 +421,7 @@ pub use procedure::*;
 #[cfg(feature = "server")]
 mod procedure {
     use super::*;
-    use crate::capacity::Position;
+    use crate::capacity::{Position, pool_visible};
     use crate::heartbeat::AgentState;
     use crate::record::StoredAgent;
     use crate::store::{Store, StoreError};
@@ -461,10 +461,6 @@ mod procedure {
     /// Which pools a caller may see: `None` for all.
     pub type Pools<'a> = Option<&'a [String]>;
 
-    fn visible(pools: Pools<'_>, pool: &str) -> bool {
-        pools.is_none_or(|pools| pools.iter().any(|p| p == pool))
-    }
-
     /// Makes the claim `request` asks for, at `now_ms`.
     pub async fn claim(
         store: &dyn Store,
@@ -478,7 +474,7 @@ mod procedure {
                 let agent = store
                     .get(agent_id, now_ms)
                     .await?
-                    .filter(|agent| visible(pools, &agent.heartbeat.pool))
+                    .filter(|agent| pool_visible(pools, &agent.heartbeat.pool))
                     .ok_or_else(|| Refusal::UnknownAgent(agent_id.clone()))?;
                 if let Some(why) = unavailable(&agent, now_ms) {
                     return Err(Refusal::NotAvailable {
@@ -671,7 +667,7 @@ mod procedure {
         Ok(store
             .get(claim_id.agent_id(), now_ms)
             .await?
-            .is_some_and(|agent| visible(Some(pools), &agent.heartbeat.pool)))
+            .is_some_and(|agent| pool_visible(Some(pools), &agent.heartbeat.pool)))
     }
 }
 

@@ -519,23 +519,10 @@ pub async fn history_round_trip(backend: &Backend) {
     );
 }
 
-/// Every case, by name, for the macro in `tests/tests/store_conformance.rs`.
-/// `store_conformance.rs` checks that this list names every case function
-/// of this file, so that none can be left out silently.
 /// An agent with these GPUs' free MiB (each 80 GiB in total), in `pool`.
 fn gpu_host(id: &str, pool: &str, free_mb: &[u64], now: i64) -> StoredAgent {
-    let gpus: Vec<serde_json::Value> = free_mb
-        .iter()
-        .enumerate()
-        .map(|(index, free)| {
-            json!({"index": index, "vendor": "nvidia", "uuid": format!("GPU-{id}-{index}"),
-                                    "memory_total_mb": 81920, "memory_free_mb": free})
-        })
-        .collect();
-    agent_at(id, 1, now, |b| {
-        b["pool"] = json!(pool);
-        b["gpus"] = json!(gpus);
-    })
+    let body = crate::gpu_heartbeat(id, 1, pool, free_mb);
+    agent_at(id, 1, now, |b| *b = body)
 }
 
 fn claim_body(body: serde_json::Value) -> ClaimRequest {
@@ -975,6 +962,9 @@ pub async fn gpu_processes_newest_snapshot(backend: &Backend) {
     assert!(ids(store, "status=all", now).await.is_empty());
 }
 
+/// Every case, by name, for the macro in `tests/tests/store_conformance.rs`.
+/// `store_conformance.rs` checks that this list names every case function
+/// of this file, so that none can be left out silently.
 #[macro_export]
 macro_rules! conformance_cases {
     (@each $metas:tt $backend:expr; $($case:ident),*) => {

@@ -478,6 +478,22 @@ pub fn heartbeat(agent_id: &str, sent_at_ms: u64) -> Value {
     })
 }
 
+/// [`heartbeat`] in `pool`, with NVIDIA GPUs of 80 GiB that have these
+/// MiB free (UUIDs `GPU-<agent>-<index>`): what the claims tests hold.
+pub fn gpu_heartbeat(agent_id: &str, sent_at_ms: u64, pool: &str, free_mb: &[u64]) -> Value {
+    let mut body = heartbeat(agent_id, sent_at_ms);
+    body["pool"] = json!(pool);
+    body["gpus"] = free_mb
+        .iter()
+        .enumerate()
+        .map(|(index, free)| {
+            json!({"index": index, "vendor": "nvidia", "uuid": format!("GPU-{agent_id}-{index}"),
+                   "memory_total_mb": 81920, "memory_free_mb": free})
+        })
+        .collect();
+    body
+}
+
 /// `rollcall::time::now_ms` as the unsigned figure heartbeats carry.
 pub fn now_ms() -> u64 {
     u64::try_from(rollcall::time::now_ms()).unwrap_or(0)

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Parser, ValueEnum};
 use rollcall::capacity::CapacityQuery;
 use rollcall::claims::{self, ClaimRequest};
@@ -100,18 +100,7 @@ async fn open(
             Ok((Arc::new(store), None, Box::new(dir)))
         }
         Backend::Dynamodb => {
-            let endpoint = std::env::var("AWS_ENDPOINT_URL")
-                .context("set AWS_ENDPOINT_URL to the emulator, e.g. http://127.0.0.1:4566")?;
-            let host = endpoint
-                .split("://")
-                .nth(1)
-                .and_then(|rest| rest.split([':', '/']).next())
-                .unwrap_or_default();
-            if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
-                bail!(
-                    "{endpoint} is not a loopback address: this bench only talks to a local emulator"
-                );
-            }
+            rollcall_bench::loopback_endpoint()?;
             let client = DynamoStore::client_from_env().await;
             let table = format!("rollcall-claims-bench-{}", std::process::id());
             let store = DynamoStore::new(client, table, 8);

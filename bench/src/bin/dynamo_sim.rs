@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use aws_sdk_dynamodb::types::AttributeValue;
 use clap::{Parser, Subcommand};
 use rollcall::capacity::CapacityQuery;
@@ -637,18 +637,7 @@ async fn emulator_store(
     shards: u32,
     seed: u64,
 ) -> anyhow::Result<(DynamoStore, aws_sdk_dynamodb::Client)> {
-    let endpoint = std::env::var("AWS_ENDPOINT_URL")
-        .context("set AWS_ENDPOINT_URL to the emulator, e.g. http://127.0.0.1:4566")?;
-    let host = endpoint
-        .split("://")
-        .nth(1)
-        .and_then(|rest| rest.split([':', '/']).next())
-        .unwrap_or_default();
-    if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
-        bail!(
-            "{endpoint} is not a loopback address: this simulator only talks to a local emulator"
-        );
-    }
+    rollcall_bench::loopback_endpoint()?;
     // The emulator answers a Query over 100,000 items far slower than
     // DynamoDB; the functions' 8 s budget would cut the measurement short.
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())

@@ -2,21 +2,12 @@
 //! HTTP API. The store-level rules (atomicity, expiry, races) are in the
 //! conformance suite; these hold the routes, scopes, pools and answers.
 
-use rollcall_tests::{CLAIM_TOKEN, LAB_TOKEN, Stack, heartbeat, now_ms};
+use rollcall_tests::{CLAIM_TOKEN, LAB_TOKEN, Stack, gpu_heartbeat, heartbeat, now_ms};
 use serde_json::{Value, json};
 
 fn host(stack: &Stack, id: &str, pool: &str, free_mb: &[u64], state: &str) {
-    let mut body = heartbeat(id, now_ms());
-    body["pool"] = json!(pool);
+    let mut body = gpu_heartbeat(id, now_ms(), pool, free_mb);
     body["state"] = json!(state);
-    body["gpus"] = free_mb
-        .iter()
-        .enumerate()
-        .map(|(index, free)| {
-            json!({"index": index, "vendor": "nvidia", "uuid": format!("GPU-{id}-{index}"),
-                                    "memory_total_mb": 81920, "memory_free_mb": free})
-        })
-        .collect();
     assert_eq!(stack.post_heartbeat(&body).status, 202);
 }
 

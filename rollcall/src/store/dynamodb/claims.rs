@@ -43,13 +43,9 @@ fn slot_name(index: u32) -> String {
 const RELEASE_ATTEMPTS: usize = 3;
 
 impl DynamoStore {
-    /// The live claims of one agent, read consistently: what a claim, an
+    /// An agent's claims item, read consistently: what a claim, an
     /// extension or a release has just written is what comes back.
-    pub(super) async fn read_claims(
-        &self,
-        agent_id: &str,
-        now_ms: i64,
-    ) -> Result<AgentClaims, StoreError> {
+    async fn claims_item(&self, agent_id: &str) -> Result<Option<Item>, StoreError> {
         let output = self
             .client
             .get_item()
@@ -59,8 +55,18 @@ impl DynamoStore {
             .send()
             .await
             .map_err(unavailable)?;
+        Ok(output.item().cloned())
+    }
+
+    /// The live claims of one agent.
+    pub(super) async fn read_claims(
+        &self,
+        agent_id: &str,
+        now_ms: i64,
+    ) -> Result<AgentClaims, StoreError> {
+        let item = self.claims_item(agent_id).await?;
         Ok(AgentClaims::live(
-            output.item().map(slots).transpose()?.unwrap_or_default(),
+            item.as_ref().map(slots).transpose()?.unwrap_or_default(),
             now_ms,
         ))
     }
@@ -115,16 +121,11 @@ impl DynamoStore {
     /// The size of an agent's claims item by DynamoDB's rules (0 without
     /// one): what its claim writes are billed by.
     pub async fn claims_item_size(&self, agent_id: &str) -> Result<usize, StoreError> {
-        let output = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key(A_AGENT, AttributeValue::S(claims_key(agent_id)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(unavailable)?;
-        Ok(output.item().map_or(0, super::item_size))
+        Ok(self
+            .claims_item(agent_id)
+            .await?
+            .as_ref()
+            .map_or(0, super::item_size))
     }
 
     pub(super) async fn write_claim(&self, claim: &Claim, now_ms: i64) -> Result<bool, StoreError> {
@@ -216,17 +217,9 @@ impl DynamoStore {
         let key = claims_key(claim_id.agent_id());
         let id = claim_id.to_string();
         for _ in 0..RELEASE_ATTEMPTS {
-            let output = self
-                .client
-                .get_item()
-                .table_name(&self.table)
-                .key(A_AGENT, AttributeValue::S(key.clone()))
-                .consistent_read(true)
-                .send()
-                .await
-                .map_err(unavailable)?;
-            let held: Vec<u32> = output
-                .item()
+            let item = self.claims_item(claim_id.agent_id()).await?;
+            let held: Vec<u32> = item
+                .as_ref()
                 .map(slots)
                 .transpose()?
                 .unwrap_or_default()

@@ -962,6 +962,96 @@ pub async fn gpu_processes_newest_snapshot(backend: &Backend) {
     assert!(ids(store, "status=all", now).await.is_empty());
 }
 
+/// Releases and extensions racing on one agent's claims item each change
+/// only their own GPUs' slots.
+pub async fn releases_and_extensions_racing_on_one_agent(backend: &Backend) {
+    let store = Arc::clone(&backend.store);
+    let now = base_ms();
+    store
+        .upsert(gpu_host("eight", "default", &[40_000; 8], now))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for index in 0..8 {
+        let claim = claims::claim(&*store, &by_name("eight", &[index], 60), None, now)
+            .await
+            .unwrap();
+        held.push(claim.claim_id);
+    }
+    let mut racers = tokio::task::JoinSet::new();
+    for (index, claim_id) in held.into_iter().enumerate() {
+        let store = Arc::clone(&store);
+        racers.spawn(async move {
+            if index < 4 {
+                claims::release(&*store, &claim_id, None, now)
+                    .await
+                    .map(|_| ())
+            } else {
+                claims::extend(&*store, &claim_id, 600, None, now)
+                    .await
+                    .map(|extended| {
+                        assert!(extended.is_some(), "claim of GPU {index} extended");
+                    })
+            }
+        });
+    }
+    while let Some(joined) = racers.join_next().await {
+        joined.expect("racer task").expect("store answers");
+    }
+    let left = store.claims("eight", now).await.unwrap();
+    for index in 0..8 {
+        let slot = left.holder_of(index);
+        if index < 4 {
+            assert!(slot.is_none(), "{}: GPU {index} released", backend.name);
+        } else {
+            assert_eq!(
+                slot.map(|s| s.expires_at_ms),
+                Some(now + 600_000),
+                "{}: GPU {index}",
+                backend.name
+            );
+        }
+    }
+}
+
+/// Snapshots of GPU processes written at once keep the newest.
+pub async fn concurrent_processes_snapshots_keep_the_newest(backend: &Backend) {
+    let store = Arc::clone(&backend.store);
+    let now = base_ms();
+    let mut writers = tokio::task::JoinSet::new();
+    for sent_at_ms in 1..=20u64 {
+        let store = Arc::clone(&store);
+        writers.spawn(async move {
+            let snapshot = GpuProcesses {
+                sent_at_ms,
+                gpus: [(
+                    0,
+                    vec![GpuProcess {
+                        pid: sent_at_ms as u32,
+                        used_mb: 1,
+                        name: None,
+                        user: None,
+                    }],
+                )]
+                .into_iter()
+                .collect(),
+            };
+            store
+                .put_processes("racy", &snapshot, now.div_euclid(1000) + 60)
+                .await
+        });
+    }
+    while let Some(joined) = writers.join_next().await {
+        joined.expect("writer task").expect("write");
+    }
+    let stored = store
+        .processes("racy", now)
+        .await
+        .unwrap()
+        .expect("a snapshot");
+    assert_eq!(stored.sent_at_ms, 20, "{}", backend.name);
+}
+
 /// Every case, by name, for the macro in `tests/tests/store_conformance.rs`.
 /// `store_conformance.rs` checks that this list names every case function
 /// of this file, so that none can be left out silently.
@@ -992,7 +1082,8 @@ macro_rules! conformance_cases {
             claim_by_name_all_or_nothing, claim_by_filters_in_answer_order,
             claims_expire_extend_and_release, claims_refused_on_unavailable_agents,
             claims_stay_inside_their_pools, racing_claimers_never_share_a_gpu,
-            gpu_processes_newest_snapshot);
+            gpu_processes_newest_snapshot, releases_and_extensions_racing_on_one_agent,
+            concurrent_processes_snapshots_keep_the_newest);
     };
     ($backend:expr) => {
         $crate::conformance_cases!(@list [] $backend);

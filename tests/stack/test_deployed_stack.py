@@ -732,7 +732,7 @@ def test_scoped_tokens_and_claims_through_the_deployed_stack(stack):
 def test_gpu_processes_through_the_deployed_stack(stack):
     """PROTOCOL.md §4 "GPU processes": a heartbeat's processes are stored
     apart from the record and shown on the record by id, not in lists."""
-    body = gpu_host("procs-agent", "default", (40_000, 80_000))
+    body = gpu_host("procs-agent", "procs", (40_000, 80_000))
     body["gpus"][0]["processes"] = [
         {"pid": 4242, "used_mb": 38_000, "name": "python3", "user": "alice"},
         {"pid": 77, "used_mb": 900},
@@ -754,6 +754,15 @@ def test_gpu_processes_through_the_deployed_stack(stack):
     post_signed(stack, body)
     status, record = http("GET", f"{stack['query']}/v1/agents/procs-agent", auth)
     assert record["gpus"][0]["processes"][0]["name"] == "python3", record
+    # A /metrics selection shows the memory by process name, and which GPU a claim holds.
+    claim = {"Authorization": f"Bearer {stack['claim_token']}", "Content-Type": "application/json"}
+    held = json.dumps({"agent_id": "procs-agent", "gpus": [1], "ttl_s": 300, "holder": "job"}).encode()
+    assert http("POST", f"{stack['query']}/v1/claims", claim, held)[0] == 201
+    request = urllib.request.Request(loopback_only(f"{stack['query']}/metrics?pool=procs&status=all"), headers=auth)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    assert f'rollcall_gpu_process_memory_used_bytes{{agent_id="procs-agent",gpu="0",process="python3"}} {38_000 * 2**20}.0' in lines, lines
+    assert 'rollcall_gpu_claimed{agent_id="procs-agent",gpu="1",vendor="nvidia"} 1' in lines, lines
 
 
 # Last, because it retires key id k1, which every test above signs with

@@ -78,6 +78,18 @@ fn a_claim_is_made_read_extended_and_released() {
         ["big"]
     );
 
+    // A refused extension changes nothing.
+    for body in [
+        json!({"ttl_s": 86_401}),
+        json!({"ttl_s": 0}),
+        json!({"ttl": 60}),
+        json!({"ttl_s": null}),
+    ] {
+        let refused = stack.call("PUT", &path, CLAIM_TOKEN, Some(&body));
+        assert_eq!(refused.status, 400, "{body}: {}", refused.text());
+    }
+    assert_eq!(stack.get(&path).json()["expires_at"], claim["expires_at"]);
+
     let extended = stack.call("PUT", &path, CLAIM_TOKEN, Some(&json!({"ttl_s": 3600})));
     assert_eq!(extended.status, 200, "{}", extended.text());
     assert!(extended.json()["expires_at"].as_str() > claim["expires_at"].as_str());

@@ -11,10 +11,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use rollcall::capacity::{CapacityQuery, MAX_LIMIT};
+use rollcall::changes::{Event, OfflineReason};
 use rollcall::claims::ClaimView;
 use rollcall::heartbeat::AgentState;
 use rollcall::time::parse_rfc3339;
-use rollcall::wire::{AgentPage, AgentView, ErrorBody};
+use rollcall::wire::{AgentPage, AgentView, ErrorBody, EventPage};
 use serde::Deserialize;
 
 /// Ask rollcall which machines are online and what they have free.
@@ -116,6 +117,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show an agent's state changes of the last 30 days, oldest first:
+    /// online, offline (at its deadline, or when it left), draining,
+    /// undrained, gpus_changed, rebooted.
+    Events {
+        agent_id: String,
+        /// Print the events as a JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What a job needs of one machine: the filters a listing and a claim share.
@@ -141,6 +151,10 @@ struct Capacity {
     /// key=value; repeat for more (all must match).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// Only agents available (online, not draining) at least this share of
+    /// the last 30 days, 0 to 1: 0.98 is 98 %.
+    #[arg(long, value_name = "SHARE")]
+    min_uptime: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -178,7 +192,7 @@ struct Hold {
 #[derive(Args, Debug)]
 struct ClaimArgs {
     /// Claim GPUs of this agent by index (with --gpu) instead of by filters.
-    #[arg(long, requires = "gpu", conflicts_with_all = ["min_gpu_vram", "min_gpus", "min_cores", "min_memory", "gpu_vendor", "pool", "labels"])]
+    #[arg(long, requires = "gpu", conflicts_with_all = ["min_gpu_vram", "min_gpus", "min_cores", "min_memory", "gpu_vendor", "pool", "labels", "min_uptime"])]
     agent: Option<String>,
     /// A GPU index of --agent; repeat for more.
     #[arg(long, requires = "agent")]
@@ -373,6 +387,9 @@ fn claim_body(
     if let Some(vendor) = &capacity.gpu_vendor {
         body["gpu_vendor"] = vendor.as_str().into();
     }
+    if let Some(share) = capacity.min_uptime {
+        body["min_uptime"] = share.into();
+    }
     if let Some(pool) = &capacity.pool {
         body["pool"] = pool.as_str().into();
     }
@@ -504,6 +521,9 @@ fn capacity_query(filters: &Filters) -> anyhow::Result<CapacityQuery> {
     }
     for label in &capacity.labels {
         settings.push(("label", label.clone()));
+    }
+    if let Some(share) = capacity.min_uptime {
+        settings.push(("min_uptime", share.to_string()));
     }
     settings.push(("status", filters.status.clone()));
     settings.push((
@@ -802,6 +822,59 @@ async fn show(api: &Api, agent_id: &str, json: bool) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// Pages through an agent's events (at most 30 days of them).
+async fn events(api: &Api, agent_id: &str, json: bool) -> anyhow::Result<bool> {
+    let mut all: Vec<Event> = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/agents/{}/events?limit=500", encode(agent_id));
+        if let Some(cursor) = &cursor {
+            path.push_str(&format!("&cursor={}", encode(cursor)));
+        }
+        let Some(body) = api.get(&path).await? else {
+            eprintln!("rollcall: no agent {agent_id:?}");
+            return Ok(false);
+        };
+        let page: EventPage = serde_json::from_value(body)
+            .context("the API answered an events page this CLI cannot read")?;
+        if page.events.is_empty() {
+            break;
+        }
+        all.extend(page.events);
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(true);
+    }
+    if all.is_empty() {
+        println!("no state changes in the last 30 days");
+    }
+    for event in &all {
+        let mut detail = Vec::new();
+        if let Some(reason) = event.reason {
+            detail.push(
+                match reason {
+                    OfflineReason::Deadline => "deadline passed",
+                    OfflineReason::Leaving => "it left",
+                }
+                .to_owned(),
+            );
+        }
+        if !event.gpus_added.is_empty() {
+            detail.push(format!("added {}", event.gpus_added.join(", ")));
+        }
+        if !event.gpus_removed.is_empty() {
+            detail.push(format!("removed {}", event.gpus_removed.join(", ")));
+        }
+        println!("{}  {:<12}  {}", event.at, event.kind.as_str(), detail.join("; "));
+    }
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -837,6 +910,7 @@ fn main() -> ExitCode {
             } => extend(&api, claim_id, *ttl, *json).await,
             Command::Release { claim_id } => release(&api, claim_id).await,
             Command::Agent { agent_id, json } => show(&api, agent_id, *json).await,
+            Command::Events { agent_id, json } => events(&api, agent_id, *json).await,
         }
     });
     match result {

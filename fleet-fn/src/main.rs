@@ -1,20 +1,32 @@
-//! rollcall fleet: keeps the fleet's sums that `/metrics` reads, from the
-//! agents table's DynamoDB stream (docs/dynamodb.md, "Fleet sums").
+//! rollcall fleet: what happens to the fleet over time, off the request
+//! path (docs/dynamodb.md, "Fleet sums" and "State changes").
 //!
-//! It runs only inside AWS Lambda, fed by the stream's event source
-//! mapping; the embedded SQLite store sums its records when asked and needs
-//! no such function.
+//! - Fed by the agents table's DynamoDB stream, it keeps the fleet's sums
+//!   that `/metrics` reads and records each agent's transitions (events and
+//!   availability) from the old and new image of every change.
+//! - Invoked by a schedule once a minute, it sweeps: agents whose deadline
+//!   passed are marked offline, which the stream then records as their
+//!   `offline` at the deadline.
+//!
+//! It runs only inside AWS Lambda; the embedded SQLite store sums its
+//! records when asked and sweeps inside the ingest process.
+
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use lambda_runtime::{LambdaEvent, service_fn};
 use rollcall::store::dynamodb::DynamoStore;
+use rollcall::store::dynamodb::changes::{ChangeRecorder, EventsTable};
 use rollcall::store::dynamodb::fleet::{FleetTable, StreamBatch};
+use rollcall::store::{DEFAULT_SHARDS, Store};
+use rollcall::time::now_ms;
 use serde_json::{Value, json};
 
 /// rollcall fleet: adds each change to the agents table (from its DynamoDB
 /// stream) to the fleet's sums by pool, which `GET /metrics` reads instead
-/// of reading every agent.
+/// of reading every agent, and records the agents' state changes; on a
+/// schedule, marks agents whose deadline passed offline.
 ///
 /// Runs inside AWS Lambda only (AWS_LAMBDA_RUNTIME_API set), deployed by
 /// infra/template.yaml.
@@ -24,6 +36,25 @@ struct Args {
     /// The table of fleet sums.
     #[arg(long, env = "ROLLCALL_FLEET_TABLE", default_value = "rollcall-fleet")]
     fleet_table: String,
+    /// The agents table (swept for deadlines; its availability kept).
+    #[arg(long, env = "ROLLCALL_TABLE", default_value = "rollcall-agents")]
+    table: String,
+    /// Shards of the agents table's indexes; as ingest and query have it.
+    #[arg(long, env = "ROLLCALL_DYNAMODB_SHARDS", default_value_t = DEFAULT_SHARDS, value_parser = clap::value_parser!(u32).range(1..=64))]
+    shards: u32,
+    /// The table of the agents' state changes.
+    #[arg(long, env = "ROLLCALL_EVENTS_TABLE", default_value = "rollcall-events")]
+    events_table: String,
+}
+
+/// How long one scheduled sweep keeps going while agents are still due.
+const SWEEP_BUDGET: Duration = Duration::from_secs(20);
+
+#[derive(Clone)]
+struct Fleet {
+    sums: FleetTable,
+    changes: ChangeRecorder,
+    agents: DynamoStore,
 }
 
 #[tokio::main]
@@ -32,16 +63,22 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !rollcall::api::in_lambda() {
         anyhow::bail!(
-            "rollcall-fleet runs inside AWS Lambda, fed by the agents table's stream (infra/template.yaml); the embedded store needs no fleet function"
+            "rollcall-fleet runs inside AWS Lambda, fed by the agents table's stream and a schedule (infra/template.yaml); the embedded store needs no fleet function"
         );
     }
     // Built once: the client pools its connections across invocations.
-    let table = FleetTable::new(DynamoStore::client_from_env().await, args.fleet_table);
-    tracing::info!(fleet_table = table.name(), "fleet starting");
+    let client = DynamoStore::client_from_env().await;
+    let events = EventsTable::new(client.clone(), &args.events_table);
+    let fleet = Fleet {
+        sums: FleetTable::new(client.clone(), args.fleet_table),
+        changes: ChangeRecorder::new(client.clone(), &args.table, events),
+        agents: DynamoStore::new(client, &args.table, args.shards),
+    };
+    tracing::info!(fleet_table = fleet.sums.name(), table = args.table, events_table = args.events_table, "fleet starting");
     lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| {
-        let table = table.clone();
+        let fleet = fleet.clone();
         async move {
-            tally(&table, &event.payload)
+            handle(&fleet, &event.payload)
                 .await
                 .map_err(|error| lambda_runtime::Error::from(format!("{error:#}")))
         }
@@ -50,15 +87,57 @@ async fn main() -> anyhow::Result<()> {
     .map_err(|error| anyhow::anyhow!("the Lambda runtime stopped: {error}"))
 }
 
+async fn handle(fleet: &Fleet, event: &Value) -> anyhow::Result<Value> {
+    if event.get("Records").is_some() {
+        stream_batch(fleet, event).await
+    } else if event.get("source").and_then(Value::as_str) == Some("aws.events") {
+        sweep(&fleet.agents).await
+    } else {
+        anyhow::bail!("neither a DynamoDB stream batch nor an EventBridge scheduled event")
+    }
+}
+
 /// One batch of the stream. An error makes Lambda deliver the same batch
-/// again, whose transactions' tokens then keep it from counting twice.
-async fn tally(table: &FleetTable, event: &Value) -> anyhow::Result<Value> {
+/// again: the sums' transaction tokens keep it from counting twice, events
+/// are keyed, and availability skips events it already holds.
+async fn stream_batch(fleet: &Fleet, event: &Value) -> anyhow::Result<Value> {
     let batch = StreamBatch::from_event(event)
         .map_err(|why| anyhow::anyhow!("not a DynamoDB stream event: {why}"))?;
-    let buckets = table
+    let recorded = fleet
+        .changes
+        .record(&batch.changes)
+        .await
+        .with_context(|| format!("recording the state changes in {} changes", batch.changes.len()))?;
+    let buckets = fleet
+        .sums
         .apply(&batch)
         .await
         .with_context(|| format!("adding {} changes to the fleet sums", batch.changes.len()))?;
-    tracing::info!(changes = batch.changes.len(), buckets, "fleet sums updated");
+    tracing::info!(
+        changes = batch.changes.len(),
+        buckets,
+        events = recorded.events,
+        agents_with_events = recorded.agents,
+        "fleet sums and state changes updated"
+    );
     Ok(json!({}))
+}
+
+/// Marks agents whose deadline passed, a bounded read at a time, while
+/// more are due and the budget lasts.
+async fn sweep(agents: &DynamoStore) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let mut marked = 0;
+    loop {
+        let sweep = agents.sweep(now_ms()).await.context("sweeping for deadlines")?;
+        marked += sweep.marked;
+        if !sweep.more || started.elapsed() >= SWEEP_BUDGET {
+            if sweep.more {
+                tracing::warn!(marked, "more agents are due than one sweep marks; the next sweep goes on");
+            }
+            break;
+        }
+    }
+    tracing::info!(marked, "deadline sweep done");
+    Ok(json!({ "marked": marked }))
 }

@@ -182,6 +182,36 @@ impl Ingest {
     }
 }
 
+/// How often the plain-HTTP ingest looks for agents whose deadline passed.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Marks agents offline at their deadline without waiting for a request
+/// (PROTOCOL.md §4 "State changes"): the embedded store's sweep, run beside
+/// the server. On AWS the fleet function runs the same sweep on a schedule.
+pub async fn sweep_forever(store: Arc<dyn Store>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        loop {
+            match store.sweep(now_ms()).await {
+                Ok(sweep) => {
+                    if sweep.marked > 0 {
+                        tracing::info!(marked = sweep.marked, "agents past their deadline marked offline");
+                    }
+                    if !sweep.more {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "sweep failed; trying again at the next tick");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 fn reject(rejection: Rejection) -> ApiError {
     let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
     // Debug, not info: a flood of refused requests must not become a flood of

@@ -8,7 +8,7 @@ use rollcall::secrets::SecretsFromEnv;
 use rollcall::store::{DEFAULT_HISTORY_RETENTION_S, StoreArgs};
 use rollcall::verify::Keyring;
 use rollcall_ingest::keys::KeySource;
-use rollcall_ingest::{Ingest, router};
+use rollcall_ingest::{Ingest, SWEEP_EVERY, router, sweep_forever};
 
 /// rollcall ingest: accepts signed heartbeats and records each agent's deadline.
 ///
@@ -19,6 +19,10 @@ use rollcall_ingest::{Ingest, router};
 /// text instead: it is read at start and again once older than
 /// ROLLCALL_SECRETS_MAX_AGE_S (default 300; an unknown key id triggers an
 /// early refresh at most once per ROLLCALL_SECRETS_MIN_REFRESH_S, default 30).
+///
+/// Serving plain HTTP, it also marks agents offline at their deadline every
+/// 5 s, recording each one's `offline` (GET /v1/agents/{id}/events); on AWS
+/// the fleet function does that on a schedule.
 ///
 /// Inside AWS Lambda (AWS_LAMBDA_RUNTIME_API set) it serves the Runtime API
 /// and ignores --listen.
@@ -59,6 +63,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", store_config.describe()))?;
     let key_ids = keyring.key_ids().await;
     tracing::info!(store = %store_config.describe(), key_ids = ?key_ids, grace_multiplier = args.grace_multiplier, retention_s = args.retention_s, "ingest starting");
+    if !rollcall::api::in_lambda() {
+        tokio::spawn(sweep_forever(store.clone(), SWEEP_EVERY));
+    }
     let ingest = Ingest {
         keyring,
         deadlines: Deadlines {

@@ -1,6 +1,6 @@
 //! The query function: the capacity API of PROTOCOL.md §2.
 //!
-//! `GET /v1/agents`, `GET /v1/agents/{agent_id}`, its `/history`,
+//! `GET /v1/agents`, `GET /v1/agents/{agent_id}`, its `/history` and `/events`,
 //! `GET /metrics` (see [`metrics`]) and the claims of PROTOCOL.md §4 behind
 //! bearer tokens with scopes and pools ([`Grant`]); `/healthz`,
 //! `/openapi.json` and the live fleet page at `/` without. The handlers
@@ -26,7 +26,7 @@ use rollcall::secrets::Secret;
 use rollcall::signing::{AGENT_ID_RULE, is_valid_agent_id};
 use rollcall::store::Store;
 use rollcall::time::{now_ms, rfc3339};
-use rollcall::wire::{AgentPage, AgentView, History, code};
+use rollcall::wire::{AgentPage, AgentView, EventPage, History, code};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -237,6 +237,7 @@ pub fn router(api: Arc<QueryApi>) -> Router {
         .route("/v1/agents", get(list_agents))
         .route("/v1/agents/{agent_id}", get(get_agent))
         .route("/v1/agents/{agent_id}/history", get(agent_history))
+        .route("/v1/agents/{agent_id}/events", get(agent_events))
         .route("/metrics", get(prometheus))
         .route("/v1/claims", post(create_claim))
         .route(
@@ -371,6 +372,73 @@ async fn agent_history(
     Ok(Json(History {
         agent_id,
         minutes: rollups,
+        as_of: rfc3339(now),
+    }))
+}
+
+/// Most events one call returns.
+const MAX_EVENTS: usize = 500;
+const DEFAULT_EVENTS: usize = 100;
+
+/// `GET /v1/agents/{id}/events?limit=N&cursor=C`: the agent's state changes
+/// of the last 30 days, oldest first, `limit` (1–500, default 100) at a
+/// time. `next_cursor` names the last event returned, so a caller can also
+/// keep it to ask later for what happened since; it is `null` once a page
+/// is empty.
+async fn agent_events(
+    State(api): State<Arc<QueryApi>>,
+    Extension(grant): Extension<Grant>,
+    Path(agent_id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<EventPage>, ApiError> {
+    if !is_valid_agent_id(&agent_id) {
+        return Err(ApiError::bad_request(format!("agent id {AGENT_ID_RULE}")));
+    }
+    let mut limit = None;
+    let mut cursor = None;
+    for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match name.as_ref() {
+            "limit" if limit.is_none() => {
+                limit = Some(value.parse::<usize>().ok().filter(|n| (1..=MAX_EVENTS).contains(n)).ok_or_else(|| {
+                    ApiError::bad_request(format!("parameter limit: must be a whole number from 1 to {MAX_EVENTS}, got {value:?}"))
+                })?);
+            }
+            "cursor" if cursor.is_none() => {
+                if !rollcall::changes::is_event_key(&value) {
+                    return Err(ApiError::bad_request(
+                        "parameter cursor: not a cursor of this list (pass back next_cursor as it came)",
+                    ));
+                }
+                cursor = Some(value.into_owned());
+            }
+            "limit" | "cursor" => {
+                return Err(ApiError::bad_request(format!(
+                    "parameter {name}: given more than once"
+                )));
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "parameter {other}: unknown parameter"
+                )));
+            }
+        }
+    }
+    let now = now_ms();
+    visible_agent(&api, &grant, &agent_id, now).await?;
+    let events = api
+        .store
+        .events(
+            &agent_id,
+            cursor.as_deref(),
+            limit.unwrap_or(DEFAULT_EVENTS),
+            now,
+        )
+        .await?;
+    let next_cursor = events.last().map(rollcall::changes::Event::key);
+    Ok(Json(EventPage {
+        agent_id,
+        events,
+        next_cursor,
         as_of: rfc3339(now),
     }))
 }

@@ -44,6 +44,9 @@ pub struct CapacityQuery {
     /// Claimed GPUs count towards `min_gpus` only when asked for
     /// (PROTOCOL.md §4 "Claims").
     pub include_claimed: bool,
+    /// The least `uptime_30d` a matching agent has (PROTOCOL.md §4 "State
+    /// changes"), 0 to 1.
+    pub min_uptime: Option<f64>,
     /// The pools the caller's token may see (`None`: all). Not a parameter:
     /// set from the token, so that to a pool-limited token no other agent
     /// exists (PROTOCOL.md §4 "Scoped tokens").
@@ -65,6 +68,7 @@ impl Default for CapacityQuery {
             status: StatusFilter::Online,
             include_draining: false,
             include_claimed: false,
+            min_uptime: None,
             pools: None,
             limit: DEFAULT_LIMIT,
             cursor: None,
@@ -154,6 +158,16 @@ impl CapacityQuery {
             "include_claimed" => {
                 self.include_claimed = one_of(name, value, &[("true", true), ("false", false)])?
             }
+            "min_uptime" => {
+                let share: f64 = value
+                    .parse()
+                    .ok()
+                    .filter(|share: &f64| (0.0..=1.0).contains(share))
+                    .ok_or_else(|| {
+                        param_error(name, format!("must be a number from 0 to 1, got {value:?}"))
+                    })?;
+                self.min_uptime = Some(share);
+            }
             "cursor" => self.cursor = Some(value.to_owned()),
             _ => return Err(param_error(name, "unknown parameter")),
         }
@@ -172,6 +186,7 @@ impl CapacityQuery {
             ("min_gpus", self.min_gpus.map(f64::from)),
             ("min_cpu_cores", self.min_cpu_cores),
             ("min_memory_gb", self.min_memory_gb),
+            ("min_uptime", self.min_uptime),
         ] {
             if let Some(value) = value {
                 out.append_pair(name, &value.to_string());
@@ -212,7 +227,7 @@ impl CapacityQuery {
         let mut labels = self.labels.clone();
         labels.sort();
         let text = format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
             self.min_gpu_vram_gb,
             self.min_gpus,
             self.min_cpu_cores,
@@ -223,7 +238,8 @@ impl CapacityQuery {
             self.status,
             self.include_draining,
             self.include_claimed,
-            self.pools
+            self.pools,
+            self.min_uptime
         );
         let mut key = (text.len() as u64).to_be_bytes().to_vec();
         key.extend_from_slice(text.as_bytes());
@@ -322,6 +338,9 @@ impl CapacityQuery {
                 .labels
                 .iter()
                 .all(|(key, value)| heartbeat.labels.get(key) == Some(value))
+            || self
+                .min_uptime
+                .is_some_and(|least| agent.uptime_30d(now_ms) < least)
         {
             return false;
         }

@@ -253,6 +253,7 @@ struct ClaimBody {
     gpu_vendor: Option<String>,
     pool: Option<String>,
     labels: Option<BTreeMap<String, String>>,
+    min_uptime: Option<serde_json::Number>,
     ttl_s: Option<serde_json::Number>,
     holder: Option<String>,
 }
@@ -277,7 +278,8 @@ impl ClaimRequest {
             || body.min_memory_gb.is_some()
             || body.gpu_vendor.is_some()
             || body.pool.is_some()
-            || body.labels.is_some();
+            || body.labels.is_some()
+            || body.min_uptime.is_some();
         let wanted = match (by_name, by_filters) {
             (true, true) => {
                 return Err(
@@ -304,6 +306,7 @@ impl ClaimRequest {
                     number("min_gpus", &body.min_gpus),
                     number("min_cpu_cores", &body.min_cpu_cores),
                     number("min_memory_gb", &body.min_memory_gb),
+                    number("min_uptime", &body.min_uptime),
                     body.gpu_vendor.map(|v| ("gpu_vendor".to_owned(), v)),
                     body.pool.map(|v| ("pool".to_owned(), v)),
                 ];

@@ -8,6 +8,8 @@
 //! - [`history`]: per-minute history's five-minute windows and its bounds.
 //! - [`verify`]: ingest's request checks, in the protocol's order.
 //! - [`record`]: what is stored per agent, its deadlines, and how it becomes the API's agent record.
+//! - [`changes`]: state changes: an agent's transitions, derived once from
+//!   two versions of its record, and the availability (`uptime_30d`) they add up to.
 //! - [`capacity`]: capacity-query parameters, the one match rule, answer order, cursors.
 //! - [`claims`]: claims on GPUs, their ids and bodies, and (feature `server`)
 //!   the one claiming procedure both stores serve.
@@ -31,6 +33,7 @@
 //! store and HTTP server so that it stays small.
 
 pub mod capacity;
+pub mod changes;
 pub mod claims;
 pub mod fleet;
 pub mod heartbeat;

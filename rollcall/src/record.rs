@@ -5,6 +5,7 @@
 use crate::time::rfc3339;
 use serde::{Deserialize, Serialize};
 
+use crate::changes::Availability;
 use crate::claims::{AgentClaims, GpuClaimView};
 use crate::heartbeat::{AgentState, Heartbeat};
 use crate::wire::{AgentView, GpuView, Status};
@@ -46,6 +47,11 @@ pub struct StoredAgent {
     /// never serialized with it.
     #[serde(skip)]
     pub claims: AgentClaims,
+    /// What its `uptime_30d` is computed from, kept beside the record and
+    /// moved by transitions only (`changes`); `None` until the store has
+    /// recorded one.
+    #[serde(skip)]
+    pub availability: Option<Availability>,
 }
 
 impl StoredAgent {
@@ -68,6 +74,7 @@ impl StoredAgent {
             online_until_ms,
             expires_at_s,
             claims: AgentClaims::default(),
+            availability: None,
         }
     }
 
@@ -88,6 +95,18 @@ impl StoredAgent {
             Status::Online
         } else {
             Status::Offline
+        }
+    }
+
+    /// The share of the last 30 days it was available (PROTOCOL.md §4). A
+    /// record whose availability is not yet recorded counts from its
+    /// heartbeat; one past its deadline is down since then even before a
+    /// store marks it.
+    pub fn uptime_30d(&self, now_ms: i64) -> f64 {
+        let offline_since = (!self.is_online(now_ms)).then_some(self.online_until_ms);
+        match &self.availability {
+            Some(availability) => availability.uptime(now_ms, offline_since),
+            None => Availability::first_seen(self.received_at_ms).uptime(now_ms, offline_since),
         }
     }
 
@@ -149,6 +168,7 @@ impl StoredAgent {
                     processes: None,
                 })
                 .collect(),
+            uptime_30d: self.uptime_30d(now_ms),
             collector_rss_mb: heartbeat.collector.as_ref().and_then(|c| c.rss_mb),
             collector_cpu_s: heartbeat.collector.as_ref().and_then(|c| c.cpu_s),
         }

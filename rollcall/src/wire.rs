@@ -117,6 +117,9 @@ pub struct AgentView {
     pub gpu_vram_available_gb: f64,
     pub gpu_vram_available_max_gb: f64,
     pub gpus: Vec<GpuView>,
+    /// The share of the last 30 days (or of the time since first seen) it
+    /// was online and not draining, 0 to 1 (PROTOCOL.md §4).
+    pub uptime_30d: f64,
     /// The collector's own resident memory (MiB) and CPU time (s), where it
     /// reports them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,6 +156,19 @@ impl AgentView {
             }
         }
     }
+}
+
+/// The answer to `GET /v1/agents/{agent_id}/events`: a page of the
+/// agent's state changes of the last 30 days, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventPage {
+    pub agent_id: String,
+    pub events: Vec<crate::changes::Event>,
+    /// The last event's place: pass it back as `cursor` for the events
+    /// after it, now or later. `null` when the page is empty.
+    pub next_cursor: Option<String>,
+    /// RFC 3339: when the answer was read.
+    pub as_of: String,
 }
 
 /// The answer to `GET /v1/agents/{agent_id}/history`: the agent's

@@ -17,6 +17,9 @@ use crate::{heartbeat, now_ms};
 pub struct Backend {
     pub store: Arc<dyn Store>,
     pub name: &'static str,
+    /// DynamoDB derives state changes from its stream, off the write path;
+    /// the tests play it (`StreamPump`). SQLite derives them as it writes.
+    stream: Option<Arc<crate::StreamPump>>,
     _guard: Box<dyn std::any::Any + Send>,
 }
 
@@ -29,7 +32,21 @@ impl Backend {
         Self {
             store,
             name,
+            stream: None,
             _guard: Box::new(guard),
+        }
+    }
+
+    pub fn with_stream(mut self, pump: Arc<crate::StreamPump>) -> Self {
+        self.stream = Some(pump);
+        self
+    }
+
+    /// Lets the writes so far reach wherever the backend derives state
+    /// changes.
+    pub async fn settle(&self) {
+        if let Some(pump) = &self.stream {
+            pump.pump().await;
         }
     }
 }
@@ -64,12 +81,21 @@ async fn ids(store: &dyn Store, text: &str, now: i64) -> Vec<String> {
         .collect()
 }
 
+/// The record as written by its heartbeat: without the availability kept
+/// beside it (SQLite writes it with the record, DynamoDB's stream consumer
+/// after it).
+async fn record_of(store: &dyn Store, agent_id: &str, now: i64) -> Option<StoredAgent> {
+    let mut agent = store.get(agent_id, now).await.unwrap()?;
+    agent.availability = None;
+    Some(agent)
+}
+
 pub async fn upsert_then_get(backend: &Backend) {
     let store = &*backend.store;
     let now = base_ms();
     let agent = agent_at("solo", 1_000, now, |_| {});
     assert_eq!(store.upsert(agent.clone()).await.unwrap(), Upsert::Written);
-    assert_eq!(store.get("solo", now).await.unwrap(), Some(agent));
+    assert_eq!(record_of(store, "solo", now).await, Some(agent));
 }
 
 pub async fn unknown_agent(backend: &Backend) {
@@ -110,7 +136,7 @@ pub async fn newer_only(backend: &Backend) {
             .unwrap(),
         Upsert::Stale
     );
-    assert_eq!(store.get("a", now + 4).await.unwrap(), Some(newer));
+    assert_eq!(record_of(store, "a", now + 4).await, Some(newer));
 }
 
 pub async fn concurrent_writers_keep_the_newest(backend: &Backend) {
@@ -1052,6 +1078,81 @@ pub async fn concurrent_processes_snapshots_keep_the_newest(backend: &Backend) {
     assert_eq!(stored.sent_at_ms, 20, "{}", backend.name);
 }
 
+/// PROTOCOL.md §4 "State changes": each transition recorded once with the
+/// time it happened (an `offline` at the deadline, by the sweep, before any
+/// request), paged oldest first; `uptime_30d` and `min_uptime` follow.
+pub async fn state_changes_at_their_times(backend: &Backend) {
+    use rollcall::changes::{EventKind, OfflineReason};
+    let store = &*backend.store;
+    let now = base_ms();
+    let t0 = now - 400_000;
+    let beat = |at: i64, state: &str, gpus: &[&str], uptime_s: u64| {
+        let gpus: Vec<serde_json::Value> = gpus
+            .iter()
+            .enumerate()
+            .map(|(index, uuid)| json!({"index": index, "vendor": "nvidia", "uuid": uuid,
+                                       "memory_total_mb": 81920, "memory_free_mb": 80000}))
+            .collect();
+        agent_at("sc", at as u64, at, |body| {
+            body["state"] = json!(state);
+            body["gpus"] = json!(gpus);
+            body["host"] = json!({"uptime_s": uptime_s});
+        })
+    };
+    for agent in [
+        beat(t0, "up", &["GPU-a", "GPU-b"], 1_000),
+        beat(t0 + 30_000, "draining", &["GPU-a", "GPU-b"], 1_030),
+        beat(t0 + 60_000, "up", &["GPU-a", "GPU-b"], 1_060),
+        beat(t0 + 90_000, "up", &["GPU-a"], 1_090),
+    ] {
+        assert_eq!(store.upsert(agent).await.unwrap(), Upsert::Written);
+        backend.settle().await;
+    }
+    // Its deadline (t0 + 180 s) passes; the sweep notices without a request.
+    let sweep = store.sweep(t0 + 300_000).await.unwrap();
+    assert_eq!(sweep.marked, 1, "{}: {sweep:?}", backend.name);
+    backend.settle().await;
+    assert_eq!(store.sweep(t0 + 301_000).await.unwrap().marked, 0);
+    // Back after a reboot.
+    store
+        .upsert(beat(t0 + 350_000, "up", &["GPU-a"], 20))
+        .await
+        .unwrap();
+    backend.settle().await;
+    backend.settle().await;
+
+    let events = store.events("sc", None, 100, now).await.unwrap();
+    let seen: Vec<(EventKind, i64)> = events.iter().map(|e| (e.kind, e.at_ms - t0)).collect();
+    assert_eq!(
+        seen,
+        [
+            (EventKind::Online, 0),
+            (EventKind::Draining, 30_000),
+            (EventKind::Undrained, 60_000),
+            (EventKind::GpusChanged, 90_000),
+            (EventKind::Offline, 180_000),
+            (EventKind::Online, 350_000),
+            (EventKind::Rebooted, 350_000),
+        ],
+        "{}",
+        backend.name
+    );
+    assert_eq!(events[3].gpus_removed, ["GPU-b"]);
+    assert_eq!(events[4].reason, Some(OfflineReason::Deadline));
+    let after_third = events[2].key();
+    let page = store
+        .events("sc", Some(&after_third), 2, now)
+        .await
+        .unwrap();
+    assert_eq!(page, events[3..5]);
+
+    // Down while draining (30 s) and offline (170 s) of 400 s.
+    let agent = store.get("sc", now).await.unwrap().unwrap();
+    assert_eq!(agent.uptime_30d(now), 0.5, "{}", backend.name);
+    assert_eq!(ids(store, "min_uptime=0.5", now).await, ["sc"]);
+    assert!(ids(store, "min_uptime=0.51", now).await.is_empty());
+}
+
 /// Every case, by name, for the macro in `tests/tests/store_conformance.rs`.
 /// `store_conformance.rs` checks that this list names every case function
 /// of this file, so that none can be left out silently.
@@ -1083,7 +1184,7 @@ macro_rules! conformance_cases {
             claims_expire_extend_and_release, claims_refused_on_unavailable_agents,
             claims_stay_inside_their_pools, racing_claimers_never_share_a_gpu,
             gpu_processes_newest_snapshot, releases_and_extensions_racing_on_one_agent,
-            concurrent_processes_snapshots_keep_the_newest);
+            concurrent_processes_snapshots_keep_the_newest, state_changes_at_their_times);
     };
     ($backend:expr) => {
         $crate::conformance_cases!(@list [] $backend);

@@ -139,4 +139,18 @@ impl Store for HistoryOutage {
     ) -> Result<Vec<MinuteRollup>, StoreError> {
         self.inner.history(agent_id, since_minute, now_ms).await
     }
+
+    async fn events(
+        &self,
+        agent_id: &str,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<rollcall::changes::Event>, StoreError> {
+        self.inner.events(agent_id, after, limit, now_ms).await
+    }
+
+    async fn sweep(&self, now_ms: i64) -> Result<rollcall::store::Sweep, StoreError> {
+        self.inner.sweep(now_ms).await
+    }
 }

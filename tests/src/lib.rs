@@ -726,7 +726,85 @@ pub async fn dynamodb_store(shards: u32) -> rollcall::store::dynamodb::DynamoSto
         );
     }
     fleet.create().await.expect("create the fleet table");
-    store.with_fleet(fleet)
+    let events = rollcall::store::dynamodb::changes::EventsTable::new(
+        dynamodb_client(),
+        events_table_of(store.table()),
+    );
+    events.create_table().await.expect("create the events table");
+    store.with_fleet(fleet).with_events(events)
+}
+
+/// The events table that goes with a test's agents table.
+pub fn events_table_of(table: &str) -> String {
+    format!("{table}-events")
+}
+
+/// Plays the agents table's stream for a test: each call scans the (small)
+/// table, and every agent item that changed since the last call reaches
+/// the stream consumer's `ChangeRecorder` as a change with its old and new
+/// image, as DynamoDB Streams would deliver it. Only for tests that write
+/// one change per item between calls (a stream would carry each).
+pub struct StreamPump {
+    table: String,
+    recorder: rollcall::store::dynamodb::changes::ChangeRecorder,
+    seen: tokio::sync::Mutex<
+        std::collections::HashMap<String, rollcall::store::dynamodb::Item>,
+    >,
+}
+
+impl StreamPump {
+    pub fn new(table: &str) -> Self {
+        let events = rollcall::store::dynamodb::changes::EventsTable::new(
+            dynamodb_client(),
+            events_table_of(table),
+        );
+        Self {
+            table: table.to_owned(),
+            recorder: rollcall::store::dynamodb::changes::ChangeRecorder::new(
+                dynamodb_client(),
+                table,
+                events,
+            ),
+            seen: Default::default(),
+        }
+    }
+
+    /// Delivers what changed since the last call; the availability the
+    /// recorder writes comes back as a change of its own, which it ignores.
+    pub async fn pump(&self) {
+        let mut seen = self.seen.lock().await;
+        let mut changes = Vec::new();
+        let mut start = None;
+        loop {
+            let output = dynamodb_client()
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .expect("scan the test table");
+            for item in output.items() {
+                let Some(id) = item.get("agent_id").and_then(|v| v.as_s().ok()) else {
+                    continue;
+                };
+                if seen.get(id) != Some(item) {
+                    changes.push(rollcall::store::dynamodb::fleet::Change {
+                        old: seen.insert(id.clone(), item.clone()),
+                        new: Some(item.clone()),
+                    });
+                }
+            }
+            start = output.last_evaluated_key().cloned();
+            if start.is_none() {
+                break;
+            }
+        }
+        self.recorder
+            .record(&changes)
+            .await
+            .expect("record the changes");
+    }
 }
 
 /// The fleet-sums table that goes with a test's agents table.
@@ -745,5 +823,7 @@ pub async fn sqlite_backend() -> conformance::Backend {
 }
 
 pub async fn dynamodb_backend() -> conformance::Backend {
-    conformance::Backend::new("dynamodb", Arc::new(dynamodb_store(4).await), ())
+    let store = dynamodb_store(4).await;
+    let pump = Arc::new(StreamPump::new(store.table()));
+    conformance::Backend::new("dynamodb", Arc::new(store), ()).with_stream(pump)
 }

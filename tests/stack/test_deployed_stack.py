@@ -245,6 +245,7 @@ def post_signed(stack, body):
     request = urllib.request.Request(loopback_only(f"{stack['ingest']}/v1/heartbeats"), data=raw, headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=30) as response:
         assert response.status == 202
+        return json.loads(response.read())
 
 
 def gpu_host(agent_id, pool, free_mb):
@@ -397,8 +398,9 @@ def test_the_fleet_role_adds_to_the_sums_and_touches_nothing_else(stack):
     query_role.query(**sums_query)
     agent = {"agent_id": {"S": "privilege-probe"}}
     for forbidden in (lambda: fleet_role.query(**sums_query),
-                      lambda: fleet_role.get_item(TableName=stack["table"], Key=agent),
                       lambda: fleet_role.put_item(TableName=stack["table"], Item=agent),
+                      lambda: fleet_role.delete_item(TableName=stack["table"], Key=agent),
+                      lambda: fleet_role.scan(TableName=stack["table"]),
                       lambda: fleet_role.delete_item(TableName=stack["fleet_table"], Key=bucket),
                       lambda: query_role.update_item(**add),
                       lambda: role_client(stack, "IngestFunctionRole").update_item(**add)):
@@ -767,6 +769,62 @@ def test_gpu_processes_through_the_deployed_stack(stack):
 
 # Last, because it retires key id k1, which every test above signs with
 # (pytest runs a module's tests in file order).
+def test_state_changes_through_the_deployed_stack(stack):
+    """PROTOCOL.md §4 "State changes" on AWS: the fleet function derives each
+    transition from the agents table's stream, and its scheduled sweep (run
+    here as EventBridge runs it) marks an agent whose deadline passed, which
+    the stream turns into an offline at the deadline; read through the
+    query function's URL."""
+    auth = {"Authorization": f"Bearer {stack['token']}"}
+    agent = "changes-host"
+    body = gpu_host(agent, "default", [70000, 70000])
+    body["interval_s"] = 5
+    body["host"] = {"uptime_s": 5000}
+    posted_at = time.time()
+    post_signed(stack, body)
+    body["sent_at_ms"] += 1000
+    body["gpus"] = body["gpus"][:1]
+    body["host"] = {"uptime_s": 5001}
+    post_signed(stack, body)
+    body["sent_at_ms"] += 1000
+    body["host"] = {"uptime_s": 3}
+    deadline = post_signed(stack, body)["online_until"]
+
+    # The sweep runs every minute on AWS; its rule is part of the stack.
+    fleet_function = stack["resources"]["FleetFunction"]
+    events = client("events")
+    scheduled = [rule for rule in events.list_rules()["Rules"] if rule.get("ScheduleExpression") == "rate(1 minute)"]
+    targets = [t["Arn"] for rule in scheduled for t in events.list_targets_by_rule(Rule=rule["Name"])["Targets"]]
+    assert any(arn.endswith(f":function:{fleet_function}") for arn in targets), (scheduled, targets)
+    deadline_s = calendar.timegm(time.strptime(deadline[:19], "%Y-%m-%dT%H:%M:%S")) + int(deadline[20:23]) / 1000
+    time.sleep(max(0.0, deadline_s + 1.0 - time.time()))
+    invoked = client("lambda").invoke(
+        FunctionName=fleet_function,
+        Payload=json.dumps({"version": "0", "id": "stack-test", "detail-type": "Scheduled Event",
+                            "source": "aws.events", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "resources": [], "detail": {}}).encode())
+    answer = json.loads(invoked["Payload"].read())
+    assert "FunctionError" not in invoked, answer
+    assert answer.get("marked", -1) >= 0, answer
+
+    def recorded():
+        status, page = http("GET", f"{stack['query']}/v1/agents/{agent}/events", auth)
+        assert status == 200, page
+        return page if "offline" in [e["kind"] for e in page["events"]] else None
+    page = wait_for("the offline to be recorded from the stream", recorded, 60)
+    events_seen = page["events"]
+    assert [e["kind"] for e in events_seen] == ["online", "gpus_changed", "rebooted", "offline"], events_seen
+    assert abs(events_seen[0]["at_ms"] / 1000 - posted_at) < 2, events_seen[0]
+    assert events_seen[1]["gpus_removed"] == [f"GPU-{agent}-1"]
+    offline = events_seen[3]
+    assert offline["at"] == deadline and offline["reason"] == "deadline", (offline, deadline)
+    status, record = http("GET", f"{stack['query']}/v1/agents/{agent}", auth)
+    assert record["status"] == "offline" and record["uptime_30d"] < 1, record
+    # The bad cursor is the client's mistake, answered as such.
+    status, refused = http("GET", f"{stack['query']}/v1/agents/{agent}/events?cursor=nope", auth)
+    assert status == 400 and "cursor" in refused["error"], refused
+
+
 def test_a_rotated_fleet_secret_is_picked_up_without_a_redeploy(stack):
     secrets = client("secretsmanager")
     second = os.urandom(32).hex()

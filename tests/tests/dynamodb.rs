@@ -111,7 +111,11 @@ async fn a_two_gpu_heartbeat_is_one_write_unit() {
 #[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
 async fn a_steady_heartbeat_costs_one_write_unit_through_the_store() {
     let store = dynamodb_store(4).await;
-    let start = now_ms();
+    // A second past a minute, and the heartbeats a second apart: every
+    // deadline falls in one minute, so the deadline index costs only its
+    // first entry and what is measured is the capacity index (the
+    // deadline index's once-a-minute move is `units.rs`'s test).
+    let start = now_ms() / 60_000 * 60_000 - 60_000 + 1_000;
     let write = |offset_ms: u64, free_mb: u64| {
         let mut body = heartbeat("steady-01", start + offset_ms);
         body["gpus"][0]["memory_total_mb"] = json!(81_559);
@@ -122,14 +126,14 @@ async fn a_steady_heartbeat_costs_one_write_unit_through_the_store() {
     let base = 73_000;
     let mut totals = Vec::new();
     for (offset_ms, free_mb) in [
-        (0, base),                           // first: a failed condition, the put and a new entry
-        (30_000, base),                      // steady: the table alone
-        (60_000, base - 100),                // dipped: the same rank, marked inexact (the flag)
-        (90_000, base),                      // back: nothing moves
-        (120_000, base + 100),               // rose: a bound with room either way (a key change)
-        (150_000, base + 180),               // wandered inside the bound: the table alone
-        (180_000, base + 100 + FV_SLACK_MB), // at its top: the table alone
-        (210_000, 12_000),                   // a job started: the exact figure (a key change)
+        (0, base),                          // first: a failed condition, the put and two new entries
+        (1_000, base),                      // steady: the table alone
+        (2_000, base - 100),                // dipped: the same rank, marked inexact (the flag)
+        (3_000, base),                      // back: nothing moves
+        (4_000, base + 100),                // rose: a bound with room either way (a key change)
+        (5_000, base + 180),                // wandered inside the bound: the table alone
+        (6_000, base + 100 + FV_SLACK_MB),  // at its top: the table alone
+        (7_000, 12_000),                    // a job started: the exact figure (a key change)
     ] {
         let (_, cost) = store
             .upsert_measured(&write(offset_ms, free_mb))
@@ -143,7 +147,7 @@ async fn a_steady_heartbeat_costs_one_write_unit_through_the_store() {
         }
         totals.push(cost.computed.total());
     }
-    assert_eq!(totals, [3, 1, 3, 1, 4, 1, 1, 4]);
+    assert_eq!(totals, [4, 1, 3, 1, 4, 1, 1, 4]);
 }
 
 /// An agent built from the test heartbeat with `free_mb` on its GPU and

@@ -13,6 +13,7 @@ use rollcall::record::{Deadlines, StoredAgent};
 use rollcall::secrets::Secret;
 use rollcall::signing::FleetSecret;
 use rollcall::store::Store;
+use rollcall::store::dynamodb::changes::{ChangeRecorder, EventsTable};
 use rollcall::store::dynamodb::fleet::{Change, FleetTable, StreamBatch};
 use rollcall::store::dynamodb::{DynamoStore, encode};
 use rollcall::verify::Keyring;
@@ -54,7 +55,8 @@ async fn fetch<T: Send + Sync + 'static>(
     .expect("fetch secret")
 }
 
-/// Every ingest path: fresh heartbeat with history, a stale one, an unknown key id.
+/// Every ingest path: fresh heartbeat with history and GPU processes, a
+/// stale one, an unknown key id.
 async fn drive_ingest(
     recorder: &CallRecorder,
     table: &str,
@@ -82,6 +84,7 @@ async fn drive_ingest(
     let spread = json!({"min": 0.5, "avg": 1.0, "max": 1.5});
     body["history"] =
         json!([{"minute": now / 60_000 - 1, "load_1m": spread, "memory_available_mb": spread}]);
+    body["gpus"][0]["processes"] = json!([{"pid": 4242, "used_mb": 1024, "name": "python3"}]);
     let (headers, bytes) = signed_heartbeat(secret, KEY_ID, &body);
     let accepted = request(
         server.addr,
@@ -106,8 +109,9 @@ async fn drive_ingest(
     server.stop().await;
 }
 
-/// The fleet function's one job: a stream batch added to the sums.
-async fn drive_fleet(recorder: &CallRecorder, fleet_table: &str) {
+/// The fleet function's jobs: a stream batch added to the sums and its
+/// state changes recorded, and a sweep that marks a dead agent.
+async fn drive_fleet(recorder: &CallRecorder, table: &str, fleet_table: &str, events_table: &str) {
     let fleet = FleetTable::new(
         recorded_dynamodb_client(&recorder.labelled("fleet")),
         fleet_table,
@@ -129,6 +133,45 @@ async fn drive_fleet(recorder: &CallRecorder, fleet_table: &str) {
         newest_s: None,
     };
     assert!(fleet.apply(&batch).await.expect("apply a batch") > 0);
+    let recorder_of_changes = ChangeRecorder::new(
+        recorded_dynamodb_client(&recorder.labelled("table")),
+        table,
+        EventsTable::new(
+            recorded_dynamodb_client(&recorder.labelled("events")),
+            events_table,
+        ),
+    );
+    // The agent's item exists, so its availability is kept.
+    DynamoStore::new(dynamodb_client(), table, 4)
+        .upsert(StoredAgent::accept(
+            Heartbeat::parse(heartbeat("iam-fleet", now).to_string().as_bytes()).unwrap(),
+            now as i64,
+            Deadlines::default(),
+        ))
+        .await
+        .expect("write the agent");
+    let recorded = recorder_of_changes
+        .record(&batch.changes)
+        .await
+        .expect("record the batch's state changes");
+    assert_eq!(recorded.events, 1, "its first heartbeat: online");
+    // An agent past its deadline, for the sweep to mark.
+    let long_ago = now_ms() - 600_000;
+    DynamoStore::new(dynamodb_client(), table, 4)
+        .upsert(StoredAgent::accept(
+            Heartbeat::parse(heartbeat("iam-swept", long_ago).to_string().as_bytes()).unwrap(),
+            long_ago as i64,
+            Deadlines::default(),
+        ))
+        .await
+        .expect("write the dead agent");
+    let sweeper = DynamoStore::new(
+        recorded_dynamodb_client(&recorder.labelled("table")),
+        table,
+        4,
+    );
+    let sweep = sweeper.sweep(now_ms() as i64).await.expect("sweep");
+    assert!(sweep.marked >= 1, "{sweep:?}");
 }
 
 /// Every query route, paging included.
@@ -136,6 +179,7 @@ async fn drive_query(
     recorder: &CallRecorder,
     table: &str,
     fleet_table: &str,
+    events_table: &str,
     tokens_name: &str,
     cursor_name: &str,
 ) {
@@ -147,6 +191,10 @@ async fn drive_query(
     .with_fleet(FleetTable::new(
         recorded_dynamodb_client(&recorder.labelled("fleet")),
         fleet_table,
+    ))
+    .with_events(EventsTable::new(
+        recorded_dynamodb_client(&recorder.labelled("events")),
+        events_table,
     ));
     let tokens = fetch(recorder, "secret:tokens", tokens_name, |text| {
         rollcall_query::Tokens::parse(text).map_err(|e| e.to_string())
@@ -178,6 +226,7 @@ async fn drive_query(
         "/v1/agents?min_gpu_vram_gb=1&min_cpu_cores=1&pool=default",
         "/v1/agents/iam-agent",
         "/v1/agents/iam-agent/history?minutes=10",
+        "/v1/agents/iam-agent/events?limit=10",
         "/metrics",
         "/metrics?status=all",
         "/healthz",
@@ -296,6 +345,7 @@ fn resource_label(resource: &Value) -> String {
         ("${AgentsTable.Arn}/stream/", "stream"),
         ("AgentsTable.Arn", "table"),
         ("FleetTable.Arn", "fleet"),
+        ("EventsTable.Arn", "events"),
         ("${FleetSecretsSecretName}-??????", "secret:fleet"),
         ("${QueryTokensSecretName}-??????", "secret:tokens"),
         ("${AWS::StackName}/cursor-key-??????", "secret:cursor"),
@@ -327,6 +377,11 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
         .create()
         .await
         .expect("create the fleet table");
+    let events_table = format!("{table}-events");
+    EventsTable::new(rollcall_tests::dynamodb_client(), &events_table)
+        .create_table()
+        .await
+        .expect("create the events table");
     let secret = FleetSecret::from_bytes(vec![9; 32]).unwrap();
     let names = [&table, "tokens", "cursor"].map(|part| format!("{table}/{part}"));
     create_secret(&names[0], &format!("{KEY_ID}={}", secret.to_hex())).await;
@@ -340,9 +395,9 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
     let ingest = CallRecorder::default();
     drive_ingest(&ingest, &table, &names[0], &secret).await;
     let query = CallRecorder::default();
-    drive_query(&query, &table, &fleet_table, &names[1], &names[2]).await;
+    drive_query(&query, &table, &fleet_table, &events_table, &names[1], &names[2]).await;
     let fleet = CallRecorder::default();
-    drive_fleet(&fleet, &fleet_table).await;
+    drive_fleet(&fleet, &table, &fleet_table, &events_table).await;
 
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -4,6 +4,10 @@
 #[path = "query_api/claims.rs"]
 mod claims;
 
+/// State changes (PROTOCOL.md §4), in this test binary.
+#[path = "query_api/events.rs"]
+mod events;
+
 use rollcall_tests::{Stack, heartbeat, now_ms, request};
 use serde_json::{Value, json};
 

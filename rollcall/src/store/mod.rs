@@ -11,6 +11,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::capacity::{CapacityQuery, Position};
+use crate::changes::Event;
 use crate::claims::{AgentClaims, Claim, ClaimId};
 use crate::fleet::FleetTotals;
 use crate::heartbeat::{GpuProcesses, MinuteRollup};
@@ -95,6 +96,15 @@ impl PageFill {
             next: decided,
         }
     }
+}
+
+/// What one sweep did (PROTOCOL.md §4 "State changes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sweep {
+    /// Agents it marked offline.
+    pub marked: u64,
+    /// It stopped at its bound: more agents may be due now.
+    pub more: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +204,21 @@ pub trait Store: Send + Sync + 'static {
         Ok(found)
     }
 
+    /// The agent's state changes of the last 30 days after the event key
+    /// `after`, oldest first, at most `limit`.
+    async fn events(
+        &self,
+        agent_id: &str,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// Marks offline the agents whose deadline passed by `now_ms` that are
+    /// not marked yet, so that each one's `offline` is recorded at its
+    /// deadline without waiting for a request. Reads a bounded amount.
+    async fn sweep(&self, now_ms: i64) -> Result<Sweep, StoreError>;
+
     /// The agent's roll-ups from `since_minute` on, oldest first, unexpired.
     async fn history(
         &self,
@@ -225,6 +250,8 @@ pub enum StoreConfig {
         shards: u32,
         /// Where the fleet's sums for `/metrics` are kept.
         fleet_table: String,
+        /// Where the agents' state changes are kept.
+        events_table: String,
     },
 }
 
@@ -241,11 +268,15 @@ impl StoreConfig {
                 table,
                 shards,
                 fleet_table,
+                events_table,
             } => {
                 let client = dynamodb::DynamoStore::client_from_env().await;
                 let fleet = dynamodb::fleet::FleetTable::new(client.clone(), fleet_table);
+                let events = dynamodb::changes::EventsTable::new(client.clone(), events_table);
                 Ok(Arc::new(
-                    dynamodb::DynamoStore::new(client, table.clone(), *shards).with_fleet(fleet),
+                    dynamodb::DynamoStore::new(client, table.clone(), *shards)
+                        .with_fleet(fleet)
+                        .with_events(events),
                 ))
             }
         }
@@ -259,8 +290,9 @@ impl StoreConfig {
                 table,
                 shards,
                 fleet_table,
+                events_table,
             } => {
-                format!("dynamodb:{table} ({shards} shards, fleet sums in {fleet_table})")
+                format!("dynamodb:{table} ({shards} shards, fleet sums in {fleet_table}, events in {events_table})")
             }
         }
     }
@@ -298,6 +330,9 @@ pub struct StoreArgs {
     /// DynamoDB: the table of fleet sums that `/metrics` reads (kept by the fleet function).
     #[arg(long, env = "ROLLCALL_FLEET_TABLE", default_value = "rollcall-fleet")]
     pub fleet_table: String,
+    /// DynamoDB: the table of the agents' state changes (kept by the fleet function).
+    #[arg(long, env = "ROLLCALL_EVENTS_TABLE", default_value = "rollcall-events")]
+    pub events_table: String,
 }
 
 impl StoreArgs {
@@ -315,6 +350,7 @@ impl StoreArgs {
                 table: self.table.clone(),
                 shards: self.shards,
                 fleet_table: self.fleet_table.clone(),
+                events_table: self.events_table.clone(),
             },
             Backend::Sqlite => StoreConfig::Sqlite {
                 path: self.db.clone(),

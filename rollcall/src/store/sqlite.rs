@@ -5,7 +5,10 @@
 //! of a durable fsync is shared by every heartbeat waiting on it. Reads use a
 //! small pool of their own connections, which WAL lets run beside the writer.
 //! Claims are rows of their own, one per claimed GPU, written by the same
-//! writer thread, which makes a claim's check-and-take atomic.
+//! writer thread, which makes a claim's check-and-take atomic. State
+//! changes are derived in the same transaction as the write that causes
+//! them (`changes::transitions` over the row it replaces), and a sweep in
+//! the writer thread marks agents whose deadline passed.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -15,8 +18,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::{Page, PageFill, Store, StoreError, Upsert};
+use super::{Page, PageFill, Store, StoreError, Sweep, Upsert};
 use crate::capacity::{CapacityQuery, Position, StatusFilter};
+use crate::changes::{self, Availability, Event, Version};
 use crate::claims::{AgentClaims, Claim, ClaimId, GpuClaim};
 use crate::fleet::FleetTotals;
 use crate::heartbeat::{GpuProcesses, MinuteRollup};
@@ -72,6 +76,14 @@ CREATE TABLE IF NOT EXISTS gpu_claims (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS claims_by_id ON gpu_claims (claim_id);
 CREATE INDEX IF NOT EXISTS claims_by_expiry ON gpu_claims (expires_at_ms);
+CREATE TABLE IF NOT EXISTS agent_events (
+    agent_id TEXT NOT NULL,
+    event_key TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    PRIMARY KEY (agent_id, event_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_time ON agent_events (at_ms);
 CREATE TABLE IF NOT EXISTS gpu_processes (
     agent_id TEXT PRIMARY KEY NOT NULL,
     sent_at_ms INTEGER NOT NULL,
@@ -79,6 +91,15 @@ CREATE TABLE IF NOT EXISTS gpu_processes (
     processes TEXT NOT NULL
 ) WITHOUT ROWID;
 ";
+
+/// Columns added since the first schema, with what existing rows get.
+/// `offline_marked`: a sweep (or the agent's `leaving`) recorded its
+/// `offline`; `availability`: `changes::Availability` as JSON.
+const ADDED_COLUMNS: [(&str, &str); 2] = [
+    ("offline_marked", "INTEGER NOT NULL DEFAULT 0"),
+    ("availability", "TEXT"),
+];
+const SWEEP_INDEX: &str = "CREATE INDEX IF NOT EXISTS agents_to_sweep ON agents (online_until_ms) WHERE offline_marked = 0";
 
 const UPSERT: &str = "
 INSERT INTO agents (agent_id, sent_at_ms, online_until_ms, expires_at_s, pool, cores_available,
@@ -94,7 +115,7 @@ WHERE excluded.sent_at_ms > agents.sent_at_ms OR agents.expires_at_s <= ?10
 
 // Narrows candidates with indexed columns; CapacityQuery::matches decides.
 const CANDIDATES: &str = "
-SELECT record FROM agents
+SELECT record, availability FROM agents
 WHERE expires_at_s > ?1
   AND (?2 = 0 OR (?2 = 1 AND online_until_ms > ?3) OR (?2 = 2 AND online_until_ms <= ?3))
   AND (?4 IS NULL OR pool = ?4)
@@ -116,6 +137,8 @@ enum Command {
     /// The slots it wrote, changed or freed.
     Claim(ClaimWrite, oneshot::Sender<Result<u64, StoreError>>),
     Processes(ProcessesWrite, oneshot::Sender<Result<u64, StoreError>>),
+    /// Marks agents whose deadline passed by then; how many.
+    Sweep(i64, oneshot::Sender<Result<u64, StoreError>>),
 }
 
 struct ProcessesWrite {
@@ -165,6 +188,22 @@ ON CONFLICT (agent_id) DO UPDATE SET
     sent_at_ms = excluded.sent_at_ms, expires_at_s = excluded.expires_at_s, processes = excluded.processes
 WHERE excluded.sent_at_ms > gpu_processes.sent_at_ms";
 const PRUNE_PROCESSES: &str = "DELETE FROM gpu_processes WHERE expires_at_s <= ?1";
+const PREVIOUS: &str =
+    "SELECT record, offline_marked, availability FROM agents WHERE agent_id = ?1";
+const SET_STATE: &str =
+    "UPDATE agents SET offline_marked = ?2, availability = ?3 WHERE agent_id = ?1";
+const PUT_EVENT: &str = "INSERT OR IGNORE INTO agent_events (agent_id, event_key, at_ms, event) VALUES (?1, ?2, ?3, ?4)";
+const TO_SWEEP: &str = "
+SELECT record, availability FROM agents
+WHERE offline_marked = 0 AND online_until_ms <= ?1 AND expires_at_s > ?2
+ORDER BY online_until_ms LIMIT ?3";
+const EVENTS: &str = "
+SELECT event FROM agent_events
+WHERE agent_id = ?1 AND event_key > ?2 AND at_ms > ?3
+ORDER BY event_key LIMIT ?4";
+const PRUNE_EVENTS: &str = "DELETE FROM agent_events WHERE at_ms <= ?1";
+/// Agents one sweep marks at most; the rest wait for the next.
+const SWEEP_BATCH: i64 = 1000;
 const PUT_HISTORY: &str = "INSERT OR REPLACE INTO agent_history (agent_id, minute, expires_at_s, rollup) VALUES (?1, ?2, ?3, ?4)";
 
 pub struct SqliteStore {
@@ -176,8 +215,9 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
-        let connection = open_connection(path, durability)?;
+        let mut connection = open_connection(path, durability)?;
         connection.execute_batch(SCHEMA).map_err(unavailable)?;
+        add_columns(&mut connection)?;
         let (writer, commands) = mpsc::channel();
         std::thread::Builder::new()
             .name("rollcall-sqlite-writer".into())
@@ -239,17 +279,19 @@ impl Store for SqliteStore {
     async fn get(&self, agent_id: &str, now_ms: i64) -> Result<Option<StoredAgent>, StoreError> {
         let agent_id = agent_id.to_owned();
         self.read(move |connection| {
-            let record: Option<String> = connection
+            let row: Option<(String, Option<String>)> = connection
                 .prepare_cached(
-                    "SELECT record FROM agents WHERE agent_id = ?1 AND expires_at_s > ?2",
+                    "SELECT record, availability FROM agents WHERE agent_id = ?1 AND expires_at_s > ?2",
                 )
                 .and_then(|mut statement| {
                     statement
-                        .query_row(params![agent_id, now_ms.div_euclid(1000)], |row| row.get(0))
+                        .query_row(params![agent_id, now_ms.div_euclid(1000)], |row| {
+                            Ok((row.get(0)?, row.get(1)?))
+                        })
                         .optional()
                 })
                 .map_err(unavailable)?;
-            let Some(mut agent) = record.map(|text| decode(&text)).transpose()? else {
+            let Some(mut agent) = row.map(|(record, availability)| decode_with(&record, availability.as_deref())).transpose()? else {
                 return Ok(None);
             };
             agent.claims = read_claims(connection, &agent_id, now_ms)?;
@@ -284,7 +326,7 @@ impl Store for SqliteStore {
                     // Above any real figure, so the first row qualifies.
                     None => (i64::MAX, String::new()),
                 };
-                let rows: Vec<String> = statement
+                let rows: Vec<(String, Option<String>)> = statement
                     .query_map(
                         params![
                             now_ms.div_euclid(1000),
@@ -298,13 +340,13 @@ impl Store for SqliteStore {
                             after_id,
                             READ_BATCH as i64,
                         ],
-                        |row| row.get(0),
+                        |row| Ok((row.get(0)?, row.get(1)?)),
                     )
                     .and_then(Iterator::collect)
                     .map_err(unavailable)?;
                 let exhausted = rows.len() < READ_BATCH;
-                for text in rows {
-                    let mut agent = decode(&text)?;
+                for (record, availability) in rows {
+                    let mut agent = decode_with(&record, availability.as_deref())?;
                     let position = Position::of(&agent);
                     cursor = Some(position.clone());
                     if !query.matches_before_claims(&agent, now_ms) {
@@ -472,6 +514,46 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn events(
+        &self,
+        agent_id: &str,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let agent_id = agent_id.to_owned();
+        let after = after.unwrap_or("").to_owned();
+        self.read(move |connection| {
+            let texts: Vec<String> = connection
+                .prepare_cached(EVENTS)
+                .and_then(|mut statement| {
+                    statement
+                        .query_map(
+                            params![agent_id, after, now_ms - changes::KEPT_MS, limit as i64],
+                            |row| row.get(0),
+                        )?
+                        .collect()
+                })
+                .map_err(unavailable)?;
+            texts
+                .iter()
+                .map(|text| {
+                    serde_json::from_str(text)
+                        .map_err(|e| StoreError::Corrupt(format!("unreadable event: {e}")))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn sweep(&self, now_ms: i64) -> Result<Sweep, StoreError> {
+        let marked = self.send(|reply| Command::Sweep(now_ms, reply)).await?;
+        Ok(Sweep {
+            marked,
+            more: marked >= SWEEP_BATCH as u64,
+        })
+    }
 }
 
 fn open_connection(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
@@ -585,6 +667,12 @@ fn run_command(
                 Ok(columns) => columns,
                 Err(message) => return Ok(Err(message)),
             };
+            let previous: Option<(String, bool, Option<String>)> = transaction
+                .prepare_cached(PREVIOUS)?
+                .query_row(params![agent.agent_id()], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .optional()?;
             let changed = transaction.prepare_cached(UPSERT)?.execute(params![
                 agent.agent_id(),
                 columns.sent_at_ms,
@@ -598,8 +686,12 @@ fn run_command(
                 // An expired record is gone, whatever its sent_at_ms.
                 agent.received_at_ms.div_euclid(1000),
             ])?;
+            if changed > 0 {
+                record_changes(transaction, agent, previous)?;
+            }
             Ok(Ok(changed as u64))
         }
+        Command::Sweep(now_ms, _) => Ok(Ok(sweep(transaction, *now_ms)?)),
         Command::Prune(now_ms, _) => Ok(Ok(delete_expired(transaction, *now_ms)?)),
         Command::History(write, _) => {
             let mut put = transaction.prepare_cached(PUT_HISTORY)?;
@@ -714,6 +806,7 @@ fn reply(batch: Vec<Command>, committed: rusqlite::Result<()>, outcomes: Vec<Res
                 let _ = reply.send(outcome.map(written).map_err(StoreError::Unavailable));
             }
             Command::Prune(_, reply)
+            | Command::Sweep(_, reply)
             | Command::History(_, reply)
             | Command::Claim(_, reply)
             | Command::Processes(_, reply) => {
@@ -721,6 +814,126 @@ fn reply(batch: Vec<Command>, committed: rusqlite::Result<()>, outcomes: Vec<Res
             }
         }
     }
+}
+
+/// Records the transitions between the row an upsert replaced and the
+/// agent it wrote, and the availability they leave.
+fn record_changes(
+    transaction: &rusqlite::Transaction,
+    agent: &StoredAgent,
+    previous: Option<(String, bool, Option<String>)>,
+) -> rusqlite::Result<()> {
+    let previous = match previous {
+        Some((record, marked, availability)) => {
+            match decode_with(&record, availability.as_deref()) {
+                Ok(old) => Some((old, marked)),
+                // The record is replaced anyway; its history of changes
+                // starts again rather than failing the heartbeat.
+                Err(error) => {
+                    tracing::warn!(agent_id = agent.agent_id(), %error, "replaced an unreadable record");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let previous = previous.filter(|(old, _)| !old.is_expired(agent.received_at_ms));
+    let before = previous.as_ref().map(|(old, marked)| Version {
+        agent: old,
+        marked_offline: *marked,
+    });
+    let marked = agent.heartbeat.state == crate::heartbeat::AgentState::Leaving;
+    let events = changes::transitions(
+        before,
+        Version {
+            agent,
+            marked_offline: marked,
+        },
+    );
+    let availability = changes::next_availability(
+        previous.as_ref().and_then(|(old, _)| old.availability.as_ref()),
+        agent,
+        &events,
+    );
+    put_events(transaction, &events)?;
+    transaction
+        .prepare_cached(SET_STATE)?
+        .execute(params![agent.agent_id(), marked, to_json(&availability)?])?;
+    Ok(())
+}
+
+/// Marks up to [`SWEEP_BATCH`] agents whose deadline passed by `now_ms`,
+/// recording each one's `offline` at its deadline.
+fn sweep(transaction: &rusqlite::Transaction, now_ms: i64) -> rusqlite::Result<u64> {
+    let due: Vec<(String, Option<String>)> = transaction
+        .prepare_cached(TO_SWEEP)?
+        .query_map(
+            params![now_ms, now_ms.div_euclid(1000), SWEEP_BATCH],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut marked = 0;
+    for (record, availability) in due {
+        let agent = match decode_with(&record, availability.as_deref()) {
+            Ok(agent) => agent,
+            Err(error) => {
+                tracing::warn!(%error, "an unreadable record was left unswept");
+                continue;
+            }
+        };
+        let events = changes::transitions(
+            Some(Version {
+                agent: &agent,
+                marked_offline: false,
+            }),
+            Version {
+                agent: &agent,
+                marked_offline: true,
+            },
+        );
+        let availability = changes::next_availability(agent.availability.as_ref(), &agent, &events);
+        put_events(transaction, &events)?;
+        transaction.prepare_cached(SET_STATE)?.execute(params![
+            agent.agent_id(),
+            true,
+            to_json(&availability)?
+        ])?;
+        marked += 1;
+    }
+    Ok(marked)
+}
+
+fn put_events(transaction: &rusqlite::Transaction, events: &[Event]) -> rusqlite::Result<()> {
+    let mut put = transaction.prepare_cached(PUT_EVENT)?;
+    for event in events {
+        put.execute(params![event.agent_id, event.key(), event.at_ms, to_json(event)?])?;
+    }
+    Ok(())
+}
+
+fn to_json(value: &impl serde::Serialize) -> rusqlite::Result<String> {
+    serde_json::to_string(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// Brings a database made by an earlier version up to this schema, inside
+/// one write transaction: ingest and query may open it at the same moment.
+fn add_columns(connection: &mut Connection) -> Result<(), StoreError> {
+    let transaction = connection
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(unavailable)?;
+    let existing: Vec<String> = transaction
+        .prepare("SELECT name FROM pragma_table_info('agents')")
+        .and_then(|mut statement| statement.query_map([], |row| row.get(0))?.collect())
+        .map_err(unavailable)?;
+    for (column, definition) in ADDED_COLUMNS {
+        if !existing.iter().any(|name| name == column) {
+            transaction
+                .execute_batch(&format!("ALTER TABLE agents ADD COLUMN {column} {definition}"))
+                .map_err(unavailable)?;
+        }
+    }
+    transaction.execute_batch(SWEEP_INDEX).map_err(unavailable)?;
+    transaction.commit().map_err(unavailable)
 }
 
 fn prune_expired(connection: &Connection) {
@@ -738,6 +951,7 @@ fn delete_expired(connection: &Connection, now_ms: i64) -> rusqlite::Result<u64>
     connection.execute(PRUNE_HISTORY, params![now_s])?;
     connection.execute(PRUNE_CLAIMS, params![now_ms])?;
     connection.execute(PRUNE_PROCESSES, params![now_s])?;
+    connection.execute(PRUNE_EVENTS, params![now_ms - changes::KEPT_MS])?;
     Ok(agents as u64)
 }
 
@@ -764,6 +978,16 @@ fn encode(agent: &StoredAgent) -> Result<Columns, String> {
 fn decode(text: &str) -> Result<StoredAgent, StoreError> {
     serde_json::from_str(text)
         .map_err(|e| StoreError::Corrupt(format!("unreadable agent record: {e}")))
+}
+
+/// A record with the availability kept beside it.
+fn decode_with(record: &str, availability: Option<&str>) -> Result<StoredAgent, StoreError> {
+    let mut agent = decode(record)?;
+    agent.availability = availability
+        .map(serde_json::from_str::<Availability>)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("unreadable availability: {e}")))?;
+    Ok(agent)
 }
 
 fn unavailable(error: rusqlite::Error) -> StoreError {

@@ -191,7 +191,7 @@ pub fn partition_key(agent_id: &str, shards: u32, online: bool) -> String {
     }
 }
 
-pub(super) const OFFLINE_PART: &str = "off";
+pub(crate) const OFFLINE_PART: &str = "off";
 
 /// FNV-1a: stable across builds and languages, unlike std's hasher.
 pub fn shard_of(agent_id: &str, shards: u32) -> u32 {
@@ -244,6 +244,12 @@ pub fn encode_indexed(
         ),
         (A_RECORD.into(), AttributeValue::B(Blob::new(record))),
     ]);
+    if agent.online_until_ms > agent.received_at_ms {
+        item.insert(
+            super::changes::A_DEADLINE.into(),
+            number(super::changes::deadline_watch(agent.online_until_ms)),
+        );
+    }
     set_index_figure(&mut item, &heartbeat.agent_id, indexed);
     Ok(item)
 }
@@ -271,7 +277,10 @@ pub(super) fn decode(item: &Item) -> Result<StoredAgent, StoreError> {
         (None, None) => return Err(corrupt("no record attribute")),
     }
     .ok_or_else(|| corrupt("the record does not inflate"))?;
-    serde_json::from_slice(&json).map_err(|e| corrupt(&format!("rec is not an agent record: {e}")))
+    let mut agent: StoredAgent = serde_json::from_slice(&json)
+        .map_err(|e| corrupt(&format!("rec is not an agent record: {e}")))?;
+    agent.availability = super::changes::availability_of(item);
+    Ok(agent)
 }
 
 /// Deflates a record's JSON against the dictionary: the dictionary goes

@@ -6,6 +6,8 @@
 //! - [`claims`]: claims on GPUs, one item per claimed agent.
 //! - [`processes`]: the newest snapshot of an agent's GPU processes.
 //! - [`fleet`]: the fleet's sums for `/metrics`, kept from the table's stream.
+//! - [`changes`]: state changes: the deadline sweep, the events table, and
+//!   the transitions the table's stream holds.
 //! - [`units`]: DynamoDB's capacity units, computed from AWS's rules.
 //!
 //! A heartbeat is one conditional `PutItem`, one write unit when the item is
@@ -13,6 +15,7 @@
 //! expired items lazily, often days late, so every read checks `expires_at`
 //! itself. `docs/dynamodb.md` covers the design, its costs and its limits.
 
+pub mod changes;
 mod claims;
 pub mod fleet;
 mod history;
@@ -32,7 +35,9 @@ use aws_sdk_dynamodb::types::{
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TimeToLiveSpecification,
 };
 
-use super::{Page, Store, StoreError, Upsert};
+use super::{Page, Store, StoreError, Sweep, Upsert};
+use crate::changes::Event;
+use changes::{A_DEADLINE, DEADLINE_INDEX, DEADLINE_INDEX_NAME, EventsTable};
 use crate::capacity::{CapacityQuery, Position};
 use crate::claims::{AgentClaims, Claim, ClaimId};
 use crate::fleet::FleetTotals;
@@ -56,7 +61,11 @@ pub struct DynamoStore {
     table: String,
     shards: u32,
     fleet: Option<fleet::FleetTable>,
+    events: Option<EventsTable>,
 }
+
+/// Every index of the agents table, as the unit model sees them.
+pub const INDEXES: &[units::IndexShape] = &[CAPACITY_INDEX, DEADLINE_INDEX];
 
 /// What one heartbeat cost: the writes' units computed by the unit model
 /// from the item before and after (a failed condition included), what
@@ -129,7 +138,14 @@ impl DynamoStore {
             table: table.into(),
             shards: shards.max(1),
             fleet: None,
+            events: None,
         }
+    }
+
+    /// Where the agents' state changes are read (`GET .../events`).
+    pub fn with_events(mut self, events: EventsTable) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Where `/metrics` reads the fleet's sums (`fleet`); without one it
@@ -165,6 +181,7 @@ impl DynamoStore {
             .attribute_definitions(attribute(A_AGENT)?)
             .attribute_definitions(attribute(A_SHARD)?)
             .attribute_definitions(attribute(A_RANK)?)
+            .attribute_definitions(changes::deadline_attribute()?)
             .key_schema(key(A_AGENT, KeyType::Hash)?)
             .global_secondary_indexes(
                 GlobalSecondaryIndex::builder()
@@ -176,6 +193,19 @@ impl DynamoStore {
                             .projection_type(ProjectionType::Include)
                             .non_key_attributes(A_EXACT)
                             .non_key_attributes(A_POOL)
+                            .build(),
+                    )
+                    .build()
+                    .map_err(build_error)?,
+            )
+            .global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(DEADLINE_INDEX_NAME)
+                    .key_schema(key(A_SHARD, KeyType::Hash)?)
+                    .key_schema(key(A_DEADLINE, KeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::KeysOnly)
                             .build(),
                     )
                     .build()
@@ -209,7 +239,7 @@ impl DynamoStore {
                     set_index_figure(&mut new, agent.agent_id(), vram);
                 }
                 let cost = WriteCost {
-                    computed: write_units(TABLE_KEY, old.as_ref(), &new, &[CAPACITY_INDEX]),
+                    computed: write_units(TABLE_KEY, old.as_ref(), &new, INDEXES),
                     ..WriteCost::default()
                 };
                 return Ok((Upsert::Written, cost));
@@ -268,10 +298,13 @@ impl DynamoStore {
             .update_item()
             .table_name(&self.table)
             .key(A_AGENT, AttributeValue::S(agent.agent_id().to_owned()))
-            .update_expression(
+            .update_expression(if new.contains_key(A_DEADLINE) {
                 "SET #sent = :sent, #until = :until, #expires = :expires, #pool = :pool, \
-                 #rec = :rec REMOVE #legacy, #legacy_rec, #legacy_cores, #legacy_mem",
-            )
+                 #rec = :rec, #dl = :dl REMOVE #legacy, #legacy_rec, #legacy_cores, #legacy_mem"
+            } else {
+                "SET #sent = :sent, #until = :until, #expires = :expires, #pool = :pool, \
+                 #rec = :rec REMOVE #legacy, #legacy_rec, #legacy_cores, #legacy_mem, #dl"
+            })
             .condition_expression(
                 "(#sent < :sent OR #expires <= :now_s) AND #shard = :shard \
                  AND (#rank = :exact_rank OR (#fx = :inexact AND #rank BETWEEN :from AND :to))",
@@ -305,7 +338,14 @@ impl DynamoStore {
             ("expires", TTL_ATTRIBUTE),
             ("pool", A_POOL),
             ("rec", A_RECORD),
+            // A leaving agent has no deadline to watch; its part changes,
+            // so this update's condition fails and the whole write follows.
+            ("dl", A_DEADLINE),
         ] {
+            if name == A_DEADLINE && !new.contains_key(A_DEADLINE) {
+                update = update.expression_attribute_names("#dl", A_DEADLINE);
+                continue;
+            }
             update = update
                 .expression_attribute_names(format!("#{placeholder}"), name)
                 .expression_attribute_values(format!(":{placeholder}"), value(name)?);
@@ -321,20 +361,45 @@ impl DynamoStore {
         }
     }
 
-    /// The whole item, written unless the stored record is as new or newer.
-    /// The old item comes back with the write (`ALL_OLD` costs nothing
-    /// extra), so the units are computed from exactly the two versions
-    /// DynamoDB billed.
+    /// The whole record and entry, written unless the stored record is as
+    /// new or newer. An `UpdateItem` of every attribute rather than a
+    /// `PutItem`, so that what others keep on the item (the availability
+    /// the stream consumer writes) survives it. The old item comes back with
+    /// the write (`ALL_OLD` costs nothing extra), so the units are computed
+    /// from exactly the two versions DynamoDB billed.
     async fn put_newer(
         &self,
         agent: &StoredAgent,
         item: Item,
     ) -> Result<(Upsert, WriteCost), StoreError> {
-        let result = self
+        let mut sets = Vec::new();
+        let mut update = self
             .client
-            .put_item()
+            .update_item()
             .table_name(&self.table)
-            .set_item(Some(item.clone()))
+            .key(A_AGENT, AttributeValue::S(agent.agent_id().to_owned()));
+        for (position, (name, value)) in item.iter().filter(|(name, _)| *name != A_AGENT).enumerate() {
+            sets.push(format!("#a{position} = :a{position}"));
+            update = update
+                .expression_attribute_names(format!("#a{position}"), name)
+                .expression_attribute_values(format!(":a{position}"), value.clone());
+        }
+        let mut removes = vec![
+            "#legacy",
+            "#legacy_rec",
+            "#legacy_cores",
+            "#legacy_mem",
+        ];
+        if !item.contains_key(A_DEADLINE) {
+            removes.push("#dl");
+            update = update.expression_attribute_names("#dl", A_DEADLINE);
+        }
+        let result = update
+            .update_expression(format!("SET {} REMOVE {}", sets.join(", "), removes.join(", ")))
+            .expression_attribute_names("#legacy", A_LEGACY_FREE_VRAM)
+            .expression_attribute_names("#legacy_rec", A_LEGACY_RECORD)
+            .expression_attribute_names("#legacy_cores", A_LEGACY_CORES)
+            .expression_attribute_names("#legacy_mem", A_LEGACY_MEMORY)
             // An expired item is gone (TTL deletes lazily), whatever its sent_at_ms.
             .condition_expression(
                 "attribute_not_exists(#agent) OR #sent < :sent OR #expires <= :now_s",
@@ -351,7 +416,7 @@ impl DynamoStore {
         match result {
             Ok(output) => {
                 let cost = WriteCost {
-                    computed: write_units(TABLE_KEY, output.attributes(), &item, &[CAPACITY_INDEX]),
+                    computed: write_units(TABLE_KEY, output.attributes(), &item, INDEXES),
                     reported_table: output
                         .consumed_capacity()
                         .and_then(|c| c.table())
@@ -393,7 +458,7 @@ pub fn modelled_write(
     let same_part = previous.and_then(|old| old.get(A_SHARD)) == item.get(A_SHARD);
     if let Some(vram) = stored.filter(|vram| same_part && vram.holds(free_mb)) {
         set_index_figure(&mut item, agent.agent_id(), vram);
-        let units = write_units(TABLE_KEY, previous, &item, &[CAPACITY_INDEX]);
+        let units = write_units(TABLE_KEY, previous, &item, INDEXES);
         return Ok((item, units));
     }
     let failed = write_units(TABLE_KEY, None, &item, &[]).table;
@@ -402,7 +467,7 @@ pub fn modelled_write(
         agent.agent_id(),
         IndexedVram::choose(free_mb, stored),
     );
-    let mut units = write_units(TABLE_KEY, previous, &item, &[CAPACITY_INDEX]);
+    let mut units = write_units(TABLE_KEY, previous, &item, INDEXES);
     units.table += failed;
     Ok((item, units))
 }
@@ -543,6 +608,20 @@ impl Store for DynamoStore {
         now_ms: i64,
     ) -> Result<Vec<MinuteRollup>, StoreError> {
         self.read_history(agent_id, since_minute, now_ms).await
+    }
+
+    async fn events(
+        &self,
+        agent_id: &str,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.read_events(agent_id, after, limit, now_ms).await
+    }
+
+    async fn sweep(&self, now_ms: i64) -> Result<Sweep, StoreError> {
+        self.sweep_due(now_ms).await
     }
 }
 

@@ -425,7 +425,9 @@ impl DynamoStore {
             .update_item()
             .table_name(&self.table)
             .key(A_AGENT, AttributeValue::S(agent_id.to_owned()))
-            .update_expression("SET #shard = :offline")
+            // Out of the deadline index too: nothing is left to notice.
+            .update_expression("SET #shard = :offline REMOVE #dl")
+            .expression_attribute_names("#dl", super::changes::A_DEADLINE)
             // Loses to any heartbeat since the read.
             .condition_expression("#until = :until AND #shard = :online")
             .expression_attribute_names("#shard", A_SHARD)

@@ -280,7 +280,10 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            let agent = heartbeat(1_764_132_000_000 + 30_000 * step as u64, free_mb);
+            // A second apart, so that the deadline stays in one minute and
+            // the deadline index costs nothing after the first write (its
+            // cost is the next test's).
+            let agent = heartbeat(1_764_132_000_000 + 1_000 * step as u64, free_mb);
             let (item, units) = modelled_write(previous.as_ref(), &agent, 4).unwrap();
             costs.push(units);
             previous = Some(item);
@@ -289,14 +292,26 @@ mod tests {
             costs[0],
             WriteUnits {
                 table: 2,
-                indexes: 1
+                indexes: 2
             }
         );
         let totals: Vec<u64> = costs.iter().map(WriteUnits::total).collect();
-        // first; steady; a dip (the flag alone); back to the figure (nothing
+        // first (both indexes' entries); steady; a dip (the flag alone); back to the figure (nothing
         // moves, where the entry used to be re-ranked twice); a rise past the
         // figure (a new bound); wandering inside it; at its top; a job started.
-        assert_eq!(totals, [3, 1, 3, 1, 4, 1, 1, 4]);
+        assert_eq!(totals, [4, 1, 3, 1, 4, 1, 1, 4], "{costs:?}");
+
+        // The deadline index: a steady agent's entry moves once a minute (a
+        // key change, 2 units), every other heartbeat at 30 s.
+        let mut previous: Option<Item> = None;
+        let mut totals = Vec::new();
+        for step in 0..6u64 {
+            let agent = heartbeat(1_764_132_000_000 + 30_000 * step, 20_000);
+            let (item, units) = modelled_write(previous.as_ref(), &agent, 4).unwrap();
+            totals.push(units.total());
+            previous = Some(item);
+        }
+        assert_eq!(totals, [4, 3, 1, 3, 1, 3]);
     }
 
     #[test]

@@ -548,11 +548,12 @@ Latency is the emulator's on this machine, not DynamoDB's:
 {chr(10).join(r.get('ddb_emulator', ['(not run: no emulator)']))}
 ```
 
-{partitions(r)}{kept_section("`/metrics` at fleet scale")}{kept_section("Claims")}{kept_section("GPU processes")}{base_section(r)}{kept_section("Faults on a real network")}## Where a target is missed, and why
+{partitions(r)}{kept_section("`/metrics` at fleet scale")}{kept_section("Claims")}{kept_section("GPU processes")}{kept_section("State changes")}{base_section(r)}{kept_section("Faults on a real network")}## Where a target is missed, and why
 
 - **Cost per agent-month: the target is $0.08** (the table above). Writes at the floor and Lambda's per-request
   price are most of it; no read precedes a write, so history and one DynamoDB round trip of duration are the rest.
-  A 60 s interval halves every per-heartbeat line.
+  A 60 s interval halves every per-heartbeat line. State changes' deadline index adds $0.054 on top (section
+  "State changes"): with it the target is missed, at about $0.133.
 - **Collector memory on a GPU host.** The figure above is for a host without an NVIDIA driver. Where one is present,
   NVML is loaded into the process. Measured by hand on an H200 host (driver 580.159; not by this script), the same binary in service mode held 24.2 MB
   resident: 8.6 MB of file pages and 15.6 MB of anonymous memory, nearly all of it NVML's own state. Without the driver

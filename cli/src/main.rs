@@ -870,7 +870,12 @@ async fn events(api: &Api, agent_id: &str, json: bool) -> anyhow::Result<bool> {
         if !event.gpus_removed.is_empty() {
             detail.push(format!("removed {}", event.gpus_removed.join(", ")));
         }
-        println!("{}  {:<12}  {}", event.at, event.kind.as_str(), detail.join("; "));
+        println!(
+            "{}  {:<12}  {}",
+            event.at,
+            event.kind.as_str(),
+            detail.join("; ")
+        );
     }
     Ok(true)
 }

@@ -74,7 +74,12 @@ async fn main() -> anyhow::Result<()> {
         changes: ChangeRecorder::new(client.clone(), &args.table, events),
         agents: DynamoStore::new(client, &args.table, args.shards),
     };
-    tracing::info!(fleet_table = fleet.sums.name(), table = args.table, events_table = args.events_table, "fleet starting");
+    tracing::info!(
+        fleet_table = fleet.sums.name(),
+        table = args.table,
+        events_table = args.events_table,
+        "fleet starting"
+    );
     lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| {
         let fleet = fleet.clone();
         async move {
@@ -107,7 +112,12 @@ async fn stream_batch(fleet: &Fleet, event: &Value) -> anyhow::Result<Value> {
         .changes
         .record(&batch.changes)
         .await
-        .with_context(|| format!("recording the state changes in {} changes", batch.changes.len()))?;
+        .with_context(|| {
+            format!(
+                "recording the state changes in {} changes",
+                batch.changes.len()
+            )
+        })?;
     let buckets = fleet
         .sums
         .apply(&batch)
@@ -129,11 +139,17 @@ async fn sweep(agents: &DynamoStore) -> anyhow::Result<Value> {
     let started = Instant::now();
     let mut marked = 0;
     loop {
-        let sweep = agents.sweep(now_ms()).await.context("sweeping for deadlines")?;
+        let sweep = agents
+            .sweep(now_ms())
+            .await
+            .context("sweeping for deadlines")?;
         marked += sweep.marked;
         if !sweep.more || started.elapsed() >= SWEEP_BUDGET {
             if sweep.more {
-                tracing::warn!(marked, "more agents are due than one sweep marks; the next sweep goes on");
+                tracing::warn!(
+                    marked,
+                    "more agents are due than one sweep marks; the next sweep goes on"
+                );
             }
             break;
         }

@@ -197,7 +197,10 @@ pub async fn sweep_forever(store: Arc<dyn Store>, every: Duration) {
             match store.sweep(now_ms()).await {
                 Ok(sweep) => {
                     if sweep.marked > 0 {
-                        tracing::info!(marked = sweep.marked, "agents past their deadline marked offline");
+                        tracing::info!(
+                            marked = sweep.marked,
+                            "agents past their deadline marked offline"
+                        );
                     }
                     if !sweep.more {
                         break;

@@ -184,13 +184,21 @@ pub fn transitions(before: Option<Version<'_>>, after: Version<'_>) -> Vec<Event
     if old.heartbeat.sent_at_ms == agent.heartbeat.sent_at_ms {
         // The same heartbeat: only the store's mark can have changed.
         if after.marked_offline && !before.marked_offline && !old_left {
-            events.push(offline(agent_id, old.online_until_ms, OfflineReason::Deadline));
+            events.push(offline(
+                agent_id,
+                old.online_until_ms,
+                OfflineReason::Deadline,
+            ));
         }
         return events;
     }
     if old.online_until_ms <= now {
         if !before.marked_offline && !old_left {
-            events.push(offline(agent_id, old.online_until_ms, OfflineReason::Deadline));
+            events.push(offline(
+                agent_id,
+                old.online_until_ms,
+                OfflineReason::Deadline,
+            ));
         }
         if !leaving {
             events.push(Event::new(agent_id, EventKind::Online, now));
@@ -308,7 +316,11 @@ impl Availability {
     pub fn apply(&mut self, events: &[Event]) {
         for event in events {
             let key = event.key();
-            if self.applied_key.as_ref().is_some_and(|applied| key <= *applied) {
+            if self
+                .applied_key
+                .as_ref()
+                .is_some_and(|applied| key <= *applied)
+            {
                 continue;
             }
             self.applied_key = Some(key);
@@ -401,11 +413,19 @@ mod tests {
     }
 
     fn up(sent_ms: i64) -> StoredAgent {
-        agent(sent_ms, AgentState::Up, &["GPU-a"], 1_000 + (sent_ms - T0) as u64 / 1000)
+        agent(
+            sent_ms,
+            AgentState::Up,
+            &["GPU-a"],
+            1_000 + (sent_ms - T0) as u64 / 1000,
+        )
     }
 
     fn kinds(events: &[Event]) -> Vec<(EventKind, i64)> {
-        events.iter().map(|event| (event.kind, event.at_ms)).collect()
+        events
+            .iter()
+            .map(|event| (event.kind, event.at_ms))
+            .collect()
     }
 
     fn version(agent: &StoredAgent) -> Version<'_> {
@@ -418,7 +438,10 @@ mod tests {
     #[test]
     fn a_first_heartbeat_is_online_and_a_steady_one_is_nothing() {
         let first = up(T0);
-        assert_eq!(kinds(&transitions(None, version(&first))), [(EventKind::Online, T0)]);
+        assert_eq!(
+            kinds(&transitions(None, version(&first))),
+            [(EventKind::Online, T0)]
+        );
         let next = up(T0 + 30_000);
         assert!(transitions(Some(version(&first)), version(&next)).is_empty());
     }
@@ -430,7 +453,10 @@ mod tests {
         let events = transitions(Some(version(&first)), version(&back));
         assert_eq!(
             kinds(&events),
-            [(EventKind::Offline, T0 + 90_000), (EventKind::Online, T0 + 600_000)]
+            [
+                (EventKind::Offline, T0 + 90_000),
+                (EventKind::Online, T0 + 600_000)
+            ]
         );
         assert_eq!(events[0].reason, Some(OfflineReason::Deadline));
         // Once a sweep marked it, the offline is already recorded.
@@ -483,8 +509,14 @@ mod tests {
         // Back while draining: online, then draining.
         let back_draining = agent(T0 + 900_000, AgentState::Draining, &["GPU-a"], 1_900);
         assert_eq!(
-            kinds(&transitions(Some(version(&leaving)), version(&back_draining))),
-            [(EventKind::Online, T0 + 900_000), (EventKind::Draining, T0 + 900_000)]
+            kinds(&transitions(
+                Some(version(&leaving)),
+                version(&back_draining)
+            )),
+            [
+                (EventKind::Online, T0 + 900_000),
+                (EventKind::Draining, T0 + 900_000)
+            ]
         );
     }
 
@@ -539,7 +571,11 @@ mod tests {
             down_ms += hour;
         }
         availability.apply(&[Event::new("a", EventKind::Draining, T0 + 31 * day)]);
-        availability.apply(&[Event::new("a", EventKind::Undrained, T0 + 31 * day + 2 * hour)]);
+        availability.apply(&[Event::new(
+            "a",
+            EventKind::Undrained,
+            T0 + 31 * day + 2 * hour,
+        )]);
         down_ms += 2 * hour;
         let now = T0 + 34 * day;
         // The window is the last 30 days: the first outage (day 3) is out.

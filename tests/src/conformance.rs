@@ -1090,8 +1090,10 @@ pub async fn state_changes_at_their_times(backend: &Backend) {
         let gpus: Vec<serde_json::Value> = gpus
             .iter()
             .enumerate()
-            .map(|(index, uuid)| json!({"index": index, "vendor": "nvidia", "uuid": uuid,
-                                       "memory_total_mb": 81920, "memory_free_mb": 80000}))
+            .map(|(index, uuid)| {
+                json!({"index": index, "vendor": "nvidia", "uuid": uuid,
+                                       "memory_total_mb": 81920, "memory_free_mb": 80000})
+            })
             .collect();
         agent_at("sc", at as u64, at, |body| {
             body["state"] = json!(state);

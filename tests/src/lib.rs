@@ -730,7 +730,10 @@ pub async fn dynamodb_store(shards: u32) -> rollcall::store::dynamodb::DynamoSto
         dynamodb_client(),
         events_table_of(store.table()),
     );
-    events.create_table().await.expect("create the events table");
+    events
+        .create_table()
+        .await
+        .expect("create the events table");
     store.with_fleet(fleet).with_events(events)
 }
 
@@ -747,9 +750,7 @@ pub fn events_table_of(table: &str) -> String {
 pub struct StreamPump {
     table: String,
     recorder: rollcall::store::dynamodb::changes::ChangeRecorder,
-    seen: tokio::sync::Mutex<
-        std::collections::HashMap<String, rollcall::store::dynamodb::Item>,
-    >,
+    seen: tokio::sync::Mutex<std::collections::HashMap<String, rollcall::store::dynamodb::Item>>,
 }
 
 impl StreamPump {

@@ -126,14 +126,14 @@ async fn a_steady_heartbeat_costs_one_write_unit_through_the_store() {
     let base = 73_000;
     let mut totals = Vec::new();
     for (offset_ms, free_mb) in [
-        (0, base),                          // first: a failed condition, the put and two new entries
-        (1_000, base),                      // steady: the table alone
-        (2_000, base - 100),                // dipped: the same rank, marked inexact (the flag)
-        (3_000, base),                      // back: nothing moves
-        (4_000, base + 100),                // rose: a bound with room either way (a key change)
-        (5_000, base + 180),                // wandered inside the bound: the table alone
-        (6_000, base + 100 + FV_SLACK_MB),  // at its top: the table alone
-        (7_000, 12_000),                    // a job started: the exact figure (a key change)
+        (0, base),                         // first: a failed condition, the put and two new entries
+        (1_000, base),                     // steady: the table alone
+        (2_000, base - 100),               // dipped: the same rank, marked inexact (the flag)
+        (3_000, base),                     // back: nothing moves
+        (4_000, base + 100),               // rose: a bound with room either way (a key change)
+        (5_000, base + 180),               // wandered inside the bound: the table alone
+        (6_000, base + 100 + FV_SLACK_MB), // at its top: the table alone
+        (7_000, 12_000),                   // a job started: the exact figure (a key change)
     ] {
         let (_, cost) = store
             .upsert_measured(&write(offset_ms, free_mb))

@@ -129,7 +129,7 @@ async fn drive_fleet(recorder: &CallRecorder, table: &str, fleet_table: &str, ev
             old: None,
             new: Some(item),
         }],
-        id: "iam-test-batch".into(),
+        id: format!("iam-test-batch-{now}"),
         newest_s: None,
     };
     assert!(fleet.apply(&batch).await.expect("apply a batch") > 0);
@@ -395,7 +395,15 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
     let ingest = CallRecorder::default();
     drive_ingest(&ingest, &table, &names[0], &secret).await;
     let query = CallRecorder::default();
-    drive_query(&query, &table, &fleet_table, &events_table, &names[1], &names[2]).await;
+    drive_query(
+        &query,
+        &table,
+        &fleet_table,
+        &events_table,
+        &names[1],
+        &names[2],
+    )
+    .await;
     let fleet = CallRecorder::default();
     drive_fleet(&fleet, &table, &fleet_table, &events_table).await;
 

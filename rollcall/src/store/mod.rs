@@ -292,7 +292,9 @@ impl StoreConfig {
                 fleet_table,
                 events_table,
             } => {
-                format!("dynamodb:{table} ({shards} shards, fleet sums in {fleet_table}, events in {events_table})")
+                format!(
+                    "dynamodb:{table} ({shards} shards, fleet sums in {fleet_table}, events in {events_table})"
+                )
             }
         }
     }

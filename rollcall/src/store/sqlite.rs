@@ -851,14 +851,18 @@ fn record_changes(
         },
     );
     let availability = changes::next_availability(
-        previous.as_ref().and_then(|(old, _)| old.availability.as_ref()),
+        previous
+            .as_ref()
+            .and_then(|(old, _)| old.availability.as_ref()),
         agent,
         &events,
     );
     put_events(transaction, &events)?;
-    transaction
-        .prepare_cached(SET_STATE)?
-        .execute(params![agent.agent_id(), marked, to_json(&availability)?])?;
+    transaction.prepare_cached(SET_STATE)?.execute(params![
+        agent.agent_id(),
+        marked,
+        to_json(&availability)?
+    ])?;
     Ok(())
 }
 
@@ -906,7 +910,12 @@ fn sweep(transaction: &rusqlite::Transaction, now_ms: i64) -> rusqlite::Result<u
 fn put_events(transaction: &rusqlite::Transaction, events: &[Event]) -> rusqlite::Result<()> {
     let mut put = transaction.prepare_cached(PUT_EVENT)?;
     for event in events {
-        put.execute(params![event.agent_id, event.key(), event.at_ms, to_json(event)?])?;
+        put.execute(params![
+            event.agent_id,
+            event.key(),
+            event.at_ms,
+            to_json(event)?
+        ])?;
     }
     Ok(())
 }
@@ -928,11 +937,15 @@ fn add_columns(connection: &mut Connection) -> Result<(), StoreError> {
     for (column, definition) in ADDED_COLUMNS {
         if !existing.iter().any(|name| name == column) {
             transaction
-                .execute_batch(&format!("ALTER TABLE agents ADD COLUMN {column} {definition}"))
+                .execute_batch(&format!(
+                    "ALTER TABLE agents ADD COLUMN {column} {definition}"
+                ))
                 .map_err(unavailable)?;
         }
     }
-    transaction.execute_batch(SWEEP_INDEX).map_err(unavailable)?;
+    transaction
+        .execute_batch(SWEEP_INDEX)
+        .map_err(unavailable)?;
     transaction.commit().map_err(unavailable)
 }
 

@@ -200,7 +200,10 @@ impl EventsTable {
                 let json = serde_json::to_string(event)
                     .map_err(|e| StoreError::Corrupt(format!("cannot encode an event: {e}")))?;
                 let item = HashMap::from([
-                    (A_AGENT.to_owned(), AttributeValue::S(event.agent_id.clone())),
+                    (
+                        A_AGENT.to_owned(),
+                        AttributeValue::S(event.agent_id.clone()),
+                    ),
                     (E_KEY.to_owned(), AttributeValue::S(event.key())),
                     (E_EVENT.to_owned(), AttributeValue::S(json)),
                     (
@@ -338,7 +341,10 @@ impl ChangeRecorder {
                 .or_insert_with(|| (Vec::new(), new.received_at_ms));
             entry.0.extend(events);
         }
-        let all: Vec<Event> = by_agent.values().flat_map(|(events, _)| events.clone()).collect();
+        let all: Vec<Event> = by_agent
+            .values()
+            .flat_map(|(events, _)| events.clone())
+            .collect();
         self.events.put(&all).await?;
         for (agent_id, (events, first_seen_ms)) in &by_agent {
             self.update_availability(agent_id, events, *first_seen_ms)
@@ -432,7 +438,8 @@ pub(super) fn availability_of(item: &Item) -> Option<Availability> {
 }
 
 /// The attribute definition the deadline index's range key needs.
-pub(super) fn deadline_attribute() -> Result<aws_sdk_dynamodb::types::AttributeDefinition, StoreError> {
+pub(super) fn deadline_attribute()
+-> Result<aws_sdk_dynamodb::types::AttributeDefinition, StoreError> {
     aws_sdk_dynamodb::types::AttributeDefinition::builder()
         .attribute_name(A_DEADLINE)
         .attribute_type(ScalarAttributeType::N)

@@ -36,13 +36,13 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::{Page, Store, StoreError, Sweep, Upsert};
-use crate::changes::Event;
-use changes::{A_DEADLINE, DEADLINE_INDEX, DEADLINE_INDEX_NAME, EventsTable};
 use crate::capacity::{CapacityQuery, Position};
+use crate::changes::Event;
 use crate::claims::{AgentClaims, Claim, ClaimId};
 use crate::fleet::FleetTotals;
 use crate::heartbeat::{GpuProcesses, MinuteRollup};
 use crate::record::StoredAgent;
+use changes::{A_DEADLINE, DEADLINE_INDEX, DEADLINE_INDEX_NAME, EventsTable};
 
 pub use history::{encode_history, history_key};
 use item::{
@@ -378,24 +378,25 @@ impl DynamoStore {
             .update_item()
             .table_name(&self.table)
             .key(A_AGENT, AttributeValue::S(agent.agent_id().to_owned()));
-        for (position, (name, value)) in item.iter().filter(|(name, _)| *name != A_AGENT).enumerate() {
+        for (position, (name, value)) in
+            item.iter().filter(|(name, _)| *name != A_AGENT).enumerate()
+        {
             sets.push(format!("#a{position} = :a{position}"));
             update = update
                 .expression_attribute_names(format!("#a{position}"), name)
                 .expression_attribute_values(format!(":a{position}"), value.clone());
         }
-        let mut removes = vec![
-            "#legacy",
-            "#legacy_rec",
-            "#legacy_cores",
-            "#legacy_mem",
-        ];
+        let mut removes = vec!["#legacy", "#legacy_rec", "#legacy_cores", "#legacy_mem"];
         if !item.contains_key(A_DEADLINE) {
             removes.push("#dl");
             update = update.expression_attribute_names("#dl", A_DEADLINE);
         }
         let result = update
-            .update_expression(format!("SET {} REMOVE {}", sets.join(", "), removes.join(", ")))
+            .update_expression(format!(
+                "SET {} REMOVE {}",
+                sets.join(", "),
+                removes.join(", ")
+            ))
             .expression_attribute_names("#legacy", A_LEGACY_FREE_VRAM)
             .expression_attribute_names("#legacy_rec", A_LEGACY_RECORD)
             .expression_attribute_names("#legacy_cores", A_LEGACY_CORES)

@@ -22,7 +22,11 @@ use rollcall_ingest::{Ingest, SWEEP_EVERY, router, sweep_forever};
 ///
 /// Serving plain HTTP, it also marks agents offline at their deadline every
 /// 5 s, recording each one's `offline` (GET /v1/agents/{id}/events); on AWS
-/// the fleet function does that on a schedule.
+/// the fleet function does that on a schedule. With --webhook-url it POSTs
+/// each state change to those URLs, signed the Standard Webhooks way with
+/// ROLLCALL_WEBHOOK_SECRET (whsec_ and base64; from the environment only),
+/// in order per agent, retried with backoff for up to 24 h (embedded store
+/// only: webhooks on AWS are not built yet).
 ///
 /// Inside AWS Lambda (AWS_LAMBDA_RUNTIME_API set) it serves the Runtime API
 /// and ignores --listen.
@@ -43,6 +47,55 @@ struct Args {
     /// Seconds per-minute history is kept.
     #[arg(long, env = "ROLLCALL_HISTORY_RETENTION_S", default_value_t = DEFAULT_HISTORY_RETENTION_S, value_parser = clap::value_parser!(i64).range(60..=rollcall::history::MAX_RETENTION_S))]
     history_retention_s: i64,
+    /// Where to POST each state change: https://..., or plain http:// to this
+    /// machine; prefix slack: for a Slack incoming webhook. Comma-separated.
+    #[arg(
+        long = "webhook-url",
+        env = "ROLLCALL_WEBHOOK_URLS",
+        value_name = "URL[,URL...]"
+    )]
+    webhook_urls: Option<String>,
+    /// An offline followed by an online within this many seconds sends
+    /// neither (a short network blip); offlines wait this long before they go.
+    #[arg(long, env = "ROLLCALL_WEBHOOK_GRACE_S", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    webhook_grace_s: u64,
+}
+
+/// The webhook dispatcher the flags ask for, checked before serving.
+fn webhooks(
+    args: &Args,
+    store: &dyn rollcall::store::Store,
+) -> anyhow::Result<Option<rollcall::webhooks::Dispatcher>> {
+    use rollcall::webhooks::{Dispatcher, Endpoint, WebhookSecret};
+    let Some(urls) = &args.webhook_urls else {
+        return Ok(None);
+    };
+    let endpoints = Endpoint::parse_list(urls).map_err(anyhow::Error::msg)?;
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    let secret = std::env::var("ROLLCALL_WEBHOOK_SECRET").context(
+        "--webhook-url needs ROLLCALL_WEBHOOK_SECRET (whsec_ and base64: echo whsec_$(openssl rand -base64 32))",
+    )?;
+    let secret = WebhookSecret::parse(&secret)
+        .map_err(|why| anyhow::anyhow!("ROLLCALL_WEBHOOK_SECRET: {why}"))?;
+    anyhow::ensure!(
+        store.outbox().is_some(),
+        "webhooks are sent from the embedded store only (on AWS they are not built yet)"
+    );
+    tracing::info!(
+        endpoints = endpoints.len(),
+        grace_s = args.webhook_grace_s,
+        "webhooks on"
+    );
+    Ok(Some(
+        Dispatcher::new(
+            endpoints,
+            secret,
+            std::time::Duration::from_secs(args.webhook_grace_s),
+        )
+        .map_err(anyhow::Error::msg)?,
+    ))
 }
 
 #[tokio::main]
@@ -65,6 +118,9 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(store = %store_config.describe(), key_ids = ?key_ids, grace_multiplier = args.grace_multiplier, retention_s = args.retention_s, "ingest starting");
     if !rollcall::api::in_lambda() {
         tokio::spawn(sweep_forever(store.clone(), SWEEP_EVERY));
+        if let Some(dispatcher) = webhooks(&args, &*store)? {
+            tokio::spawn(dispatcher.run(store.clone()));
+        }
     }
     let ingest = Ingest {
         keyring,

@@ -25,6 +25,9 @@
 //! - [`aws`] (feature `dynamodb`): the one AWS SDK configuration.
 //! - [`secrets`] (feature `dynamodb`): secrets from the environment, or from
 //!   Secrets Manager with a bounded refresh.
+//! - [`webhooks`] (feature `server`): each transition as a Standard Webhooks
+//!   message, its signature, the grace and the retries; (feature `webhooks`)
+//!   the POST.
 //! - [`logging`] (feature `logging`): the log format every binary shares.
 //! - [`api`] (feature `server`): JSON errors, `/healthz`, and serving one router
 //!   through Lambda or plain HTTP.
@@ -43,6 +46,8 @@ pub mod signing;
 pub mod time;
 pub mod transport;
 pub mod verify;
+#[cfg(feature = "server")]
+pub mod webhooks;
 pub mod wire;
 
 #[cfg(feature = "server")]

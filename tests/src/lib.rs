@@ -261,6 +261,14 @@ impl Stack {
         Self::start_on(dir, &store_args, &[], &[])
     }
 
+    /// [`Stack::start_with`], with `env` for both functions.
+    pub fn start_with_env(ingest_args: &[&str], env: &[(String, String)]) -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("rollcall.db").display().to_string();
+        let store_args: Vec<String> = vec!["--db".into(), db];
+        Self::start_on(dir, &store_args, env, ingest_args)
+    }
+
     pub fn start_with(ingest_args: &[&str]) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = dir.path().join("rollcall.db").display().to_string();

@@ -117,6 +117,47 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// An agent's oldest event an endpoint has not handled, with the events on
+/// either side of it (for the grace), and how often it was tried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    pub event: Event,
+    pub before: Option<Event>,
+    pub after: Option<Event>,
+    pub attempts: u32,
+}
+
+/// Webhook deliveries' progress, per endpoint and agent, where a store
+/// keeps it (the embedded store). Events go out in order per agent: an
+/// agent's next event is pending only once the one before it is handled.
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    /// Starts an endpoint's progress at `now_ms` the first time it is seen:
+    /// a new endpoint gets what happens from then on, not 30 days of past.
+    async fn register(&self, endpoint: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Up to `limit` agents' oldest unhandled event, due by `now_ms`.
+    async fn pending(
+        &self,
+        endpoint: &str,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StoreError>;
+
+    /// The event `key` of the agent is done with (delivered, suppressed or
+    /// given up): the next one becomes pending.
+    async fn handled(&self, endpoint: &str, agent_id: &str, key: &str) -> Result<(), StoreError>;
+
+    /// Tries the agent's pending event again at `at_ms`.
+    async fn retry(
+        &self,
+        endpoint: &str,
+        agent_id: &str,
+        at_ms: i64,
+        attempts: u32,
+    ) -> Result<(), StoreError>;
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Writes `agent` unless the stored record's `sent_at_ms` is as new or newer.
@@ -218,6 +259,12 @@ pub trait Store: Send + Sync + 'static {
     /// not marked yet, so that each one's `offline` is recorded at its
     /// deadline without waiting for a request. Reads a bounded amount.
     async fn sweep(&self, now_ms: i64) -> Result<Sweep, StoreError>;
+
+    /// Where webhook deliveries keep their progress, if this store keeps
+    /// it (on AWS a queue would; not built yet).
+    fn outbox(&self) -> Option<&dyn Outbox> {
+        None
+    }
 
     /// The agent's roll-ups from `since_minute` on, oldest first, unexpired.
     async fn history(

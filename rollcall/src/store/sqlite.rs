@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::{Page, PageFill, Store, StoreError, Sweep, Upsert};
+use super::{Outbox, Page, PageFill, Pending, Store, StoreError, Sweep, Upsert};
 use crate::capacity::{CapacityQuery, Position, StatusFilter};
 use crate::changes::{self, Availability, Event, Version};
 use crate::claims::{AgentClaims, Claim, ClaimId, GpuClaim};
@@ -84,6 +84,18 @@ CREATE TABLE IF NOT EXISTS agent_events (
     PRIMARY KEY (agent_id, event_key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_by_time ON agent_events (at_ms);
+CREATE TABLE IF NOT EXISTS webhook_endpoints (
+    endpoint TEXT PRIMARY KEY NOT NULL,
+    since_key TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS webhook_progress (
+    endpoint TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    handled_key TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    next_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (endpoint, agent_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gpu_processes (
     agent_id TEXT PRIMARY KEY NOT NULL,
     sent_at_ms INTEGER NOT NULL,
@@ -139,6 +151,26 @@ enum Command {
     Processes(ProcessesWrite, oneshot::Sender<Result<u64, StoreError>>),
     /// Marks agents whose deadline passed by then; how many.
     Sweep(i64, oneshot::Sender<Result<u64, StoreError>>),
+    Outbox(OutboxWrite, oneshot::Sender<Result<u64, StoreError>>),
+}
+
+/// Webhook progress, written by the writer thread like everything else.
+enum OutboxWrite {
+    Register {
+        endpoint: String,
+        since_key: String,
+    },
+    Handled {
+        endpoint: String,
+        agent_id: String,
+        key: String,
+    },
+    Retry {
+        endpoint: String,
+        agent_id: String,
+        at_ms: i64,
+        attempts: u32,
+    },
 }
 
 struct ProcessesWrite {
@@ -202,6 +234,29 @@ SELECT event FROM agent_events
 WHERE agent_id = ?1 AND event_key > ?2 AND at_ms > ?3
 ORDER BY event_key LIMIT ?4";
 const PRUNE_EVENTS: &str = "DELETE FROM agent_events WHERE at_ms <= ?1";
+const REGISTER_ENDPOINT: &str =
+    "INSERT OR IGNORE INTO webhook_endpoints (endpoint, since_key) VALUES (?1, ?2)";
+// An agent's oldest event past what the endpoint handled (or past where the
+// endpoint started, for an agent it never handled), if due.
+const PENDING: &str = "
+SELECT e.agent_id, MIN(e.event_key), COALESCE(p.attempts, 0)
+FROM agent_events e
+JOIN webhook_endpoints w ON w.endpoint = ?1
+LEFT JOIN webhook_progress p ON p.endpoint = ?1 AND p.agent_id = e.agent_id
+WHERE e.event_key > COALESCE(p.handled_key, w.since_key) AND COALESCE(p.next_at_ms, 0) <= ?2
+GROUP BY e.agent_id
+LIMIT ?3";
+const EVENT_AT: &str = "SELECT event FROM agent_events WHERE agent_id = ?1 AND event_key = ?2";
+const EVENT_BEFORE: &str = "SELECT event FROM agent_events WHERE agent_id = ?1 AND event_key < ?2 ORDER BY event_key DESC LIMIT 1";
+const EVENT_AFTER: &str = "SELECT event FROM agent_events WHERE agent_id = ?1 AND event_key > ?2 ORDER BY event_key LIMIT 1";
+const HANDLED: &str = "
+INSERT INTO webhook_progress (endpoint, agent_id, handled_key, attempts, next_at_ms) VALUES (?1, ?2, ?3, 0, 0)
+ON CONFLICT (endpoint, agent_id) DO UPDATE SET handled_key = excluded.handled_key, attempts = 0, next_at_ms = 0";
+const RETRY: &str = "
+INSERT INTO webhook_progress (endpoint, agent_id, handled_key, attempts, next_at_ms)
+SELECT ?1, ?2, since_key, ?3, ?4 FROM webhook_endpoints WHERE endpoint = ?1
+ON CONFLICT (endpoint, agent_id) DO UPDATE SET attempts = excluded.attempts, next_at_ms = excluded.next_at_ms";
+
 /// Agents one sweep marks at most; the rest wait for the next.
 const SWEEP_BATCH: i64 = 1000;
 const PUT_HISTORY: &str = "INSERT OR REPLACE INTO agent_history (agent_id, minute, expires_at_s, rollup) VALUES (?1, ?2, ?3, ?4)";
@@ -547,12 +602,106 @@ impl Store for SqliteStore {
         .await
     }
 
+    fn outbox(&self) -> Option<&dyn Outbox> {
+        Some(self)
+    }
+
     async fn sweep(&self, now_ms: i64) -> Result<Sweep, StoreError> {
         let marked = self.send(|reply| Command::Sweep(now_ms, reply)).await?;
         Ok(Sweep {
             marked,
             more: marked >= SWEEP_BATCH as u64,
         })
+    }
+}
+
+#[async_trait]
+impl Outbox for SqliteStore {
+    async fn register(&self, endpoint: &str, now_ms: i64) -> Result<(), StoreError> {
+        let write = OutboxWrite::Register {
+            endpoint: endpoint.to_owned(),
+            since_key: changes::key_after(now_ms),
+        };
+        self.send(|reply| Command::Outbox(write, reply)).await?;
+        Ok(())
+    }
+
+    async fn pending(
+        &self,
+        endpoint: &str,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StoreError> {
+        let endpoint = endpoint.to_owned();
+        self.read(move |connection| {
+            let heads: Vec<(String, String, u32)> = connection
+                .prepare_cached(PENDING)
+                .and_then(|mut statement| {
+                    statement
+                        .query_map(params![endpoint, now_ms, limit as i64], |row| {
+                            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                        })?
+                        .collect()
+                })
+                .map_err(unavailable)?;
+            let event =
+                |sql: &str, agent_id: &str, key: &str| -> Result<Option<Event>, StoreError> {
+                    let text: Option<String> = connection
+                        .prepare_cached(sql)
+                        .and_then(|mut statement| {
+                            statement
+                                .query_row(params![agent_id, key], |row| row.get(0))
+                                .optional()
+                        })
+                        .map_err(unavailable)?;
+                    text.map(|text| {
+                        serde_json::from_str(&text)
+                            .map_err(|e| StoreError::Corrupt(format!("unreadable event: {e}")))
+                    })
+                    .transpose()
+                };
+            let mut pending = Vec::with_capacity(heads.len());
+            for (agent_id, key, attempts) in heads {
+                let Some(head) = event(EVENT_AT, &agent_id, &key)? else {
+                    continue;
+                };
+                pending.push(Pending {
+                    event: head,
+                    before: event(EVENT_BEFORE, &agent_id, &key)?,
+                    after: event(EVENT_AFTER, &agent_id, &key)?,
+                    attempts,
+                });
+            }
+            Ok(pending)
+        })
+        .await
+    }
+
+    async fn handled(&self, endpoint: &str, agent_id: &str, key: &str) -> Result<(), StoreError> {
+        let write = OutboxWrite::Handled {
+            endpoint: endpoint.to_owned(),
+            agent_id: agent_id.to_owned(),
+            key: key.to_owned(),
+        };
+        self.send(|reply| Command::Outbox(write, reply)).await?;
+        Ok(())
+    }
+
+    async fn retry(
+        &self,
+        endpoint: &str,
+        agent_id: &str,
+        at_ms: i64,
+        attempts: u32,
+    ) -> Result<(), StoreError> {
+        let write = OutboxWrite::Retry {
+            endpoint: endpoint.to_owned(),
+            agent_id: agent_id.to_owned(),
+            at_ms,
+            attempts,
+        };
+        self.send(|reply| Command::Outbox(write, reply)).await?;
+        Ok(())
     }
 }
 
@@ -692,6 +841,29 @@ fn run_command(
             Ok(Ok(changed as u64))
         }
         Command::Sweep(now_ms, _) => Ok(Ok(sweep(transaction, *now_ms)?)),
+        Command::Outbox(write, _) => Ok(Ok(match write {
+            OutboxWrite::Register {
+                endpoint,
+                since_key,
+            } => transaction
+                .prepare_cached(REGISTER_ENDPOINT)?
+                .execute(params![endpoint, since_key])?,
+            OutboxWrite::Handled {
+                endpoint,
+                agent_id,
+                key,
+            } => transaction
+                .prepare_cached(HANDLED)?
+                .execute(params![endpoint, agent_id, key])?,
+            OutboxWrite::Retry {
+                endpoint,
+                agent_id,
+                at_ms,
+                attempts,
+            } => transaction
+                .prepare_cached(RETRY)?
+                .execute(params![endpoint, agent_id, attempts, at_ms])?,
+        } as u64)),
         Command::Prune(now_ms, _) => Ok(Ok(delete_expired(transaction, *now_ms)?)),
         Command::History(write, _) => {
             let mut put = transaction.prepare_cached(PUT_HISTORY)?;
@@ -807,6 +979,7 @@ fn reply(batch: Vec<Command>, committed: rusqlite::Result<()>, outcomes: Vec<Res
             }
             Command::Prune(_, reply)
             | Command::Sweep(_, reply)
+            | Command::Outbox(_, reply)
             | Command::History(_, reply)
             | Command::Claim(_, reply)
             | Command::Processes(_, reply) => {

@@ -329,10 +329,10 @@ impl Availability {
                     self.down_since_ms = Some(event.at_ms);
                 }
                 Some(true) => {
-                    if let Some(from) = self.down_since_ms.take() {
-                        if event.at_ms > from {
-                            self.down.push([from, event.at_ms]);
-                        }
+                    if let Some(from) = self.down_since_ms.take()
+                        && event.at_ms > from
+                    {
+                        self.down.push([from, event.at_ms]);
                     }
                 }
                 _ => {}

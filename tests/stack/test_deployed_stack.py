@@ -278,6 +278,12 @@ def test_template_declares_what_the_emulator_may_ignore():
         # The secret's name is configured, never its value.
         assert variable not in variables and f"{variable}_SECRET_ID" in variables, name
         assert "resolve:secretsmanager" not in json.dumps(variables), name
+    # State changes: the events table expires what is 30 days old, and the
+    # fleet function sweeps for deadlines every minute.
+    assert template["Resources"]["EventsTable"]["Properties"]["TimeToLiveSpecification"] == {
+        "AttributeName": "expires_at", "Enabled": True}
+    sweep = template["Resources"]["FleetFunction"]["Properties"]["Events"]["DeadlineSweep"]
+    assert sweep == {"Type": "Schedule", "Properties": {"Schedule": "rate(1 minute)"}}
     # No secret in any parameter default.
     for name, parameter in template["Parameters"].items():
         assert not re.fullmatch(r"[0-9a-f]{32,}", str(parameter.get("Default", ""))), name

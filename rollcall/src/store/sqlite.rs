@@ -234,6 +234,10 @@ SELECT event FROM agent_events
 WHERE agent_id = ?1 AND event_key > ?2 AND at_ms > ?3
 ORDER BY event_key LIMIT ?4";
 const PRUNE_EVENTS: &str = "DELETE FROM agent_events WHERE at_ms <= ?1";
+// Progress outlives an agent's record until its last event is gone: with
+// the progress, an event still kept would be sent again.
+const PRUNE_PROGRESS: &str =
+    "DELETE FROM webhook_progress WHERE agent_id NOT IN (SELECT agent_id FROM agent_events)";
 const REGISTER_ENDPOINT: &str =
     "INSERT OR IGNORE INTO webhook_endpoints (endpoint, since_key) VALUES (?1, ?2)";
 // An agent's oldest event past what the endpoint handled (or past where the
@@ -1138,6 +1142,7 @@ fn delete_expired(connection: &Connection, now_ms: i64) -> rusqlite::Result<u64>
     connection.execute(PRUNE_CLAIMS, params![now_ms])?;
     connection.execute(PRUNE_PROCESSES, params![now_s])?;
     connection.execute(PRUNE_EVENTS, params![now_ms - changes::KEPT_MS])?;
+    connection.execute(PRUNE_PROGRESS, [])?;
     Ok(agents as u64)
 }
 

@@ -7,17 +7,23 @@
 //! - Invoked by a schedule once a minute, it sweeps: agents whose deadline
 //!   passed are marked offline, which the stream then records as their
 //!   `offline` at the deadline.
+//! - Fed by the events table's stream (as the stack's webhook function), it
+//!   POSTs each event to the configured webhook URLs, in order; a batch that
+//!   cannot all go yet fails, and Lambda delivers it again.
 //!
 //! It runs only inside AWS Lambda; the embedded SQLite store sums its
 //! records when asked and sweeps inside the ingest process.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use lambda_runtime::{LambdaEvent, service_fn};
 use rollcall::store::dynamodb::DynamoStore;
-use rollcall::store::dynamodb::changes::{ChangeRecorder, EventsTable};
+use rollcall::secrets::SecretsFromEnv;
+use rollcall::store::dynamodb::changes::{ChangeRecorder, EventsTable, events_of};
+use rollcall::webhooks::{Dispatcher, Endpoint, WebhookSecret};
 use rollcall::store::dynamodb::fleet::{FleetTable, StreamBatch};
 use rollcall::store::{DEFAULT_SHARDS, Store};
 use rollcall::time::now_ms;
@@ -45,6 +51,14 @@ struct Args {
     /// The table of the agents' state changes.
     #[arg(long, env = "ROLLCALL_EVENTS_TABLE", default_value = "rollcall-events")]
     events_table: String,
+    /// Where to POST each state change (https://..., slack: prefix for
+    /// Slack), comma-separated; none: no webhooks. The signing secret is
+    /// ROLLCALL_WEBHOOK_SECRET_SECRET_ID's (or ROLLCALL_WEBHOOK_SECRET's).
+    #[arg(long = "webhook-url", env = "ROLLCALL_WEBHOOK_URLS", default_value = "")]
+    webhook_urls: String,
+    /// An offline followed by an online within this many seconds sends neither.
+    #[arg(long, env = "ROLLCALL_WEBHOOK_GRACE_S", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    webhook_grace_s: u64,
 }
 
 /// How long one scheduled sweep keeps going while agents are still due.
@@ -55,6 +69,8 @@ struct Fleet {
     sums: FleetTable,
     changes: ChangeRecorder,
     agents: DynamoStore,
+    events: EventsTable,
+    webhooks: Option<Arc<Dispatcher>>,
 }
 
 #[tokio::main]
@@ -70,9 +86,11 @@ async fn main() -> anyhow::Result<()> {
     let client = DynamoStore::client_from_env().await;
     let events = EventsTable::new(client.clone(), &args.events_table);
     let fleet = Fleet {
-        sums: FleetTable::new(client.clone(), args.fleet_table),
-        changes: ChangeRecorder::new(client.clone(), &args.table, events),
+        sums: FleetTable::new(client.clone(), &args.fleet_table),
+        changes: ChangeRecorder::new(client.clone(), &args.table, events.clone()),
         agents: DynamoStore::new(client, &args.table, args.shards),
+        events,
+        webhooks: webhooks(&args).await?.map(Arc::new),
     };
     tracing::info!(
         fleet_table = fleet.sums.name(),
@@ -92,8 +110,32 @@ async fn main() -> anyhow::Result<()> {
     .map_err(|error| anyhow::anyhow!("the Lambda runtime stopped: {error}"))
 }
 
+/// The dispatcher the configuration asks for; `None` without URLs.
+async fn webhooks(args: &Args) -> anyhow::Result<Option<Dispatcher>> {
+    let endpoints = Endpoint::parse_list(&args.webhook_urls).map_err(anyhow::Error::msg)?;
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    let secret = SecretsFromEnv::default()
+        .load("ROLLCALL_WEBHOOK_SECRET", WebhookSecret::parse)
+        .await?
+        .context("webhook URLs are set but neither ROLLCALL_WEBHOOK_SECRET_SECRET_ID nor ROLLCALL_WEBHOOK_SECRET is")?;
+    let secret = (*secret.current().await).clone();
+    let dispatcher = Dispatcher::new(endpoints, secret, Duration::from_secs(args.webhook_grace_s))
+        .map_err(anyhow::Error::msg)?;
+    Ok(Some(dispatcher))
+}
+
+/// The table whose stream a batch comes from.
+fn source_table(event: &Value) -> Option<&str> {
+    let arn = event["Records"].get(0)?["eventSourceARN"].as_str()?;
+    arn.split_once(":table/")?.1.split('/').next()
+}
+
 async fn handle(fleet: &Fleet, event: &Value) -> anyhow::Result<Value> {
-    if event.get("Records").is_some() {
+    if event.get("Records").is_some() && source_table(event) == Some(fleet.events.name()) {
+        deliver(fleet, event).await
+    } else if event.get("Records").is_some() {
         stream_batch(fleet, event).await
     } else if event.get("source").and_then(Value::as_str) == Some("aws.events") {
         sweep(&fleet.agents).await
@@ -131,6 +173,25 @@ async fn stream_batch(fleet: &Fleet, event: &Value) -> anyhow::Result<Value> {
         "fleet sums and state changes updated"
     );
     Ok(json!({}))
+}
+
+/// One batch of the events table's stream, to every webhook URL in order.
+/// An event that cannot go yet fails the batch: Lambda delivers it again
+/// (until the record is a day old), so none is lost and none overtakes
+/// another; what went before it may go twice, under the same webhook-id.
+async fn deliver(fleet: &Fleet, event: &Value) -> anyhow::Result<Value> {
+    let Some(dispatcher) = &fleet.webhooks else {
+        return Ok(json!({}));
+    };
+    let batch = StreamBatch::from_event(event)
+        .map_err(|why| anyhow::anyhow!("not a DynamoDB stream event: {why}"))?;
+    let events = events_of(&batch.changes);
+    let delivered = dispatcher
+        .deliver_in_order(&events, &fleet.events)
+        .await
+        .map_err(|why| anyhow::anyhow!("webhooks: {why}; the batch will come again"))?;
+    tracing::info!(delivered, "webhooks delivered");
+    Ok(json!({ "delivered": delivered }))
 }
 
 /// Marks agents whose deadline passed, a bounded read at a time, while

@@ -442,6 +442,64 @@ impl Dispatcher {
     }
 }
 
+/// The events on either side of one of an agent's events, for the grace,
+/// where a store keeps them (the events table on AWS).
+#[cfg(feature = "webhooks")]
+#[async_trait::async_trait]
+pub trait Neighbours: Send + Sync {
+    async fn around(&self, event: &Event) -> Result<(Option<Event>, Option<Event>), String>;
+}
+
+#[cfg(feature = "webhooks")]
+impl Dispatcher {
+    /// Delivers events that arrive in order (a stream of the events table)
+    /// to every endpoint, one after another; stops at the first that cannot
+    /// go yet (a receiver refused it, or the grace holds it), so that the
+    /// caller has the same events delivered again, in order, later. An event
+    /// may then reach an endpoint twice, under the same `webhook-id`.
+    pub async fn deliver_in_order(
+        &self,
+        events: &[Event],
+        neighbours: &dyn Neighbours,
+    ) -> Result<usize, String> {
+        let now = crate::time::now_ms();
+        for event in events {
+            let (before, after) = if self.grace_ms > 0 {
+                neighbours.around(event).await?
+            } else {
+                (None, None)
+            };
+            match decide(event, before.as_ref(), after.as_ref(), now, self.grace_ms) {
+                Decision::Send => {
+                    for endpoint in &self.endpoints {
+                        let message = Message::of(event, endpoint.format);
+                        post(&self.client, endpoint, &self.secret, &message, POST_TIMEOUT)
+                            .await
+                            .map_err(|why| {
+                                format!("{} not delivered to endpoint {}: {why}", event.id, endpoint.key())
+                            })?;
+                    }
+                    tracing::info!(event = event.id, endpoints = self.endpoints.len(), "webhook delivered");
+                }
+                Decision::HoldUntil(at) => {
+                    return Err(format!(
+                        "{} is held by the grace for {} ms more",
+                        event.id,
+                        at - now
+                    ));
+                }
+                Decision::Suppress => {
+                    tracing::info!(event = event.id, "webhook suppressed: an offline and online pair inside the grace");
+                }
+                Decision::GiveUp => {
+                    tracing::warn!(event = event.id, "webhook given up after 24 hours");
+                }
+            }
+        }
+        Ok(events.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@ stack reports (https://<id>.lambda-url.<region>.on.aws/) are reached through
 the emulator's path-based form on 127.0.0.1.
 """
 
+import base64
 import calendar
 import hashlib
 import hmac
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -109,12 +111,23 @@ def stack():
     fleet_secret = os.urandom(32).hex()
     token = os.urandom(24).hex()
     claim_token, lab_token = os.urandom(24).hex(), os.urandom(24).hex()
-    names = {"fleet": f"rollcall-{RUN}/fleet-secrets", "tokens": f"rollcall-{RUN}/query-tokens"}
+    names = {"fleet": f"rollcall-{RUN}/fleet-secrets", "tokens": f"rollcall-{RUN}/query-tokens",
+             "webhook": f"rollcall-{RUN}/webhook-secret"}
     secrets.create_secret(Name=names["fleet"], SecretString=f"k1={fleet_secret}")
     # A v1 token (reads every pool), one that may claim, one limited to a pool
     # (PROTOCOL.md §4 "Scoped tokens"), in the form the README gives.
     secrets.create_secret(Name=names["tokens"],
                           SecretString=f"{token},{claim_token}:read+claim,{lab_token}:read+claim:lab-a")
+
+    # A webhook receiver that checks signatures with the reference Standard
+    # Webhooks package, and refuses its first two deliveries.
+    webhook_secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    secrets.create_secret(Name=names["webhook"], SecretString=webhook_secret)
+    webhook_log = ROOT / "target" / f"stack-webhooks-{RUN}.jsonl"
+    receiver = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "stack" / "webhook_receiver.py"), str(webhook_log), "--fail-first", "2"],
+        env={**os.environ, "ROLLCALL_WEBHOOK_SECRET": webhook_secret}, stdout=subprocess.PIPE, text=True)
+    webhook_port = int(receiver.stdout.readline())
 
     s3 = client("s3")
     bucket = f"rollcall-artifacts-{RUN}"
@@ -140,6 +153,8 @@ def stack():
             {"ParameterKey": "FleetSecretsSecretName", "ParameterValue": names["fleet"]},
             {"ParameterKey": "QueryTokensSecretName", "ParameterValue": names["tokens"]},
             {"ParameterKey": "SecretMaxAgeSeconds", "ParameterValue": str(SECRET_MAX_AGE_S)},
+            {"ParameterKey": "WebhookUrls", "ParameterValue": f"http://127.0.0.1:{webhook_port}/hook"},
+            {"ParameterKey": "WebhookSecretName", "ParameterValue": names["webhook"]},
         ],
     )
     while True:
@@ -172,6 +187,7 @@ def stack():
         "resources": resources,
         "deploy_s": deploy_s,
         "names": names,
+        "webhook_log": webhook_log,
     }
     # A collector as users run it, for the whole module: short interval,
     # one-minute history windows, its log kept for the 5xx check.
@@ -190,6 +206,7 @@ def stack():
     finally:
         if runner.poll() is None:
             runner.kill()
+        receiver.kill()
         log.close()
         cloudformation.delete_stack(StackName=stack_name)
 
@@ -829,6 +846,37 @@ def test_state_changes_through_the_deployed_stack(stack):
     # The bad cursor is the client's mistake, answered as such.
     status, refused = http("GET", f"{stack['query']}/v1/agents/{agent}/events?cursor=nope", auth)
     assert status == 400 and "cursor" in refused["error"], refused
+
+
+def test_webhooks_through_the_deployed_stack(stack):
+    """PROTOCOL.md §4 webhooks on AWS: the webhook function, fed by the
+    events table's stream, POSTs each transition in order per agent, signed
+    the Standard Webhooks way (checked by the reference package), and a
+    receiver that refused at first gets every event once it answers, retried
+    under the same webhook-id."""
+    agent = "hooked-host"
+    body = gpu_host(agent, "default", [70000])
+    for state in ("up", "draining", "up", "leaving"):
+        body["state"] = state
+        body["sent_at_ms"] += 1000
+        post_signed(stack, body)
+
+    def received():
+        if not stack["webhook_log"].exists():
+            return []
+        return [json.loads(line) for line in stack["webhook_log"].read_text().splitlines()]
+
+    def delivered():
+        types = [r["type"] for r in received() if r["status"] == 204 and r["agent_id"] == agent]
+        return types if len(types) >= 4 else None
+    types = wait_for("the webhooks of four transitions", delivered, 120)
+    assert types == ["agent.online", "agent.draining", "agent.undrained", "agent.offline"], types
+    everything = received()
+    assert all(r["verified"] for r in everything), everything
+    refused = [r for r in everything if r["status"] == 503]
+    assert len(refused) == 2, everything
+    for retried in refused:
+        assert any(r["status"] == 204 and r["id"] == retried["id"] for r in everything), everything
 
 
 def test_a_rotated_fleet_secret_is_picked_up_without_a_redeploy(stack):

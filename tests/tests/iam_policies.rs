@@ -174,6 +174,40 @@ async fn drive_fleet(recorder: &CallRecorder, table: &str, fleet_table: &str, ev
     assert!(sweep.marked >= 1, "{sweep:?}");
 }
 
+/// The webhook function's job: its secret read, and an event sent with
+/// its neighbours read for the grace.
+async fn drive_webhooks(recorder: &CallRecorder, events_table: &str, secret_name: &str) {
+    use rollcall::webhooks::{Dispatcher, Endpoint, WebhookSecret};
+    let secret = fetch(recorder, "secret:webhook", secret_name, WebhookSecret::parse).await;
+    let receiver = InProcess::serve(axum::Router::new().route(
+        "/hook",
+        axum::routing::post(|| async { axum::http::StatusCode::NO_CONTENT }),
+    ))
+    .await;
+    let endpoints = Endpoint::parse_list(&format!("http://{}/hook", receiver.addr)).unwrap();
+    let dispatcher = Dispatcher::new(
+        endpoints,
+        (*secret.current().await).clone(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let events = EventsTable::new(
+        recorded_dynamodb_client(&recorder.labelled("events")),
+        events_table,
+    );
+    let now = now_ms() as i64;
+    let online: rollcall::changes::Event = serde_json::from_value(json!({
+        "id": format!("iam-hooked/{now:013}.1"), "agent_id": "iam-hooked", "kind": "online",
+        "at": rollcall::time::rfc3339(now), "at_ms": now
+    }))
+    .unwrap();
+    assert_eq!(
+        dispatcher.deliver_in_order(&[online], &events).await,
+        Ok(1)
+    );
+    receiver.stop().await;
+}
+
 /// Every query route, paging included.
 async fn drive_query(
     recorder: &CallRecorder,
@@ -292,7 +326,10 @@ async fn drive_query(
 /// Statements for what the Lambda service calls on a function's behalf, not
 /// its code: the fleet function's role lets the event source mapping read
 /// the agents table's stream.
-const SERVICE_STATEMENTS: &[(&str, &str)] = &[("FleetFunction", "ReadAgentsStream")];
+const SERVICE_STATEMENTS: &[(&str, &str)] = &[
+    ("FleetFunction", "ReadAgentsStream"),
+    ("WebhookFunction", "ReadEventsStream"),
+];
 
 /// The IAM actions a recorded call needs: a transaction is authorised as
 /// the single-item actions it carries (the fleet function's are updates).
@@ -343,11 +380,13 @@ fn resource_label(resource: &Value) -> String {
     let labels = [
         ("${AgentsTable.Arn}/index/", "index/"),
         ("${AgentsTable.Arn}/stream/", "stream"),
+        ("${EventsTable.Arn}/stream/", "stream"),
         ("AgentsTable.Arn", "table"),
         ("FleetTable.Arn", "fleet"),
         ("EventsTable.Arn", "events"),
         ("${FleetSecretsSecretName}-??????", "secret:fleet"),
         ("${QueryTokensSecretName}-??????", "secret:tokens"),
+        ("${WebhookSecretName}-??????", "secret:webhook"),
         ("${AWS::StackName}/cursor-key-??????", "secret:cursor"),
     ];
     for (pattern, label) in labels {
@@ -383,7 +422,7 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
         .await
         .expect("create the events table");
     let secret = FleetSecret::from_bytes(vec![9; 32]).unwrap();
-    let names = [&table, "tokens", "cursor"].map(|part| format!("{table}/{part}"));
+    let names = [&table, "tokens", "cursor", "webhook"].map(|part| format!("{table}/{part}"));
     create_secret(&names[0], &format!("{KEY_ID}={}", secret.to_hex())).await;
     create_secret(&names[1], &format!("{TOKEN}:read+claim")).await;
     create_secret(
@@ -391,6 +430,7 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
         "a-cursor-key-of-sixty-four-characters-0123456789abcdefghijklmn",
     )
     .await;
+    create_secret(&names[3], "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").await;
 
     let ingest = CallRecorder::default();
     drive_ingest(&ingest, &table, &names[0], &secret).await;
@@ -406,6 +446,8 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
     .await;
     let fleet = CallRecorder::default();
     drive_fleet(&fleet, &table, &fleet_table, &events_table).await;
+    let webhook = CallRecorder::default();
+    drive_webhooks(&webhook, &events_table, &names[3]).await;
 
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -417,6 +459,7 @@ async fn each_function_is_granted_exactly_what_its_code_calls() {
         ("IngestFunction", &ingest),
         ("QueryFunction", &query),
         ("FleetFunction", &fleet),
+        ("WebhookFunction", &webhook),
     ] {
         let called: BTreeSet<Call> = recorder.calls().iter().map(as_iam).collect();
         println!("{function} calls:");

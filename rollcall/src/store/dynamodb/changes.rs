@@ -278,6 +278,57 @@ impl EventsTable {
     }
 }
 
+#[cfg(feature = "webhooks")]
+#[async_trait::async_trait]
+impl crate::webhooks::Neighbours for EventsTable {
+    async fn around(&self, event: &Event) -> Result<(Option<Event>, Option<Event>), String> {
+        let one = |forward: bool| async move {
+            let output = self
+                .client
+                .query()
+                .table_name(&self.name)
+                .key_condition_expression(if forward {
+                    "#agent = :agent AND #key > :key"
+                } else {
+                    "#agent = :agent AND #key < :key"
+                })
+                .expression_attribute_names("#agent", A_AGENT)
+                .expression_attribute_names("#key", E_KEY)
+                .expression_attribute_values(":agent", AttributeValue::S(event.agent_id.clone()))
+                .expression_attribute_values(":key", AttributeValue::S(event.key()))
+                .scan_index_forward(forward)
+                .limit(1)
+                .send()
+                .await
+                .map_err(|error| unavailable(error).to_string())?;
+            output
+                .items()
+                .first()
+                .and_then(|item| item.get(E_EVENT)?.as_s().ok())
+                .map(|json| serde_json::from_str(json).map_err(|e| format!("unreadable event: {e}")))
+                .transpose()
+        };
+        Ok((one(false).await?, one(true).await?))
+    }
+}
+
+/// The events a batch of the events table's stream carries, in order
+/// (TTL's removals left out).
+pub fn events_of(changes: &[super::fleet::Change]) -> Vec<Event> {
+    changes
+        .iter()
+        .filter_map(|change| change.new.as_ref())
+        .filter_map(|item| item.get(E_EVENT)?.as_s().ok())
+        .filter_map(|json| match serde_json::from_str(json) {
+            Ok(event) => Some(event),
+            Err(error) => {
+                tracing::warn!(%error, "an unreadable event in the stream was skipped");
+                None
+            }
+        })
+        .collect()
+}
+
 /// The stream consumer's half: the transitions a batch of agent-table
 /// changes holds, recorded in the events table and in each agent's
 /// availability.

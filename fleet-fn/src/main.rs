@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use lambda_runtime::{LambdaEvent, service_fn};
-use rollcall::store::dynamodb::DynamoStore;
 use rollcall::secrets::SecretsFromEnv;
+use rollcall::store::dynamodb::DynamoStore;
 use rollcall::store::dynamodb::changes::{ChangeRecorder, EventsTable, events_of};
-use rollcall::webhooks::{Dispatcher, Endpoint, WebhookSecret};
 use rollcall::store::dynamodb::fleet::{FleetTable, StreamBatch};
 use rollcall::store::{DEFAULT_SHARDS, Store};
 use rollcall::time::now_ms;
+use rollcall::webhooks::{Dispatcher, Endpoint, WebhookSecret};
 use serde_json::{Value, json};
 
 /// rollcall fleet: adds each change to the agents table (from its DynamoDB
@@ -54,7 +54,11 @@ struct Args {
     /// Where to POST each state change (https://..., slack: prefix for
     /// Slack), comma-separated; none: no webhooks. The signing secret is
     /// ROLLCALL_WEBHOOK_SECRET_SECRET_ID's (or ROLLCALL_WEBHOOK_SECRET's).
-    #[arg(long = "webhook-url", env = "ROLLCALL_WEBHOOK_URLS", default_value = "")]
+    #[arg(
+        long = "webhook-url",
+        env = "ROLLCALL_WEBHOOK_URLS",
+        default_value = ""
+    )]
     webhook_urls: String,
     /// An offline followed by an online within this many seconds sends neither.
     #[arg(long, env = "ROLLCALL_WEBHOOK_GRACE_S", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
@@ -88,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
     let fleet = Fleet {
         sums: FleetTable::new(client.clone(), &args.fleet_table),
         changes: ChangeRecorder::new(client.clone(), &args.table, events.clone()),
-        agents: DynamoStore::new(client, &args.table, args.shards),
+        agents: DynamoStore::new(client, &args.table, args.shards).with_events(events.clone()),
         events,
         webhooks: webhooks(&args).await?.map(Arc::new),
     };

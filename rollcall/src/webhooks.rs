@@ -476,10 +476,18 @@ impl Dispatcher {
                         post(&self.client, endpoint, &self.secret, &message, POST_TIMEOUT)
                             .await
                             .map_err(|why| {
-                                format!("{} not delivered to endpoint {}: {why}", event.id, endpoint.key())
+                                format!(
+                                    "{} not delivered to endpoint {}: {why}",
+                                    event.id,
+                                    endpoint.key()
+                                )
                             })?;
                     }
-                    tracing::info!(event = event.id, endpoints = self.endpoints.len(), "webhook delivered");
+                    tracing::info!(
+                        event = event.id,
+                        endpoints = self.endpoints.len(),
+                        "webhook delivered"
+                    );
                 }
                 Decision::HoldUntil(at) => {
                     return Err(format!(
@@ -489,7 +497,10 @@ impl Dispatcher {
                     ));
                 }
                 Decision::Suppress => {
-                    tracing::info!(event = event.id, "webhook suppressed: an offline and online pair inside the grace");
+                    tracing::info!(
+                        event = event.id,
+                        "webhook suppressed: an offline and online pair inside the grace"
+                    );
                 }
                 Decision::GiveUp => {
                     tracing::warn!(event = event.id, "webhook given up after 24 hours");

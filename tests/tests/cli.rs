@@ -79,6 +79,16 @@ fn one_agent_and_errors() {
     assert_eq!(found.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&found.stdout).contains("small-gpu"));
     assert_eq!(cli(&stack, &["agent", "nobody"]).status.code(), Some(1));
+    // Its state changes: online since its first heartbeat.
+    let events = cli(&stack, &["events", "small-gpu"]);
+    assert_eq!(events.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&events.stdout);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("  online"), "{text}");
+    assert_eq!(cli(&stack, &["events", "nobody"]).status.code(), Some(1));
+    let uptime = cli(&stack, &["agents", "--min-uptime", "1.5"]);
+    assert_eq!(uptime.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&uptime.stderr).contains("min_uptime"));
 
     let refused = cli(&stack, &["agents", "--gpu-vendor", "3dfx"]);
     assert_eq!(refused.status.code(), Some(2));

@@ -169,7 +169,11 @@ async fn drive_fleet(recorder: &CallRecorder, table: &str, fleet_table: &str, ev
         recorded_dynamodb_client(&recorder.labelled("table")),
         table,
         4,
-    );
+    )
+    .with_events(EventsTable::new(
+        recorded_dynamodb_client(&recorder.labelled("events")),
+        events_table,
+    ));
     let sweep = sweeper.sweep(now_ms() as i64).await.expect("sweep");
     assert!(sweep.marked >= 1, "{sweep:?}");
 }
@@ -178,7 +182,13 @@ async fn drive_fleet(recorder: &CallRecorder, table: &str, fleet_table: &str, ev
 /// its neighbours read for the grace.
 async fn drive_webhooks(recorder: &CallRecorder, events_table: &str, secret_name: &str) {
     use rollcall::webhooks::{Dispatcher, Endpoint, WebhookSecret};
-    let secret = fetch(recorder, "secret:webhook", secret_name, WebhookSecret::parse).await;
+    let secret = fetch(
+        recorder,
+        "secret:webhook",
+        secret_name,
+        WebhookSecret::parse,
+    )
+    .await;
     let receiver = InProcess::serve(axum::Router::new().route(
         "/hook",
         axum::routing::post(|| async { axum::http::StatusCode::NO_CONTENT }),
@@ -201,10 +211,7 @@ async fn drive_webhooks(recorder: &CallRecorder, events_table: &str, secret_name
         "at": rollcall::time::rfc3339(now), "at_ms": now
     }))
     .unwrap();
-    assert_eq!(
-        dispatcher.deliver_in_order(&[online], &events).await,
-        Ok(1)
-    );
+    assert_eq!(dispatcher.deliver_in_order(&[online], &events).await, Ok(1));
     receiver.stop().await;
 }
 

@@ -10,7 +10,8 @@
 //!   with `dl <= now` reads the dead (and, briefly, the late) only: a
 //!   bounded amount whatever the fleet's size. It moves each dead one to
 //!   its shard's offline part and removes `dl` (one conditional
-//!   `UpdateItem`, which a heartbeat since wins). A steady agent's `dl`
+//!   `UpdateItem`, which a heartbeat since wins) and records its `offline`
+//!   at once, for webhooks. A steady agent's `dl`
 //!   changes once a minute: two index write units (docs/dynamodb.md,
 //!   "State changes").
 //! - **Deriving transitions.** Every write to an agent item reaches the
@@ -100,6 +101,12 @@ impl DynamoStore {
                 let until = number(agent.online_until_ms);
                 if self.move_offline(agent.agent_id(), until).await? {
                     marked += 1;
+                    // Recorded at once, so that it reaches webhooks within
+                    // about a minute of the deadline; the stream derives
+                    // the same event (the same key) from the mark later.
+                    if let Some(events) = &self.events {
+                        events.put(&[changes::offline_at_deadline(&agent)]).await?;
+                    }
                 }
             }
         }
@@ -305,7 +312,9 @@ impl crate::webhooks::Neighbours for EventsTable {
                 .items()
                 .first()
                 .and_then(|item| item.get(E_EVENT)?.as_s().ok())
-                .map(|json| serde_json::from_str(json).map_err(|e| format!("unreadable event: {e}")))
+                .map(|json| {
+                    serde_json::from_str(json).map_err(|e| format!("unreadable event: {e}"))
+                })
                 .transpose()
         };
         Ok((one(false).await?, one(true).await?))

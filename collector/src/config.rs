@@ -23,7 +23,7 @@ use serde::Deserialize;
 pub const SYSTEM_CONFIG: &str = "/etc/rollcall/collector.toml";
 pub const DEFAULT_INTERVAL_S: u32 = 30;
 pub const DEFAULT_GPU_TIMEOUT_S: f64 = 5.0;
-pub const DEFAULT_HISTORY_WINDOW_MINUTES: u64 = 5;
+pub const DEFAULT_HISTORY_WINDOW_MINUTES: u64 = rollcall::history::WINDOW_MINUTES;
 
 /// Every setting but the agent key: one type that serde fills from the TOML
 /// file and clap from `ROLLCALL_*` and the flags (`rollcall-collector

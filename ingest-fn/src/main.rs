@@ -44,7 +44,8 @@ struct Args {
     /// Seconds an offline agent stays on record before it is removed.
     #[arg(long, env = "ROLLCALL_RETENTION_S", default_value_t = DEFAULT_RETENTION_S, value_parser = clap::value_parser!(i64).range(0..=31_536_000))]
     retention_s: i64,
-    /// Seconds per-minute history is kept.
+    /// Seconds per-minute history is kept (at most 86400: as far back as one
+    /// read of GET /v1/agents/{id}/history reaches).
     #[arg(long, env = "ROLLCALL_HISTORY_RETENTION_S", default_value_t = DEFAULT_HISTORY_RETENTION_S, value_parser = clap::value_parser!(i64).range(60..=rollcall::history::MAX_RETENTION_S))]
     history_retention_s: i64,
     /// Where to POST each state change: https://..., or plain http:// to this
@@ -62,7 +63,7 @@ struct Args {
 }
 
 /// The webhook dispatcher the flags ask for, checked before serving.
-fn webhooks(
+async fn webhooks(
     args: &Args,
     store: &dyn rollcall::store::Store,
 ) -> anyhow::Result<Option<rollcall::webhooks::Dispatcher>> {
@@ -74,11 +75,13 @@ fn webhooks(
     if endpoints.is_empty() {
         return Ok(None);
     }
-    let secret = std::env::var("ROLLCALL_WEBHOOK_SECRET").context(
-        "--webhook-url needs ROLLCALL_WEBHOOK_SECRET (whsec_ and base64: echo whsec_$(openssl rand -base64 32))",
-    )?;
-    let secret = WebhookSecret::parse(&secret)
-        .map_err(|why| anyhow::anyhow!("ROLLCALL_WEBHOOK_SECRET: {why}"))?;
+    let secret = SecretsFromEnv::default()
+        .load("ROLLCALL_WEBHOOK_SECRET", WebhookSecret::parse)
+        .await?
+        .context(
+            "--webhook-url needs ROLLCALL_WEBHOOK_SECRET (whsec_ and base64: echo whsec_$(openssl rand -base64 32))",
+        )?;
+    let secret = (*secret.current().await).clone();
     anyhow::ensure!(
         store.outbox().is_some(),
         "webhooks are sent from the embedded store only (on AWS they are not built yet)"
@@ -118,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(store = %store_config.describe(), key_ids = ?key_ids, grace_multiplier = args.grace_multiplier, retention_s = args.retention_s, "ingest starting");
     if !rollcall::api::in_lambda() {
         tokio::spawn(sweep_forever(store.clone(), SWEEP_EVERY));
-        if let Some(dispatcher) = webhooks(&args, &*store)? {
+        if let Some(dispatcher) = webhooks(&args, &*store).await? {
             tokio::spawn(dispatcher.run(store.clone()));
         }
     }

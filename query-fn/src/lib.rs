@@ -328,9 +328,6 @@ async fn list_agents(
     }))
 }
 
-/// Most history one call returns: the default retention, 24 h.
-const MAX_HISTORY_MINUTES: u64 = 1440;
-
 /// `GET /v1/agents/{id}/history?minutes=N`: the agent's per-minute roll-ups
 /// for the last N minutes (default 60, at most 1440), oldest first.
 async fn agent_history(
@@ -342,28 +339,11 @@ async fn agent_history(
     if !is_valid_agent_id(&agent_id) {
         return Err(ApiError::bad_request(format!("agent id {AGENT_ID_RULE}")));
     }
-    let mut minutes = 60u64;
-    let mut seen = false;
-    for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
-        match name.as_ref() {
-            "minutes" if !seen => {
-                seen = true;
-                minutes = value.parse::<u64>().ok().filter(|m| (1..=MAX_HISTORY_MINUTES).contains(m)).ok_or_else(|| {
-                    ApiError::bad_request(format!("parameter minutes: must be a whole number from 1 to {MAX_HISTORY_MINUTES}, got {value:?}"))
-                })?;
-            }
-            "minutes" => {
-                return Err(ApiError::bad_request(
-                    "parameter minutes: given more than once",
-                ));
-            }
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "parameter {other}: unknown parameter"
-                )));
-            }
-        }
-    }
+    let [minutes] = parameters(query.as_deref(), ["minutes"])?;
+    let minutes = match minutes {
+        Some(text) => whole("minutes", &text, 1..=rollcall::history::MAX_READ_MINUTES)?,
+        None => 60,
+    };
     let now = now_ms();
     visible_agent(&api, &grant, &agent_id, now).await?;
     let now_minute = u64::try_from(now.div_euclid(60_000)).unwrap_or(0);
@@ -374,6 +354,42 @@ async fn agent_history(
         minutes: rollups,
         as_of: rfc3339(now),
     }))
+}
+
+/// The values of a route's parameters, each given at most once; an unknown
+/// or repeated one is the caller's mistake, named in the 400.
+fn parameters<const N: usize>(
+    query: Option<&str>,
+    known: [&str; N],
+) -> Result<[Option<String>; N], ApiError> {
+    let mut values: [Option<String>; N] = std::array::from_fn(|_| None);
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let Some(slot) = known.iter().position(|known| *known == name) else {
+            return Err(ApiError::bad_request(format!(
+                "parameter {name}: unknown parameter"
+            )));
+        };
+        if values[slot].replace(value.into_owned()).is_some() {
+            return Err(ApiError::bad_request(format!(
+                "parameter {name}: given more than once"
+            )));
+        }
+    }
+    Ok(values)
+}
+
+/// A whole-number parameter in `range`.
+fn whole(name: &str, text: &str, range: std::ops::RangeInclusive<u64>) -> Result<u64, ApiError> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "parameter {name}: must be a whole number from {} to {}, got {text:?}",
+                range.start(),
+                range.end()
+            ))
+        })
 }
 
 /// Most events one call returns.
@@ -394,45 +410,24 @@ async fn agent_events(
     if !is_valid_agent_id(&agent_id) {
         return Err(ApiError::bad_request(format!("agent id {AGENT_ID_RULE}")));
     }
-    let mut limit = None;
-    let mut cursor = None;
-    for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
-        match name.as_ref() {
-            "limit" if limit.is_none() => {
-                limit = Some(value.parse::<usize>().ok().filter(|n| (1..=MAX_EVENTS).contains(n)).ok_or_else(|| {
-                    ApiError::bad_request(format!("parameter limit: must be a whole number from 1 to {MAX_EVENTS}, got {value:?}"))
-                })?);
-            }
-            "cursor" if cursor.is_none() => {
-                if !rollcall::changes::is_event_key(&value) {
-                    return Err(ApiError::bad_request(
-                        "parameter cursor: not a cursor of this list (pass back next_cursor as it came)",
-                    ));
-                }
-                cursor = Some(value.into_owned());
-            }
-            "limit" | "cursor" => {
-                return Err(ApiError::bad_request(format!(
-                    "parameter {name}: given more than once"
-                )));
-            }
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "parameter {other}: unknown parameter"
-                )));
-            }
-        }
+    let [limit, cursor] = parameters(query.as_deref(), ["limit", "cursor"])?;
+    let limit = match limit {
+        Some(text) => whole("limit", &text, 1..=MAX_EVENTS as u64)? as usize,
+        None => DEFAULT_EVENTS,
+    };
+    if cursor
+        .as_deref()
+        .is_some_and(|cursor| !rollcall::changes::is_event_key(cursor))
+    {
+        return Err(ApiError::bad_request(
+            "parameter cursor: not a cursor of this list (pass back next_cursor as it came)",
+        ));
     }
     let now = now_ms();
     visible_agent(&api, &grant, &agent_id, now).await?;
     let events = api
         .store
-        .events(
-            &agent_id,
-            cursor.as_deref(),
-            limit.unwrap_or(DEFAULT_EVENTS),
-            now,
-        )
+        .events(&agent_id, cursor.as_deref(), limit, now)
         .await?;
     let next_cursor = events.last().map(rollcall::changes::Event::key);
     Ok(Json(EventPage {

@@ -44,15 +44,6 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
-        EventKind::Offline,
-        EventKind::Online,
-        EventKind::Rebooted,
-        EventKind::GpusChanged,
-        EventKind::Draining,
-        EventKind::Undrained,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Offline => "offline",

@@ -102,9 +102,6 @@ pub struct Spread {
     pub max: f64,
 }
 
-/// Most minutes one heartbeat may carry: a backlog after a short outage.
-pub const MAX_HISTORY_MINUTES: usize = 30;
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentState {
@@ -496,11 +493,12 @@ impl Heartbeat {
     }
 
     fn validate_history(&self) -> Result<(), BodyError> {
-        if self.history.len() > MAX_HISTORY_MINUTES {
+        if self.history.len() > crate::history::MAX_MINUTES_PER_HEARTBEAT {
             return Err(BodyError::new(
                 "history",
                 format!(
-                    "at most {MAX_HISTORY_MINUTES} minutes, got {}",
+                    "at most {} minutes, got {}",
+                    crate::history::MAX_MINUTES_PER_HEARTBEAT,
                     self.history.len()
                 ),
             ));

@@ -13,8 +13,18 @@ pub const WINDOW_MINUTES: u64 = 5;
 /// more than a few writes (the rest is reported not stored, and sent again).
 pub const MAX_WINDOWS_PER_HEARTBEAT: usize = 7;
 
-/// The longest history retention ingest accepts: 31 days.
-pub const MAX_RETENTION_S: i64 = 31 * 24 * 3600;
+/// Most minutes one heartbeat may carry: a backlog after a short outage.
+pub const MAX_MINUTES_PER_HEARTBEAT: usize = 30;
+
+/// Most minutes one read of an agent's history returns (`?minutes=`): a day.
+pub const MAX_READ_MINUTES: u64 = 1440;
+
+/// How long history is kept unless configured: what one read can return.
+pub const DEFAULT_RETENTION_S: i64 = 24 * 3600;
+
+/// The longest history retention ingest accepts: no longer than one read
+/// reaches back, so that what a deployment keeps it can also read.
+pub const MAX_RETENTION_S: i64 = MAX_READ_MINUTES as i64 * 60;
 
 /// The window a minute belongs to.
 pub const fn window_of(minute: u64) -> u64 {

@@ -206,8 +206,9 @@ fn ingest_and_query_answer_function_url_events() {
 }
 
 /// The fleet function on its real Lambda path: a stream event in, the sums
-/// in the fleet table on the emulator; an event that is not a stream batch
-/// is reported as the invocation's error (Lambda then retries it).
+/// in the fleet table and the agent's `online` in the events table on the
+/// emulator; a scheduled event sweeps; an event that is neither is reported
+/// as the invocation's error (Lambda then retries it).
 #[test]
 #[ignore = "needs the AWS emulator: scripts/test starts it and runs ignored tests"]
 fn the_fleet_function_adds_a_stream_batch_to_the_sums() {
@@ -217,15 +218,22 @@ fn the_fleet_function_adds_a_stream_batch_to_the_sums() {
     use rollcall::store::dynamodb::fleet::{FleetTable, item_to_json};
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = runtime.block_on(rollcall_tests::dynamodb_store(4));
+    let table = store.table().to_owned();
     let fleet = FleetTable::new(
         rollcall_tests::dynamodb_client(),
-        rollcall_tests::unique_table("fleet-fn"),
+        rollcall_tests::fleet_table_of(&table),
     );
-    runtime
-        .block_on(fleet.create())
-        .expect("create the fleet table");
     let api = RuntimeApi::start();
-    let mut env: Vec<(&str, String)> = vec![("ROLLCALL_FLEET_TABLE", fleet.name().to_owned())];
+    let mut env: Vec<(&str, String)> = vec![
+        ("ROLLCALL_FLEET_TABLE", fleet.name().to_owned()),
+        ("ROLLCALL_TABLE", table.clone()),
+        ("ROLLCALL_DYNAMODB_SHARDS", "4".to_owned()),
+        (
+            "ROLLCALL_EVENTS_TABLE",
+            rollcall_tests::events_table_of(&table),
+        ),
+    ];
     let emulator = rollcall_tests::emulator_env();
     env.extend(
         emulator
@@ -239,7 +247,7 @@ fn the_fleet_function_adds_a_stream_batch_to_the_sums() {
     let agent = StoredAgent::accept(agent, now as i64, Deadlines::default());
     let event = serde_json::json!({"Records": [{
         "eventName": "INSERT",
-        "eventSourceARN": format!("arn:aws:dynamodb:us-east-1:000000000000:table/{}/stream/1", fleet.name()),
+        "eventSourceARN": format!("arn:aws:dynamodb:us-east-1:000000000000:table/{table}/stream/1"),
         "dynamodb": {"NewImage": item_to_json(&encode(&agent, 4).unwrap()),
                      "SequenceNumber": "1", "ApproximateCreationDateTime": now as f64 / 1000.0},
     }]});
@@ -262,13 +270,31 @@ fn the_fleet_function_adds_a_stream_batch_to_the_sums() {
             .sum::<i64>()
     );
 
+    let events = runtime
+        .block_on(rollcall::store::Store::events(
+            &store,
+            "fleet-fn-agent",
+            None,
+            10,
+            now as i64,
+        ))
+        .unwrap();
+    let kinds: Vec<&str> = events.iter().map(|event| event.kind.as_str()).collect();
+    assert_eq!(kinds, ["online"]);
+
+    let swept = api.invoke(
+        serde_json::json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}}),
+    );
+    assert_eq!(swept.kind, "response", "{}", swept.body);
+    assert_eq!(swept.body["marked"], 0, "{}", swept.body);
+
     let refused = api.invoke(serde_json::json!({"not": "a stream event"}));
     assert_eq!(refused.kind, "error", "{}", refused.body);
     assert!(
         refused
             .body
             .to_string()
-            .contains("not a DynamoDB stream event"),
+            .contains("neither a DynamoDB stream batch nor an EventBridge scheduled event"),
         "{}",
         refused.body
     );

@@ -5,7 +5,8 @@
 //! minutes keeps the extra writes per agent small; until ingest acknowledges
 //! a window, it rides along again.
 
-use rollcall::heartbeat::{Heartbeat, MAX_HISTORY_MINUTES, MinuteRollup, Spread};
+use rollcall::heartbeat::{Heartbeat, MinuteRollup, Spread};
+use rollcall::history::MAX_MINUTES_PER_HEARTBEAT;
 
 /// Minutes per roll-up window by default; ingest's DynamoDB store keeps one
 /// item per five minutes, so that is also the cheapest window to send.
@@ -74,7 +75,7 @@ impl History {
             self.pending.push(rollup(minute, &in_minute));
         }
         // After a long outage, keep the newest minutes only.
-        let excess = self.pending.len().saturating_sub(MAX_HISTORY_MINUTES);
+        let excess = self.pending.len().saturating_sub(MAX_MINUTES_PER_HEARTBEAT);
         self.pending.drain(..excess);
         self.pending.clone()
     }
@@ -168,7 +169,7 @@ mod tests {
             history.record(&heartbeat(minute, 0, 1.0, 1));
         }
         let due = history.due(start + 100);
-        assert_eq!(due.len(), MAX_HISTORY_MINUTES);
+        assert_eq!(due.len(), MAX_MINUTES_PER_HEARTBEAT);
         assert_eq!(due.last().unwrap().minute, start + 99);
     }
 }

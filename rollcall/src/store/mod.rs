@@ -279,7 +279,7 @@ pub trait Store: Send + Sync + 'static {
 pub const DEFAULT_SHARDS: u32 = 8;
 
 /// How long per-minute history is kept by default.
-pub const DEFAULT_HISTORY_RETENTION_S: i64 = 24 * 3600;
+pub const DEFAULT_HISTORY_RETENTION_S: i64 = crate::history::DEFAULT_RETENTION_S;
 
 /// Which store a function uses, from its flags and environment.
 #[derive(Debug, Clone)]

@@ -72,8 +72,7 @@ impl DynamoStore {
         let now_minute = u64::try_from(now_ms.div_euclid(60_000)).unwrap_or(0);
         // Nothing older than the longest history retention can still be
         // stored, so a far-back `since` never turns into millions of keys.
-        let since_minute =
-            since_minute.max(now_minute.saturating_sub(MAX_HISTORY_RETENTION_MINUTES));
+        let since_minute = since_minute.max(now_minute.saturating_sub(history::MAX_READ_MINUTES));
         let keys: Vec<String> = (history::window_of(since_minute)..=history::window_of(now_minute))
             .map(|window| history_key(agent_id, window))
             .collect();
@@ -100,9 +99,6 @@ impl DynamoStore {
         Ok(minutes)
     }
 }
-
-/// Nothing older than the longest retention ingest accepts can be stored.
-const MAX_HISTORY_RETENTION_MINUTES: u64 = (history::MAX_RETENTION_S / 60) as u64;
 
 /// `#` cannot appear in an agent id, so these keys never collide with agents.
 pub fn history_key(agent_id: &str, window: u64) -> String {

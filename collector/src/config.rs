@@ -11,10 +11,7 @@ use std::time::Duration;
 
 use crate::files::{self, FileError, Privacy};
 
-use rollcall::heartbeat::{
-    DEFAULT_POOL, LABEL_VALUE_RULE, MAX_LABEL_KEY_LEN, MAX_LABELS, MAX_POOL_LEN,
-    is_valid_label_value,
-};
+use rollcall::heartbeat::{DEFAULT_POOL, MAX_LABELS, MAX_POOL_LEN};
 use rollcall::signing::{
     AGENT_ID_RULE, AgentKey, MAX_KEY_ID_LEN, id_rule, is_valid_agent_id, is_valid_id,
 };
@@ -311,22 +308,21 @@ pub fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>, Config
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| ConfigError::Invalid(format!("label {pair:?} must be key=value")))?;
-            if !is_valid_id(key.trim(), MAX_LABEL_KEY_LEN) {
-                return Err(ConfigError::Invalid(format!(
-                    "label key {key:?} {}",
-                    id_rule(MAX_LABEL_KEY_LEN)
-                )));
+            let (key, value) = (key.trim(), value.trim());
+            // The rule ingest holds heartbeats to, so that a collector never
+            // starts with labels every heartbeat would carry into a 400.
+            if let Err(why) = rollcall::names::check_label(key, value) {
+                // The key is named only when it is valid: it may hold
+                // what a terminal would act on, like a value.
+                let which = if rollcall::names::is_valid_id(key, rollcall::names::MAX_LABEL_KEY_LEN)
+                {
+                    format!("label {key:?}")
+                } else {
+                    "a label".to_owned()
+                };
+                return Err(ConfigError::Invalid(format!("{which}: {why}")));
             }
-            let value = value.trim();
-            if !is_valid_label_value(value) {
-                // The value is not echoed: it may be long, or hold what a
-                // terminal would act on.
-                return Err(ConfigError::Invalid(format!(
-                    "label {:?}: {LABEL_VALUE_RULE}",
-                    key.trim()
-                )));
-            }
-            Ok((key.trim().to_owned(), value.to_owned()))
+            Ok((key.to_owned(), value.to_owned()))
         })
         .collect()
 }

@@ -11,10 +11,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::heartbeat::{
-    AgentState, Gpu, MAX_GPUS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_POOL_LEN,
-    Vendor,
-};
+use crate::heartbeat::{AgentState, Gpu, MAX_GPUS, MAX_LABELS, MAX_POOL_LEN, Vendor};
 use crate::record::StoredAgent;
 use crate::signing::{id_rule, is_valid_id};
 
@@ -422,14 +419,8 @@ fn label(name: &str, value: &str, already: usize) -> Result<(String, String), Pa
     let (key, label_value) = value
         .split_once('=')
         .ok_or_else(|| param_error(name, format!("must be key=value, got {value:?}")))?;
-    if !is_valid_id(key, MAX_LABEL_KEY_LEN) || label_value.chars().count() > MAX_LABEL_VALUE_LEN {
-        return Err(param_error(
-            name,
-            format!(
-                "must be key=value, the key 1-{MAX_LABEL_KEY_LEN} characters of A-Z a-z 0-9 . _ -, the value at most {MAX_LABEL_VALUE_LEN}; got {value:?}"
-            ),
-        ));
-    }
+    crate::names::check_label(key, label_value)
+        .map_err(|why| param_error(name, format!("must be key=value: {why}")))?;
     Ok((key.to_owned(), label_value.to_owned()))
 }
 

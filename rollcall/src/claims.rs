@@ -315,12 +315,8 @@ impl ClaimRequest {
                 }
                 for (key, value) in body.labels.unwrap_or_default() {
                     // Checked alone: `key=value` splits at the first `=`.
-                    if !crate::signing::is_valid_id(&key, crate::heartbeat::MAX_LABEL_KEY_LEN) {
-                        return Err(format!(
-                            "labels: key {key:?} {}",
-                            crate::signing::id_rule(crate::heartbeat::MAX_LABEL_KEY_LEN)
-                        ));
-                    }
+                    crate::names::check_label(&key, &value)
+                        .map_err(|why| format!("labels: {key:?}: {why}"))?;
                     query
                         .set("label", &format!("{key}={value}"))
                         .map_err(|ParamError { message, .. }| format!("labels: {message}"))?;

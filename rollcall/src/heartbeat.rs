@@ -11,22 +11,11 @@ use crate::signing::{AGENT_ID_RULE, id_rule, is_valid_agent_id, is_valid_id};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_GPUS: usize = 16;
-pub const MAX_LABELS: usize = 32;
-pub const MAX_LABEL_KEY_LEN: usize = 64;
-pub const MAX_LABEL_VALUE_LEN: usize = 256;
-
-/// A label value: at most `MAX_LABEL_VALUE_LEN` characters, none of them
-/// control characters. Ingest and the collector's start-up check both ask
-/// this, so a collector never starts with labels every heartbeat would carry
-/// into a 400.
-pub fn is_valid_label_value(value: &str) -> bool {
-    value.chars().count() <= MAX_LABEL_VALUE_LEN && !value.chars().any(char::is_control)
-}
-
-/// What [`is_valid_label_value`] asks, for error messages.
-pub const LABEL_VALUE_RULE: &str =
-    "label values must be at most 256 characters, none of them control characters";
-pub const MAX_POOL_LEN: usize = 64;
+// The name rules live in `names`; the heartbeat is where most callers met them.
+pub use crate::names::{
+    LABEL_VALUE_RULE, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_POOL_LEN,
+    is_valid_label_value,
+};
 /// Host names, OS names, GPU names and UUIDs, disk paths.
 pub const MAX_TEXT_LEN: usize = 256;
 pub const DEFAULT_POOL: &str = "default";
@@ -346,15 +335,8 @@ impl Heartbeat {
             ));
         }
         for (key, value) in &self.labels {
-            if !is_valid_id(key, MAX_LABEL_KEY_LEN) {
-                return Err(BodyError::new(
-                    format!("labels.{key}"),
-                    format!("label keys {}", id_rule(MAX_LABEL_KEY_LEN)),
-                ));
-            }
-            if !is_valid_label_value(value) {
-                return Err(BodyError::new(format!("labels.{key}"), LABEL_VALUE_RULE));
-            }
+            crate::names::check_label(key, value)
+                .map_err(|why| BodyError::new(format!("labels.{key}"), why))?;
         }
 
         for (field, value) in self.free_texts() {

@@ -3,6 +3,7 @@
 //!
 //! The contract these modules implement is `docs/PROTOCOL.md`.
 //!
+//! - [`names`]: the rules for agent ids, key ids, pools and labels, for every crate.
 //! - [`signing`]: fleet secrets, agent-key derivation, the v1 signature.
 //! - [`heartbeat`]: the v1 heartbeat body and its range checks.
 //! - [`history`]: per-minute history's five-minute windows and its bounds.
@@ -41,6 +42,7 @@ pub mod claims;
 pub mod fleet;
 pub mod heartbeat;
 pub mod history;
+pub mod names;
 pub mod record;
 pub mod signing;
 pub mod time;

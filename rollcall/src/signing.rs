@@ -164,33 +164,11 @@ pub fn parse_signature_header(value: &str) -> Option<[u8; 32]> {
     decode_lower_hex(digits, "signature").ok()?.try_into().ok()
 }
 
-/// The agent-id and key-id alphabet: `A-Z a-z 0-9 . _ -`.
-pub fn is_id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
-}
-
-/// 1–`max` characters of the id alphabet.
-pub fn is_valid_id(text: &str, max: usize) -> bool {
-    !text.is_empty() && text.len() <= max && text.chars().all(is_id_char)
-}
-
-/// What [`is_valid_id`] asks, for error messages.
-pub fn id_rule(max: usize) -> String {
-    format!("must be 1-{max} characters of A-Z a-z 0-9 . _ -")
-}
-
-pub const MAX_AGENT_ID_LEN: usize = 64;
-
-/// An agent id: 1–64 characters of the id alphabet, and not `.` or `..`,
-/// which URL handling turns into path steps (`GET /v1/agents/..` could never
-/// reach such an agent).
-pub fn is_valid_agent_id(text: &str) -> bool {
-    is_valid_id(text, MAX_AGENT_ID_LEN) && text != "." && text != ".."
-}
-
-/// What the agent-id rule says, for error messages.
-pub const AGENT_ID_RULE: &str = "must be 1-64 characters of A-Z a-z 0-9 . _ - (and not . or ..)";
-pub const MAX_KEY_ID_LEN: usize = 32;
+// The id rules live in `names`; signing is where most callers met them.
+pub use crate::names::{
+    AGENT_ID_RULE, MAX_AGENT_ID_LEN, MAX_KEY_ID_LEN, id_rule, is_id_char, is_valid_agent_id,
+    is_valid_id,
+};
 
 fn new_mac(key: &[u8]) -> HmacSha256 {
     // HMAC takes keys of any length; this cannot fail.

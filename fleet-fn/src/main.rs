@@ -20,13 +20,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use lambda_runtime::{LambdaEvent, service_fn};
-use rollcall::secrets::SecretsFromEnv;
 use rollcall::store::dynamodb::DynamoStore;
 use rollcall::store::dynamodb::changes::{ChangeRecorder, EventsTable, events_of};
 use rollcall::store::dynamodb::fleet::{FleetTable, StreamBatch};
 use rollcall::store::{DEFAULT_SHARDS, Store};
 use rollcall::time::now_ms;
-use rollcall::webhooks::{Dispatcher, Endpoint, WebhookSecret};
+use rollcall::webhooks::Dispatcher;
 use serde_json::{Value, json};
 
 /// rollcall fleet: adds each change to the agents table (from its DynamoDB
@@ -94,7 +93,13 @@ async fn main() -> anyhow::Result<()> {
         changes: ChangeRecorder::new(client.clone(), &args.table, events.clone()),
         agents: DynamoStore::new(client, &args.table, args.shards).with_events(events.clone()),
         events,
-        webhooks: webhooks(&args).await?.map(Arc::new),
+        webhooks: Dispatcher::configured(
+            &args.webhook_urls,
+            Duration::from_secs(args.webhook_grace_s),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new),
     };
     tracing::info!(
         fleet_table = fleet.sums.name(),
@@ -112,22 +117,6 @@ async fn main() -> anyhow::Result<()> {
     }))
     .await
     .map_err(|error| anyhow::anyhow!("the Lambda runtime stopped: {error}"))
-}
-
-/// The dispatcher the configuration asks for; `None` without URLs.
-async fn webhooks(args: &Args) -> anyhow::Result<Option<Dispatcher>> {
-    let endpoints = Endpoint::parse_list(&args.webhook_urls).map_err(anyhow::Error::msg)?;
-    if endpoints.is_empty() {
-        return Ok(None);
-    }
-    let secret = SecretsFromEnv::default()
-        .load("ROLLCALL_WEBHOOK_SECRET", WebhookSecret::parse)
-        .await?
-        .context("webhook URLs are set but neither ROLLCALL_WEBHOOK_SECRET_SECRET_ID nor ROLLCALL_WEBHOOK_SECRET is")?;
-    let secret = (*secret.current().await).clone();
-    let dispatcher = Dispatcher::new(endpoints, secret, Duration::from_secs(args.webhook_grace_s))
-        .map_err(anyhow::Error::msg)?;
-    Ok(Some(dispatcher))
 }
 
 /// The table whose stream a batch comes from.

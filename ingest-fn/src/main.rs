@@ -25,8 +25,8 @@ use rollcall_ingest::{Ingest, SWEEP_EVERY, router, sweep_forever};
 /// the fleet function does that on a schedule. With --webhook-url it POSTs
 /// each state change to those URLs, signed the Standard Webhooks way with
 /// ROLLCALL_WEBHOOK_SECRET (whsec_ and base64; from the environment only),
-/// in order per agent, retried with backoff for up to 24 h (embedded store
-/// only: webhooks on AWS are not built yet).
+/// in order per agent, retried with backoff for up to 24 h (from the
+/// embedded store; on AWS the stack's webhook function sends them).
 ///
 /// Inside AWS Lambda (AWS_LAMBDA_RUNTIME_API set) it serves the Runtime API
 /// and ignores --listen.
@@ -67,38 +67,18 @@ async fn webhooks(
     args: &Args,
     store: &dyn rollcall::store::Store,
 ) -> anyhow::Result<Option<rollcall::webhooks::Dispatcher>> {
-    use rollcall::webhooks::{Dispatcher, Endpoint, WebhookSecret};
     let Some(urls) = &args.webhook_urls else {
         return Ok(None);
     };
-    let endpoints = Endpoint::parse_list(urls).map_err(anyhow::Error::msg)?;
-    if endpoints.is_empty() {
-        return Ok(None);
-    }
-    let secret = SecretsFromEnv::default()
-        .load("ROLLCALL_WEBHOOK_SECRET", WebhookSecret::parse)
-        .await?
-        .context(
-            "--webhook-url needs ROLLCALL_WEBHOOK_SECRET (whsec_ and base64: echo whsec_$(openssl rand -base64 32))",
-        )?;
-    let secret = (*secret.current().await).clone();
+    let grace = std::time::Duration::from_secs(args.webhook_grace_s);
+    let dispatcher = rollcall::webhooks::Dispatcher::configured(urls, grace)
+        .await
+        .map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
-        store.outbox().is_some(),
-        "webhooks are sent from the embedded store only (on AWS they are not built yet)"
+        dispatcher.is_none() || store.outbox().is_some(),
+        "ingest sends webhooks from the embedded store only; on AWS the stack's webhook function sends them (WebhookUrls)"
     );
-    tracing::info!(
-        endpoints = endpoints.len(),
-        grace_s = args.webhook_grace_s,
-        "webhooks on"
-    );
-    Ok(Some(
-        Dispatcher::new(
-            endpoints,
-            secret,
-            std::time::Duration::from_secs(args.webhook_grace_s),
-        )
-        .map_err(anyhow::Error::msg)?,
-    ))
+    Ok(dispatcher)
 }
 
 #[tokio::main]

@@ -341,13 +341,17 @@ async fn agent_history(
     }
     let [minutes] = parameters(query.as_deref(), ["minutes"])?;
     let minutes = match minutes {
-        Some(text) => whole("minutes", &text, 1..=rollcall::history::MAX_READ_MINUTES)?,
+        Some(text) => whole(
+            "minutes",
+            &text,
+            1..=rollcall::history::MAX_READ_MINUTES as u32,
+        )?,
         None => 60,
     };
     let now = now_ms();
     visible_agent(&api, &grant, &agent_id, now).await?;
     let now_minute = u64::try_from(now.div_euclid(60_000)).unwrap_or(0);
-    let since = now_minute.saturating_sub(minutes - 1);
+    let since = now_minute.saturating_sub(u64::from(minutes) - 1);
     let rollups = api.store.history(&agent_id, since, now).await?;
     Ok(Json(History {
         agent_id,
@@ -378,18 +382,10 @@ fn parameters<const N: usize>(
     Ok(values)
 }
 
-/// A whole-number parameter in `range`.
-fn whole(name: &str, text: &str, range: std::ops::RangeInclusive<u64>) -> Result<u64, ApiError> {
-    text.parse::<u64>()
-        .ok()
-        .filter(|n| range.contains(n))
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "parameter {name}: must be a whole number from {} to {}, got {text:?}",
-                range.start(),
-                range.end()
-            ))
-        })
+/// A whole-number parameter in `range`, by the capacity API's one rule.
+fn whole(name: &str, text: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32, ApiError> {
+    rollcall::capacity::whole(name, text, range)
+        .map_err(|error| ApiError::bad_request(format!("parameter {error}")))
 }
 
 /// Most events one call returns.
@@ -412,7 +408,7 @@ async fn agent_events(
     }
     let [limit, cursor] = parameters(query.as_deref(), ["limit", "cursor"])?;
     let limit = match limit {
-        Some(text) => whole("limit", &text, 1..=MAX_EVENTS as u64)? as usize,
+        Some(text) => whole("limit", &text, 1..=MAX_EVENTS as u32)? as usize,
         None => DEFAULT_EVENTS,
     };
     if cursor

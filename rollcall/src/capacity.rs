@@ -375,8 +375,13 @@ fn bounded(name: &str, value: &str) -> Result<f64, ParamError> {
         })
 }
 
-/// A whole number in `range`.
-fn whole(name: &str, value: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32, ParamError> {
+/// A whole number in `range`: the check every numeric parameter of the
+/// capacity API's routes shares.
+pub fn whole(
+    name: &str,
+    value: &str,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32, ParamError> {
     value
         .parse::<u32>()
         .ok()

@@ -316,6 +316,35 @@ impl Dispatcher {
         })
     }
 
+    /// The dispatcher a deployment's configuration asks for: `urls` as
+    /// [`Endpoint::parse_list`] reads them (none: `None`), signed with the
+    /// secret in `ROLLCALL_WEBHOOK_SECRET`, or in Secrets Manager under
+    /// `ROLLCALL_WEBHOOK_SECRET_SECRET_ID`, read once.
+    #[cfg(feature = "dynamodb")]
+    pub async fn configured(
+        urls: &str,
+        grace: std::time::Duration,
+    ) -> Result<Option<Self>, String> {
+        let endpoints = Endpoint::parse_list(urls)?;
+        if endpoints.is_empty() {
+            return Ok(None);
+        }
+        let secret = crate::secrets::SecretsFromEnv::default()
+            .load("ROLLCALL_WEBHOOK_SECRET", WebhookSecret::parse)
+            .await
+            .map_err(|error| error.to_string())?
+            .ok_or(
+                "webhook URLs need ROLLCALL_WEBHOOK_SECRET (whsec_ and base64: echo whsec_$(openssl rand -base64 32)) or ROLLCALL_WEBHOOK_SECRET_SECRET_ID",
+            )?;
+        let secret = (*secret.current().await).clone();
+        tracing::info!(
+            endpoints = endpoints.len(),
+            grace_s = grace.as_secs(),
+            "webhooks on"
+        );
+        Self::new(endpoints, secret, grace).map(Some)
+    }
+
     /// Runs until the process ends.
     pub async fn run(self, store: std::sync::Arc<dyn crate::store::Store>) {
         if store.outbox().is_none() {

@@ -153,4 +153,8 @@ impl Store for HistoryOutage {
     async fn sweep(&self, now_ms: i64) -> Result<rollcall::store::Sweep, StoreError> {
         self.inner.sweep(now_ms).await
     }
+
+    fn outbox(&self) -> Option<&dyn rollcall::store::Outbox> {
+        self.inner.outbox()
+    }
 }

@@ -261,7 +261,7 @@ pub trait Store: Send + Sync + 'static {
     async fn sweep(&self, now_ms: i64) -> Result<Sweep, StoreError>;
 
     /// Where webhook deliveries keep their progress, if this store keeps
-    /// it (on AWS a queue would; not built yet).
+    /// it (the embedded store; on AWS the events table's stream keeps the order).
     fn outbox(&self) -> Option<&dyn Outbox> {
         None
     }

@@ -1027,13 +1027,15 @@ fn record_changes(
             marked_offline: marked,
         },
     );
-    let availability = changes::next_availability(
-        previous
-            .as_ref()
-            .and_then(|(old, _)| old.availability.as_ref()),
-        agent,
-        &events,
-    );
+    let kept = previous
+        .as_ref()
+        .and_then(|(old, was_marked)| Some((old.availability.as_ref()?, *was_marked)));
+    // A steady heartbeat leaves both as they are: no second write for it.
+    if events.is_empty() && kept.is_some_and(|(_, was_marked)| was_marked == marked) {
+        return Ok(());
+    }
+    let availability =
+        changes::next_availability(kept.map(|(availability, _)| availability), agent, &events);
     put_events(transaction, &events)?;
     transaction.prepare_cached(SET_STATE)?.execute(params![
         agent.agent_id(),

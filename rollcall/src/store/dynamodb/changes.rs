@@ -199,8 +199,15 @@ impl EventsTable {
     }
 
     /// Writes events, 25 to a request; one already there is written again
-    /// unchanged.
+    /// unchanged. The same event twice in one call goes once: a
+    /// `BatchWriteItem` naming a key twice is refused whole, and a stream
+    /// batch refused for good would hold its shard for a day.
     pub async fn put(&self, events: &[Event]) -> Result<(), StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        let events: Vec<&Event> = events
+            .iter()
+            .filter(|event| seen.insert((event.agent_id.as_str(), event.key())))
+            .collect();
         for chunk in events.chunks(25) {
             let mut requests = Vec::with_capacity(chunk.len());
             for event in chunk {

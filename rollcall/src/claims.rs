@@ -784,6 +784,10 @@ mod tests {
                 serde_json::json!({"colour": "red", "ttl_s": 5, "holder": "j"}),
                 "colour",
             ),
+            (
+                serde_json::json!({"min_uptime": 2, "ttl_s": 5, "holder": "j"}),
+                "min_uptime",
+            ),
         ] {
             let error = parse(body.clone()).expect_err(&body.to_string());
             assert!(error.contains(field), "{body}: {error}");

@@ -1155,6 +1155,48 @@ pub async fn state_changes_at_their_times(backend: &Backend) {
     assert!(ids(store, "min_uptime=0.51", now).await.is_empty());
 }
 
+/// A sweep racing heartbeats: an agent whose heartbeat lands while the
+/// sweep marks it is never left marked offline, so an online query still
+/// finds it (on DynamoDB the mark and the heartbeat both write the item's
+/// index part; the later one must win only if it is the heartbeat).
+pub async fn a_sweep_racing_heartbeats_never_hides_a_live_agent(backend: &Backend) {
+    let store = Arc::clone(&backend.store);
+    let now = base_ms();
+    let long_ago = now - 600_000;
+    let racers: Vec<String> = (0..24).map(|n| format!("racer-{n:02}")).collect();
+    for id in &racers {
+        store
+            .upsert(agent_at(id, long_ago as u64, long_ago, |_| {}))
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for id in racers.clone() {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .upsert(agent_at(&id, now as u64, now, |_| {}))
+                .await
+                .unwrap()
+        }));
+    }
+    for _ in 0..3 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            store.sweep(now).await.unwrap();
+            Upsert::Written
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), Upsert::Written);
+    }
+    let mut online = ids(&*store, "limit=100", now + 1).await;
+    online.sort();
+    assert_eq!(online, racers, "{}", backend.name);
+    // A sweep after them all marks none of them.
+    assert_eq!(store.sweep(now + 1).await.unwrap().marked, 0);
+}
+
 /// Every case, by name, for the macro in `tests/tests/store_conformance.rs`.
 /// `store_conformance.rs` checks that this list names every case function
 /// of this file, so that none can be left out silently.
@@ -1186,7 +1228,8 @@ macro_rules! conformance_cases {
             claims_expire_extend_and_release, claims_refused_on_unavailable_agents,
             claims_stay_inside_their_pools, racing_claimers_never_share_a_gpu,
             gpu_processes_newest_snapshot, releases_and_extensions_racing_on_one_agent,
-            concurrent_processes_snapshots_keep_the_newest, state_changes_at_their_times);
+            concurrent_processes_snapshots_keep_the_newest, state_changes_at_their_times,
+            a_sweep_racing_heartbeats_never_hides_a_live_agent);
     };
     ($backend:expr) => {
         $crate::conformance_cases!(@list [] $backend);

@@ -843,6 +843,19 @@ def test_state_changes_through_the_deployed_stack(stack):
     assert offline["at"] == deadline and offline["reason"] == "deadline", (offline, deadline)
     status, record = http("GET", f"{stack['query']}/v1/agents/{agent}", auth)
     assert record["status"] == "offline" and record["uptime_30d"] < 1, record
+
+    def listed(query):
+        found, cursor = [], None
+        while True:
+            status, page = http("GET", f"{stack['query']}/v1/agents?status=all&limit=1000&{query}" +
+                                (f"&cursor={cursor}" if cursor else ""), auth)
+            assert status == 200, page
+            found += [a["agent_id"] for a in page["agents"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return found
+    assert agent in listed("min_uptime=0")
+    assert agent not in listed("min_uptime=1")
     # The bad cursor is the client's mistake, answered as such.
     status, refused = http("GET", f"{stack['query']}/v1/agents/{agent}/events?cursor=nope", auth)
     assert status == 400 and "cursor" in refused["error"], refused

@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use rollcall::api::{self, ApiError};
 use rollcall::heartbeat::{GpuProcesses, MinuteRollup};
 use rollcall::history;
@@ -71,19 +71,13 @@ pub struct Ingest {
 }
 
 pub fn router(ingest: Arc<Ingest>) -> Router {
-    Router::new()
-        .route("/v1/heartbeats", post(heartbeat))
-        .route("/healthz", get(api::healthz))
-        .route(
-            "/openapi.json",
-            get(|| async { api::openapi_json(OPENAPI) }),
-        )
-        .method_not_allowed_fallback(|| async {
-            api::method_not_allowed("POST for /v1/heartbeats, GET for /healthz and /openapi.json")
-        })
-        .fallback(api::not_found)
-        .layer(axum::middleware::map_response(api::no_sniff_no_store))
-        .with_state(ingest)
+    let routes = Router::new().route("/v1/heartbeats", post(heartbeat));
+    api::common_routes(
+        routes,
+        OPENAPI,
+        |_| "POST for /v1/heartbeats, GET for /healthz and /openapi.json",
+    )
+    .with_state(ingest)
 }
 
 async fn heartbeat(
@@ -216,9 +210,8 @@ pub async fn sweep_forever(store: Arc<dyn Store>, every: Duration) {
 }
 
 fn reject(rejection: Rejection) -> ApiError {
-    let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
     // Debug, not info: a flood of refused requests must not become a flood of
     // billed log lines. The reason is an escaped field, never raw text.
-    tracing::debug!(status = status.as_u16(), reason = ?rejection.to_string(), "heartbeat refused");
-    ApiError::new(status, rejection.to_string()).with_code(rejection.code())
+    tracing::debug!(status = rejection.status(), reason = ?rejection.to_string(), "heartbeat refused");
+    ApiError::from(rejection)
 }

@@ -248,20 +248,11 @@ pub fn router(api: Arc<QueryApi>) -> Router {
             Arc::clone(&api),
             require_token,
         ));
-    Router::new()
-        .merge(protected)
-        .route("/healthz", get(api::healthz))
-        .route(
-            "/openapi.json",
-            get(|| async { api::openapi_json(OPENAPI) }),
-        )
-        .route("/", get(fleet_page))
-        .method_not_allowed_fallback(|method: Method| async move {
-            api::method_not_allowed(if method == Method::GET { "POST" } else { "GET" })
-        })
-        .fallback(api::not_found)
-        .layer(axum::middleware::map_response(api::no_sniff_no_store))
-        .with_state(api)
+    let routes = Router::new().merge(protected).route("/", get(fleet_page));
+    api::common_routes(routes, OPENAPI, |method| {
+        if method == Method::GET { "POST" } else { "GET" }
+    })
+    .with_state(api)
 }
 
 async fn require_token(

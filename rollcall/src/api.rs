@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use serde_json::json;
 
 use crate::store::StoreError;
@@ -75,19 +76,14 @@ impl From<StoreError> for ApiError {
 
 /// The code an answer with this status carries unless a handler says more.
 fn code_for(status: StatusCode) -> &'static str {
-    use crate::wire::code;
-    match status {
-        StatusCode::UNAUTHORIZED => code::UNAUTHORIZED,
-        StatusCode::NOT_FOUND => code::NOT_FOUND,
-        StatusCode::FORBIDDEN => code::FORBIDDEN,
-        StatusCode::METHOD_NOT_ALLOWED => code::METHOD_NOT_ALLOWED,
-        StatusCode::REQUEST_TIMEOUT => code::REQUEST_TIMEOUT,
-        StatusCode::CONFLICT => code::STALE,
-        StatusCode::PAYLOAD_TOO_LARGE => code::PAYLOAD_TOO_LARGE,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => code::UNSUPPORTED_MEDIA_TYPE,
-        StatusCode::SERVICE_UNAVAILABLE => code::STORE_UNAVAILABLE,
-        status if status.is_server_error() => code::INTERNAL,
-        _ => code::BAD_REQUEST,
+    crate::wire::code::for_status(status.as_u16())
+}
+
+/// A refused heartbeat or body (PROTOCOL.md §1) as the answer that says so.
+impl From<crate::verify::Rejection> for ApiError {
+    fn from(rejection: crate::verify::Rejection) -> Self {
+        let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        ApiError::new(status, rejection.to_string()).with_code(rejection.code())
     }
 }
 
@@ -120,10 +116,6 @@ pub async fn read_json_body(
 ) -> Result<axum::body::Bytes, ApiError> {
     use crate::heartbeat::MAX_BODY_BYTES;
     use crate::verify::{Rejection, is_json_content_type};
-    let refuse = |rejection: Rejection| {
-        let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
-        ApiError::new(status, rejection.to_string()).with_code(rejection.code())
-    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .map(|value| value.as_bytes());
@@ -131,14 +123,14 @@ pub async fn read_json_body(
         let shown = content_type.map_or("nothing".into(), |value| {
             format!("{:?}", String::from_utf8_lossy(value))
         });
-        return Err(refuse(Rejection::UnsupportedMediaType(shown)));
+        return Err(ApiError::from(Rejection::UnsupportedMediaType(shown)));
     }
     let declared_length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if declared_length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
-        return Err(refuse(Rejection::PayloadTooLarge));
+        return Err(ApiError::from(Rejection::PayloadTooLarge));
     }
     let read = tokio::time::timeout(
         BODY_READ_TIMEOUT,
@@ -153,7 +145,7 @@ pub async fn read_json_body(
         })?
         .map_err(|error| {
             if is_length_limit(&error) {
-                refuse(Rejection::PayloadTooLarge)
+                ApiError::from(Rejection::PayloadTooLarge)
             } else {
                 ApiError::bad_request(format!("could not read the request body: {error}"))
             }
@@ -196,6 +188,28 @@ pub async fn no_sniff_no_store(mut response: Response) -> Response {
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// What every function's router ends with, added after its own routes:
+/// `/healthz`, `/openapi.json` (its `document`), JSON 404 and 405 answers
+/// (`allowed` names the methods to use instead of the one asked with), and
+/// the headers of [`no_sniff_no_store`] on every answer.
+pub fn common_routes<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    document: &'static str,
+    allowed: fn(&Method) -> &'static str,
+) -> Router<S> {
+    router
+        .route("/healthz", get(healthz))
+        .route(
+            "/openapi.json",
+            get(move || async move { openapi_json(document) }),
+        )
+        .method_not_allowed_fallback(move |method: Method| async move {
+            method_not_allowed(allowed(&method))
+        })
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(no_sniff_no_store))
 }
 
 /// Fallback for paths this function does not serve.

@@ -55,12 +55,8 @@ impl Rejection {
     pub fn code(&self) -> &'static str {
         use crate::wire::code;
         match self {
-            Rejection::UnsupportedMediaType(_) => code::UNSUPPORTED_MEDIA_TYPE,
-            Rejection::PayloadTooLarge => code::PAYLOAD_TOO_LARGE,
-            Rejection::Unauthorized(_) | Rejection::UnknownKeyId { .. } => code::UNAUTHORIZED,
             Rejection::ClockSkew(_) => code::CLOCK_SKEW,
-            Rejection::BadRequest(_) => code::BAD_REQUEST,
-            Rejection::Stale { .. } => code::STALE,
+            _ => code::for_status(self.status()),
         }
     }
 }

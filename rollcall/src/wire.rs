@@ -79,6 +79,25 @@ pub mod code {
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
     pub const STORE_UNAVAILABLE: &str = "store_unavailable";
     pub const INTERNAL: &str = "internal";
+
+    /// The code an answer with this HTTP status carries unless its cause
+    /// names a more precise one (`clock_skew`, `claimed`, ...): the one table
+    /// for both functions.
+    pub fn for_status(status: u16) -> &'static str {
+        match status {
+            401 => UNAUTHORIZED,
+            403 => FORBIDDEN,
+            404 => NOT_FOUND,
+            405 => METHOD_NOT_ALLOWED,
+            408 => REQUEST_TIMEOUT,
+            409 => STALE,
+            413 => PAYLOAD_TOO_LARGE,
+            415 => UNSUPPORTED_MEDIA_TYPE,
+            503 => STORE_UNAVAILABLE,
+            500..=599 => INTERNAL,
+            _ => BAD_REQUEST,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

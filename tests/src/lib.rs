@@ -658,6 +658,7 @@ pub mod conformance;
 pub mod faults;
 pub mod iam;
 pub mod inprocess;
+pub mod netlab;
 pub mod runtime_api;
 
 /// The AWS emulator the tests use: `ROLLCALL_TEST_AWS_ENDPOINT`, else ministack

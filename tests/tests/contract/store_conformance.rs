@@ -15,7 +15,7 @@ mod dynamodb {
 /// Every `pub async fn <case>(backend: &Backend)` in the suite is run.
 #[test]
 fn every_case_of_the_suite_is_run() {
-    let source = include_str!("../src/conformance.rs");
+    let source = include_str!("../../src/conformance.rs");
     let defined: Vec<&str> = source
         .split("pub async fn ")
         .skip(1)

@@ -1,11 +1,9 @@
 //! The capacity API of PROTOCOL.md §2 through the running query binary.
 
-/// Claims and scoped tokens (PROTOCOL.md §4), in this test binary.
-#[path = "query_api/claims.rs"]
+/// Claims and scoped tokens (PROTOCOL.md §4).
 mod claims;
 
-/// State changes (PROTOCOL.md §4), in this test binary.
-#[path = "query_api/events.rs"]
+/// State changes (PROTOCOL.md §4).
 mod events;
 
 use rollcall_tests::{Stack, heartbeat, now_ms, request};

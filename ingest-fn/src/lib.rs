@@ -28,7 +28,7 @@ use rollcall::wire::{Accepted, EXTENSION_HISTORY, EXTENSION_PROCESSES};
 use crate::keys::KeySource;
 
 /// This function's OpenAPI 3.1 document (PROTOCOL.md §3), served at
-/// `/openapi.json`; `tests/tests/openapi.rs` holds it to the router.
+/// `/openapi.json`; `tests/tests/contract/openapi.rs` holds it to the router.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// How long a heartbeat waits for its extensions (history and, beside it,

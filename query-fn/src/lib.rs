@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// This function's OpenAPI 3.1 document (PROTOCOL.md §3), served at
-/// `/openapi.json`; `tests/tests/openapi.rs` holds it to the router.
+/// `/openapi.json`; `tests/tests/contract/openapi.rs` holds it to the router.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Query tokens shorter than this are refused at start-up.

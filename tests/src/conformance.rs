@@ -1197,7 +1197,7 @@ pub async fn a_sweep_racing_heartbeats_never_hides_a_live_agent(backend: &Backen
     assert_eq!(store.sweep(now + 1).await.unwrap().marked, 0);
 }
 
-/// Every case, by name, for the macro in `tests/tests/store_conformance.rs`.
+/// Every case, by name, for the macro in `tests/tests/contract/store_conformance.rs`.
 /// `store_conformance.rs` checks that this list names every case function
 /// of this file, so that none can be left out silently.
 #[macro_export]

@@ -1,5 +1,5 @@
 //! What the functions call on AWS, recorded from the SDK itself, so that the
-//! template's IAM policies can be held to it (tests/tests/iam_policies.rs).
+//! template's IAM policies can be held to it (tests/tests/contract/iam_policies.rs).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

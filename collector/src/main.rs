@@ -102,8 +102,8 @@ impl Common {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Cron mails whatever `once` prints: warnings and errors only, unless asked.
-    let quiet = matches!(cli.command, Command::Once { verbose: false, .. });
-    rollcall::logging::init_with_default(if quiet {
+    let once_for_cron = matches!(cli.command, Command::Once { verbose: false, .. });
+    rollcall::logging::init_with_default(if once_for_cron {
         tracing::Level::WARN
     } else {
         tracing::Level::INFO
@@ -239,23 +239,24 @@ fn identity(settings: &Settings, must_keep_id: bool) -> anyhow::Result<Identity>
     })
 }
 
-fn sampler(settings: &Settings, one_shot: bool) -> Sampler {
+fn sampler(settings: &Settings, once: bool) -> Sampler {
     Sampler::new(
         settings.disk_path.clone(),
-        GpuReaders::detect(one_shot, settings.process_names),
+        GpuReaders::detect(once, settings.process_names),
         settings.gpu_timeout,
     )
 }
 
 /// One sample for `print` and `once`, optionally without the CPU-usage window;
-/// `cron` for `once`, whose expected news is logged at debug only.
+/// `once` for the `once` subcommand (run from cron), whose expected news is
+/// logged at debug only.
 async fn sample_once(
     settings: &Settings,
     identity: &Identity,
     skip_cpu_usage: bool,
-    cron: bool,
+    once: bool,
 ) -> Heartbeat {
-    sampler(settings, cron)
+    sampler(settings, once)
         .sample(
             identity,
             drain::current_state(&identity.state_dir),

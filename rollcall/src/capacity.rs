@@ -433,14 +433,14 @@ fn label(name: &str, value: &str, already: usize) -> Result<(String, String), Pa
 /// agent id, so that ties still page stably.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
-    pub gpu_free_max_mb: u64,
+    pub max_gpu_free_mb: u64,
     pub agent_id: String,
 }
 
 impl Position {
     pub fn of(agent: &StoredAgent) -> Self {
         Self {
-            gpu_free_max_mb: agent.heartbeat.gpu_free_max_mb(),
+            max_gpu_free_mb: agent.heartbeat.max_gpu_free_mb(),
             agent_id: agent.agent_id().to_owned(),
         }
     }
@@ -448,8 +448,8 @@ impl Position {
 
 /// Answer order over positions.
 pub fn answer_order(a: &Position, b: &Position) -> Ordering {
-    b.gpu_free_max_mb
-        .cmp(&a.gpu_free_max_mb)
+    b.max_gpu_free_mb
+        .cmp(&a.max_gpu_free_mb)
         .then_with(|| a.agent_id.cmp(&b.agent_id))
 }
 
@@ -488,7 +488,7 @@ impl CursorSealer {
     /// A cursor for the page after `position`, valid for `query`'s filters
     /// only: replayed against another query it is refused, not misread.
     pub fn seal(&self, position: &Position, query: &CapacityQuery) -> String {
-        let payload = format!("{}:{}", position.gpu_free_max_mb, position.agent_id);
+        let payload = format!("{}:{}", position.max_gpu_free_mb, position.agent_id);
         let tag = self.tag(&query.filter_key(), payload.as_bytes());
         format!(
             "{}{}",
@@ -517,7 +517,7 @@ impl CursorSealer {
         let text = String::from_utf8(payload).map_err(|_| invalid())?;
         let (free, agent_id) = text.split_once(':').ok_or_else(invalid)?;
         Ok(Position {
-            gpu_free_max_mb: free.parse().map_err(|_| invalid())?,
+            max_gpu_free_mb: free.parse().map_err(|_| invalid())?,
             agent_id: agent_id.to_owned(),
         })
     }
@@ -733,7 +733,7 @@ mod tests {
         let query =
             CapacityQuery::from_query_string("min_gpu_vram_gb=20&label=a=1&label=b=2").unwrap();
         let position = Position {
-            gpu_free_max_mb: 20110,
+            max_gpu_free_mb: 20110,
             agent_id: "lab:07".into(),
         };
         let cursor = sealer.seal(&position, &query);
@@ -762,7 +762,7 @@ mod tests {
         let sealer = CursorSealer::new(b"k");
         let issued = CapacityQuery::from_query_string("min_gpu_vram_gb=20").unwrap();
         let position = Position {
-            gpu_free_max_mb: 20110,
+            max_gpu_free_mb: 20110,
             agent_id: "lab-07".into(),
         };
         let cursor = sealer.seal(&position, &issued);
@@ -781,15 +781,15 @@ mod tests {
     fn answer_order_is_most_free_first_then_id() {
         let mut positions = [
             Position {
-                gpu_free_max_mb: 1,
+                max_gpu_free_mb: 1,
                 agent_id: "b".into(),
             },
             Position {
-                gpu_free_max_mb: 9,
+                max_gpu_free_mb: 9,
                 agent_id: "z".into(),
             },
             Position {
-                gpu_free_max_mb: 1,
+                max_gpu_free_mb: 1,
                 agent_id: "a".into(),
             },
         ];

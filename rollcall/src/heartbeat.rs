@@ -599,7 +599,7 @@ impl Heartbeat {
     }
 
     /// The most free VRAM on any one GPU, in MiB: the order of capacity answers.
-    pub fn gpu_free_max_mb(&self) -> u64 {
+    pub fn max_gpu_free_mb(&self) -> u64 {
         self.gpus
             .iter()
             .map(|gpu| gpu.memory_free_mb)
@@ -787,7 +787,7 @@ pub(crate) mod tests {
         let heartbeat = parse(&example()).unwrap();
         assert_eq!(heartbeat.agent_id, "lab-07");
         assert_eq!(heartbeat.gpus[0].vendor, Vendor::Nvidia);
-        assert_eq!(heartbeat.gpu_free_max_mb(), 20110);
+        assert_eq!(heartbeat.max_gpu_free_mb(), 20110);
     }
 
     #[test]

@@ -152,7 +152,7 @@ impl StoredAgent {
             gpu_vram_available_gb: mb_to_gb(
                 heartbeat.gpus.iter().map(|gpu| gpu.memory_free_mb).sum(),
             ),
-            gpu_vram_available_max_gb: mb_to_gb(heartbeat.gpu_free_max_mb()),
+            gpu_vram_available_max_gb: mb_to_gb(heartbeat.max_gpu_free_mb()),
             gpus: heartbeat
                 .gpus
                 .iter()

@@ -361,7 +361,7 @@ fn encode_as(
     stored: &StoredAgent,
     previous: Option<&Item>,
 ) -> Item {
-    let free_mb = stored.heartbeat.gpu_free_max_mb();
+    let free_mb = stored.heartbeat.max_gpu_free_mb();
     let agent_id = &stored.heartbeat.agent_id;
     let mut item = exact.clone();
     match encoding {
@@ -423,7 +423,7 @@ fn run_model(agents: usize, hours: f64, seed: u64) -> anyhow::Result<()> {
         for index in 0..agents {
             let stored = fleet.heartbeat(index, 1_764_000_000_000 + step * INTERVAL_MS)?;
             sums.change(index, &stored);
-            let free_mb = stored.heartbeat.gpu_free_max_mb();
+            let free_mb = stored.heartbeat.max_gpu_free_mb();
             // Only steady-state heartbeats count: each agent's first is a one-off.
             if let Some(old_free) = last_free[index] {
                 heartbeats += 1;

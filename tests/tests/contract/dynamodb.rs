@@ -181,7 +181,7 @@ async fn every_page(
         assert!(page.agents.len() <= query.limit);
         seen.extend(page.agents.iter().map(|agent| {
             (
-                agent.heartbeat.gpu_free_max_mb(),
+                agent.heartbeat.max_gpu_free_mb(),
                 agent.agent_id().to_owned(),
             )
         }));

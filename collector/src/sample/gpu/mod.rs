@@ -124,17 +124,17 @@ impl GpuReaders {
 
     /// The real sources of this host: NVIDIA through NVML and AMD through
     /// sysfs. In builds with the `fake-gpus` feature (tests only),
-    /// `ROLLCALL_FAKE_GPUS` replaces them. `one_shot` quiets what a cron run
-    /// would otherwise report every minute. `process_names`: whether GPU
-    /// processes go out with names and users.
-    pub fn detect(one_shot: bool, process_names: bool) -> Self {
+    /// `ROLLCALL_FAKE_GPUS` replaces them. `once`: the `once` subcommand (run
+    /// from cron), which quiets what would otherwise be reported every minute.
+    /// `process_names`: whether GPU processes go out with names and users.
+    pub fn detect(once: bool, process_names: bool) -> Self {
         #[cfg(feature = "fake-gpus")]
         if let Some(fake) = fake::FakeGpus::from_env() {
             tracing::warn!("ROLLCALL_FAKE_GPUS is set: reporting simulated GPUs, not this host's");
             return Self::new(vec![Box::new(fake.with_process_names(process_names))]);
         }
         Self::new(vec![
-            Box::new(nvidia::NvmlSource::new(one_shot, process_names)),
+            Box::new(nvidia::NvmlSource::new(once, process_names)),
             Box::new(amd::SysfsSource::default()),
         ])
     }

@@ -23,18 +23,18 @@ enum State {
 
 pub struct NvmlSource {
     state: State,
-    one_shot: bool,
+    once: bool,
     processes: ProcessNames,
 }
 
 impl NvmlSource {
-    /// `one_shot`: a cron run, where "no NVIDIA driver" is expected news
-    /// every minute and is logged at debug only. `process_names`: whether
+    /// `once`: the `once` subcommand (run from cron), where "no NVIDIA
+    /// driver" is expected news every minute and is logged at debug only. `process_names`: whether
     /// GPU processes go out with their names and users.
-    pub fn new(one_shot: bool, process_names: bool) -> Self {
+    pub fn new(once: bool, process_names: bool) -> Self {
         Self {
             state: State::Uninitialised,
-            one_shot,
+            once,
             processes: ProcessNames::new(process_names),
         }
     }
@@ -50,7 +50,7 @@ impl NvmlSource {
                     self.state = State::Ready(Box::new(nvml));
                 }
                 Err(error) if is_absent(&error) => {
-                    if self.one_shot {
+                    if self.once {
                         tracing::debug!(reason = %error, "no NVIDIA driver found; reporting no NVIDIA GPUs");
                     } else {
                         tracing::info!(reason = %error, "no NVIDIA driver found; reporting no NVIDIA GPUs");

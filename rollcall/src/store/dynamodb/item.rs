@@ -208,7 +208,7 @@ pub fn encode(agent: &StoredAgent, shards: u32) -> Result<Item, StoreError> {
     encode_indexed(
         agent,
         shards,
-        IndexedVram::exact(agent.heartbeat.gpu_free_max_mb()),
+        IndexedVram::exact(agent.heartbeat.max_gpu_free_mb()),
     )
 }
 

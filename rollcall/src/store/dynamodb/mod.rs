@@ -228,7 +228,7 @@ impl DynamoStore {
         &self,
         agent: &StoredAgent,
     ) -> Result<(Upsert, WriteCost), StoreError> {
-        let free_mb = agent.heartbeat.gpu_free_max_mb();
+        let free_mb = agent.heartbeat.max_gpu_free_mb();
         // The entry the update keeps is the stored one; the figure written
         // here only stands in for it in the item that computes the units.
         let kept = encode_indexed(agent, self.shards, IndexedVram::exact(free_mb))?;
@@ -287,7 +287,7 @@ impl DynamoStore {
         agent: &StoredAgent,
         new: &Item,
     ) -> Result<Option<Item>, KeepFailed> {
-        let free_mb = agent.heartbeat.gpu_free_max_mb();
+        let free_mb = agent.heartbeat.max_gpu_free_mb();
         let value = |name: &str| {
             new.get(name).cloned().ok_or_else(|| {
                 KeepFailed::Unavailable(StoreError::Corrupt(format!("encoded item lacks {name}")))
@@ -453,7 +453,7 @@ pub fn modelled_write(
     agent: &StoredAgent,
     shards: u32,
 ) -> Result<(Item, WriteUnits), StoreError> {
-    let free_mb = agent.heartbeat.gpu_free_max_mb();
+    let free_mb = agent.heartbeat.max_gpu_free_mb();
     let stored = previous.and_then(IndexedVram::of_item);
     let mut item = encode_indexed(agent, shards, IndexedVram::exact(free_mb))?;
     let same_part = previous.and_then(|old| old.get(A_SHARD)) == item.get(A_SHARD);

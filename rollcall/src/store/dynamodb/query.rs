@@ -116,7 +116,7 @@ impl PartReader {
             return None;
         }
         Some(self.last.clone().unwrap_or(Position {
-            gpu_free_max_mb: u64::MAX,
+            max_gpu_free_mb: u64::MAX,
             agent_id: String::new(),
         }))
     }
@@ -643,14 +643,14 @@ fn rank_bound(query: &CapacityQuery) -> Option<String> {
 
 /// The rank a cursor stands at: the entry it was issued after.
 fn rank_of(cursor: &Position) -> String {
-    rank_key(IndexedVram::exact(cursor.gpu_free_max_mb), &cursor.agent_id)
+    rank_key(IndexedVram::exact(cursor.max_gpu_free_mb), &cursor.agent_id)
 }
 
 /// What the index entry alone rules out, so that it costs no table read:
 /// too little free VRAM, a pool not asked for or not visible to the caller. (Every entry read is past the
 /// cursor: the range starts there and skips the cursor's own.)
 fn worth_reading(entry: &Entry, query: &CapacityQuery) -> bool {
-    let enough_vram = entry.position.gpu_free_max_mb as f64 >= query.vram_floor_mb();
+    let enough_vram = entry.position.max_gpu_free_mb as f64 >= query.vram_floor_mb();
     let in_pool = entry.pool.as_ref().is_none_or(|pool| {
         query.sees_pool(pool) && query.pool.as_ref().is_none_or(|wanted| wanted == pool)
     });
@@ -666,7 +666,7 @@ fn entry(item: &Item, online_part: bool) -> Result<Entry, StoreError> {
     let (upper_mb, agent_id) = parse_rank(rank).ok_or_else(|| corrupt("unreadable rank"))?;
     Ok(Entry {
         position: Position {
-            gpu_free_max_mb: upper_mb,
+            max_gpu_free_mb: upper_mb,
             agent_id: agent_id.to_owned(),
         },
         pool: item

@@ -119,14 +119,9 @@ fn the_package_installs_reports_upgrades_and_purges() {
     assert!(Path::new(ENABLED).exists(), "the service is enabled");
     let passwd = run("getent", &["passwd", "rollcall"]);
     assert!(String::from_utf8_lossy(&passwd.stdout).contains(STATE));
-    let groups = String::from_utf8_lossy(&run("id", &["-nG", "rollcall"]).stdout).into_owned();
-    if has_group("render") {
-        assert!(groups.contains("render"), "rollcall is in {groups}");
-    }
-    assert!(
-        !groups.split_whitespace().any(|g| g == "video"),
-        "rollcall is in {groups}"
-    );
+    // No supplementary group: NVML opens /dev/nvidia*, AMD's figures are
+    // world-readable sysfs files, and render or video would open more.
+    assert_eq!(groups_of_rollcall(), ["rollcall"]);
     let key_file = std::fs::metadata(KEY_FILE).expect("the key file exists");
     assert_eq!(key_file.permissions().mode() & 0o777, 0o600);
     assert_eq!(key_file.uid(), 0);
@@ -192,8 +187,19 @@ fn the_package_installs_reports_upgrades_and_purges() {
     assert!(sent.stdout.is_empty(), "once is silent on success");
     let first_seen = stack.agent(agent_id).expect("the heartbeat was recorded");
 
+    // Earlier packages added the user to render (and before that video); an
+    // upgrade takes both away.
+    let earlier_groups: Vec<&str> = ["render", "video"]
+        .into_iter()
+        .filter(|group| has_group(group))
+        .collect();
+    for group in &earlier_groups {
+        run("adduser", &["--quiet", "rollcall", group]);
+    }
+    assert_eq!(groups_of_rollcall().len(), 1 + earlier_groups.len());
     run("dpkg", &["-i", &second]);
     assert_eq!(installed_version(), Some(format!("{base}+1")));
+    assert_eq!(groups_of_rollcall(), ["rollcall"]);
     assert_eq!(
         std::fs::read_to_string(CONFIG).unwrap(),
         format!("{configured}\n"),
@@ -254,6 +260,13 @@ fn the_package_installs_reports_upgrades_and_purges() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+}
+
+fn groups_of_rollcall() -> Vec<String> {
+    String::from_utf8_lossy(&run("id", &["-nG", "rollcall"]).stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 fn has_group(name: &str) -> bool {

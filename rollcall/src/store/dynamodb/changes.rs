@@ -69,7 +69,7 @@ pub fn deadline_watch(online_until_ms: i64) -> i64 {
 
 impl DynamoStore {
     /// Marks the agents whose deadline passed by `now_ms` offline, up to
-    /// [`SWEEP_PER_SHARD`] candidates per shard.
+    /// `SWEEP_PER_SHARD` (100) candidates per shard.
     pub async fn sweep_due(&self, now_ms: i64) -> Result<Sweep, StoreError> {
         let mut reads = tokio::task::JoinSet::new();
         for shard in 0..self.shards {

@@ -1,10 +1,10 @@
 //! The production store: one DynamoDB item per agent.
 //!
-//! - [`item`]: the item an agent becomes, the capacity index's keys, sizes.
-//! - [`query`]: capacity queries, candidates from the index and answers from the table.
-//! - [`history`]: per-minute history, one item per five-minute window.
-//! - [`claims`]: claims on GPUs, one item per claimed agent.
-//! - [`processes`]: the newest snapshot of an agent's GPU processes.
+//! - `item`: the item an agent becomes, the capacity index's keys, sizes.
+//! - `query`: capacity queries, candidates from the index and answers from the table.
+//! - `history`: per-minute history, one item per five-minute window.
+//! - `claims`: claims on GPUs, one item per claimed agent.
+//! - `processes`: the newest snapshot of an agent's GPU processes.
 //! - [`fleet`]: the fleet's sums for `/metrics`, kept from the table's stream.
 //! - [`changes`]: state changes: the deadline sweep, the events table, and
 //!   the transitions the table's stream holds.

@@ -92,6 +92,9 @@ fn agent_id_file() -> String {
 fn the_package_installs_reports_upgrades_and_purges() {
     // A leftover from an interrupted run would make every check below lie.
     let _ = Command::new("dpkg").args(["--purge", PACKAGE]).output();
+    // Where the GPU drivers are installed a render group exists, and earlier
+    // packages put the user in it; make sure this machine has one too.
+    let _render = GroupForTheRun::ensure("render");
     let base = env!("CARGO_PKG_VERSION");
     let first = build(base);
     let second = build(&format!("{base}+1"));
@@ -260,6 +263,28 @@ fn the_package_installs_reports_upgrades_and_purges() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+}
+
+/// A system group that exists for the test: created if missing, and then
+/// deleted again when dropped.
+struct GroupForTheRun(Option<&'static str>);
+
+impl GroupForTheRun {
+    fn ensure(name: &'static str) -> Self {
+        if has_group(name) {
+            return Self(None);
+        }
+        run("groupadd", &["--system", name]);
+        Self(Some(name))
+    }
+}
+
+impl Drop for GroupForTheRun {
+    fn drop(&mut self) {
+        if let Some(name) = self.0 {
+            let _ = Command::new("groupdel").arg(name).output();
+        }
+    }
 }
 
 fn groups_of_rollcall() -> Vec<String> {

@@ -27,13 +27,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::{
-    AttributeValue, BillingMode, KeyType, PutRequest, ScalarAttributeType, WriteRequest,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, ScalarAttributeType, WriteRequest};
 
 use super::item::{A_AGENT, A_SHARD, Item, OFFLINE_PART, TTL_ATTRIBUTE, decode, is_agent, number};
 use super::units::{IndexShape, Projection};
-use super::{DynamoStore, attribute, build_error, enable_ttl, key, unavailable};
+use super::{DynamoStore, build_error, create_hash_range_table, unavailable};
 use crate::changes::{self, Availability, Event, Version};
 use crate::store::{StoreError, Sweep};
 
@@ -184,18 +182,7 @@ impl EventsTable {
 
     /// Creates the table and its TTL, as `infra/template.yaml` does.
     pub async fn create_table(&self) -> Result<(), StoreError> {
-        self.client
-            .create_table()
-            .table_name(&self.name)
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(attribute(A_AGENT)?)
-            .attribute_definitions(attribute(E_KEY)?)
-            .key_schema(key(A_AGENT, KeyType::Hash)?)
-            .key_schema(key(E_KEY, KeyType::Range)?)
-            .send()
-            .await
-            .map_err(unavailable)?;
-        enable_ttl(&self.client, &self.name).await
+        create_hash_range_table(&self.client, &self.name, A_AGENT, E_KEY).await
     }
 
     /// Writes events, 25 to a request; one already there is written again

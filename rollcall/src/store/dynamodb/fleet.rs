@@ -25,13 +25,13 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::primitives::Blob;
-use aws_sdk_dynamodb::types::{AttributeValue, BillingMode, KeyType, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use super::item::{Item, TTL_ATTRIBUTE, decode, is_agent, item_size, number};
 use super::units::read_units;
-use super::{ReadCost, attribute, build_error, enable_ttl, key, unavailable};
+use super::{ReadCost, build_error, create_hash_range_table, unavailable};
 use crate::fleet::{Figures, FleetTotals, Share};
 use crate::store::StoreError;
 
@@ -498,18 +498,7 @@ impl FleetTable {
     /// Creates the table with its TTL, as `infra/template.yaml` does; for
     /// local runs and tests.
     pub async fn create(&self) -> Result<(), StoreError> {
-        self.client
-            .create_table()
-            .table_name(&self.name)
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(attribute(FLEET_PART)?)
-            .attribute_definitions(attribute(FLEET_BUCKET)?)
-            .key_schema(key(FLEET_PART, KeyType::Hash)?)
-            .key_schema(key(FLEET_BUCKET, KeyType::Range)?)
-            .send()
-            .await
-            .map_err(unavailable)?;
-        enable_ttl(&self.client, &self.name).await
+        create_hash_range_table(&self.client, &self.name, FLEET_PART, FLEET_BUCKET).await
     }
 }
 

@@ -650,6 +650,28 @@ fn key(name: &str, kind: KeyType) -> Result<KeySchemaElement, StoreError> {
 }
 
 /// TTL on `expires_at`, as the template declares it for both tables.
+/// Creates an on-demand table keyed by two strings, `hash` and `range`, with
+/// its TTL on, as `infra/template.yaml` does; for local runs and tests.
+async fn create_hash_range_table(
+    client: &Client,
+    table: &str,
+    hash: &str,
+    range: &str,
+) -> Result<(), StoreError> {
+    client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attribute(hash)?)
+        .attribute_definitions(attribute(range)?)
+        .key_schema(key(hash, KeyType::Hash)?)
+        .key_schema(key(range, KeyType::Range)?)
+        .send()
+        .await
+        .map_err(unavailable)?;
+    enable_ttl(client, table).await
+}
+
 async fn enable_ttl(client: &Client, table: &str) -> Result<(), StoreError> {
     client
         .update_time_to_live()

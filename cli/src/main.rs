@@ -296,8 +296,6 @@ impl Api {
             .with_context(|| format!("cannot reach {}", self.url))?;
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
-        let body: serde_json::Value =
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
         if status == reqwest::StatusCode::NOT_FOUND && path_and_query.starts_with("/v1/agents/") {
             return Ok(None);
         }
@@ -307,7 +305,9 @@ impl Api {
                 .unwrap_or_else(|_| "no reason given".to_owned());
             bail!("the API answered {}: {reason}", status.as_u16());
         }
-        Ok(Some(body))
+        Ok(Some(
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        ))
     }
 }
 

@@ -223,4 +223,26 @@ mod tests {
                 .stored(EXTENSION_HISTORY)
         );
     }
+
+    #[test]
+    fn each_status_has_its_code_and_the_unlisted_fall_back_by_class() {
+        let cases = [
+            (400, code::BAD_REQUEST),
+            (401, code::UNAUTHORIZED),
+            (403, code::FORBIDDEN),
+            (404, code::NOT_FOUND),
+            (405, code::METHOD_NOT_ALLOWED),
+            (408, code::REQUEST_TIMEOUT),
+            (409, code::STALE),
+            (413, code::PAYLOAD_TOO_LARGE),
+            (415, code::UNSUPPORTED_MEDIA_TYPE),
+            (422, code::BAD_REQUEST),
+            (500, code::INTERNAL),
+            (502, code::INTERNAL),
+            (503, code::STORE_UNAVAILABLE),
+        ];
+        for (status, expected) in cases {
+            assert_eq!(code::for_status(status), expected, "{status}");
+        }
+    }
 }

@@ -514,21 +514,12 @@ impl Store for SqliteStore {
     ) -> Result<Option<GpuProcesses>, StoreError> {
         let agent_id = agent_id.to_owned();
         self.read(move |connection| {
-            let text: Option<String> = connection
-                .prepare_cached(
-                    "SELECT processes FROM gpu_processes WHERE agent_id = ?1 AND expires_at_s > ?2",
-                )
-                .and_then(|mut statement| {
-                    statement
-                        .query_row(params![agent_id, now_ms.div_euclid(1000)], |row| row.get(0))
-                        .optional()
-                })
-                .map_err(unavailable)?;
-            text.map(|text| {
-                serde_json::from_str(&text)
-                    .map_err(|e| StoreError::Corrupt(format!("unreadable processes: {e}")))
-            })
-            .transpose()
+            json_row(
+                connection,
+                "SELECT processes FROM gpu_processes WHERE agent_id = ?1 AND expires_at_s > ?2",
+                params![agent_id, now_ms.div_euclid(1000)],
+                "processes",
+            )
         })
         .await
     }
@@ -568,7 +559,7 @@ impl Store for SqliteStore {
                 .and_then(Iterator::collect)
                 .map_err(unavailable)?;
             rows.iter()
-                .map(|text| serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("unreadable history: {e}"))))
+                .map(|text| decode_json(text, "history"))
                 .collect()
         })
         .await
@@ -597,10 +588,7 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             texts
                 .iter()
-                .map(|text| {
-                    serde_json::from_str(text)
-                        .map_err(|e| StoreError::Corrupt(format!("unreadable event: {e}")))
-                })
+                .map(|text| decode_json(text, "event"))
                 .collect()
         })
         .await
@@ -650,19 +638,7 @@ impl Outbox for SqliteStore {
                 .map_err(unavailable)?;
             let event =
                 |sql: &str, agent_id: &str, key: &str| -> Result<Option<Event>, StoreError> {
-                    let text: Option<String> = connection
-                        .prepare_cached(sql)
-                        .and_then(|mut statement| {
-                            statement
-                                .query_row(params![agent_id, key], |row| row.get(0))
-                                .optional()
-                        })
-                        .map_err(unavailable)?;
-                    text.map(|text| {
-                        serde_json::from_str(&text)
-                            .map_err(|e| StoreError::Corrupt(format!("unreadable event: {e}")))
-                    })
-                    .transpose()
+                    json_row(connection, sql, params![agent_id, key], "event")
                 };
             let mut pending = Vec::with_capacity(heads.len());
             for (agent_id, key, attempts) in heads {
@@ -1171,18 +1147,35 @@ fn encode(agent: &StoredAgent) -> Result<Columns, String> {
     })
 }
 
+/// A JSON column's value; `what` names it in the error, never its text.
+fn decode_json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("unreadable {what}: {e}")))
+}
+
+/// The JSON column of the one row `sql` selects, if there is one.
+fn json_row<T: serde::de::DeserializeOwned>(
+    connection: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    what: &str,
+) -> Result<Option<T>, StoreError> {
+    let text: Option<String> = connection
+        .prepare_cached(sql)
+        .and_then(|mut statement| statement.query_row(params, |row| row.get(0)).optional())
+        .map_err(unavailable)?;
+    text.map(|text| decode_json(&text, what)).transpose()
+}
+
 fn decode(text: &str) -> Result<StoredAgent, StoreError> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Corrupt(format!("unreadable agent record: {e}")))
+    decode_json(text, "agent record")
 }
 
 /// A record with the availability kept beside it.
 fn decode_with(record: &str, availability: Option<&str>) -> Result<StoredAgent, StoreError> {
     let mut agent = decode(record)?;
     agent.availability = availability
-        .map(serde_json::from_str::<Availability>)
-        .transpose()
-        .map_err(|e| StoreError::Corrupt(format!("unreadable availability: {e}")))?;
+        .map(|text| decode_json::<Availability>(text, "availability"))
+        .transpose()?;
     Ok(agent)
 }
 

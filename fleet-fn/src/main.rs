@@ -126,10 +126,13 @@ fn source_table(event: &Value) -> Option<&str> {
 }
 
 async fn handle(fleet: &Fleet, event: &Value) -> anyhow::Result<Value> {
-    if event.get("Records").is_some() && source_table(event) == Some(fleet.events.name()) {
-        deliver(fleet, event).await
-    } else if event.get("Records").is_some() {
-        stream_batch(fleet, event).await
+    if event.get("Records").is_some() {
+        // Both tables' streams reach this function; the batch says whose.
+        if source_table(event) == Some(fleet.events.name()) {
+            deliver(fleet, event).await
+        } else {
+            stream_batch(fleet, event).await
+        }
     } else if event.get("source").and_then(Value::as_str) == Some("aws.events") {
         sweep(&fleet.agents).await
     } else {

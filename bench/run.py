@@ -548,7 +548,7 @@ Latency is the emulator's on this machine, not DynamoDB's:
 {chr(10).join(r.get('ddb_emulator', ['(not run: no emulator)']))}
 ```
 
-{partitions(r)}{kept_section("`/metrics` at fleet scale")}{kept_section("Claims")}{kept_section("GPU processes")}{kept_section("State changes")}{base_section(r)}{kept_section("Faults on a real network")}## Where a target is missed, and why
+{partitions(r)}{kept_section("`/metrics` at fleet scale")}{kept_section("Claims")}{kept_section("GPU processes")}{kept_section("State changes")}{base_section(r)}{kept_section("Faults on a real network")}{kept_section("Building the tests")}## Where a target is missed, and why
 
 - **Cost per agent-month: the target is $0.08** (the table above). Writes at the floor and Lambda's per-request
   price are most of it; no read precedes a write, so history and one DynamoDB round trip of duration are the rest.
